@@ -1,0 +1,9 @@
+"""Shared pytest setup.
+
+Eight fake CPU devices are requested *before* jax is imported anywhere, so sharding tests can build
+meshes such as data=2,fsdp=4 on a laptop or CI runner.  A value already set in the environment wins.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
