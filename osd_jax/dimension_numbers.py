@@ -1,0 +1,236 @@
+"""Which axes of a weight form the matrix that a subspace optimizer projects.
+
+A weight of any rank is viewed as a stack of matrices G (m × n): the *reduction* axes
+(flattened, in order) give m, the *output* axes give n, and every other axis is a
+*batch* axis (scanned layers, stacked experts) handled independently with ``jax.vmap``.
+
+The projector P spans one side of G. Internally every projected gradient is written as
+
+    G' = G     (s = m)   or   G' = Gᵀ   (s = n),        G' ∈ ℝ^{s × L},
+
+with P ∈ ℝ^{s × r}; which side is chosen by ``side`` (DESIGN §2: the smaller one, ties
+project the columns).  A matrix is left unprojected when ``rank >= min(m, n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class DimensionNumbers(NamedTuple):
+  """Axes of a weight that form the projected matrix (as ``optax.contrib.MuonDimensionNumbers``).
+
+  Attributes:
+    reduction_axis: axis or axes contracted with the layer input (flattened into m).
+    output_axis: axis or axes of the layer output (flattened into n).
+
+  All remaining axes are batch axes. Example: an attention kernel of shape
+  ``(embed, heads, head_dim)`` uses ``DimensionNumbers(0, (1, 2))``; scanned layers of
+  shape ``(layers, d_in, d_out)`` use ``DimensionNumbers(1, 2)``.
+  """
+
+  reduction_axis: Sequence[int] | int = 0
+  output_axis: Sequence[int] | int = 1
+
+
+WeightDimensionNumbers = (
+    DimensionNumbers | Any | Callable[[Any], Any] | None
+)
+
+SIDES = ("smaller", "larger", "auto")
+
+
+class MatrixLayout(NamedTuple):
+  """Static description of how one parameter leaf is projected (hashable, no arrays).
+
+  ``batch_axes + reduction_axes + output_axes`` is the transpose that brings the leaf to
+  ``(*batch, m, n)``; ``transpose`` says whether G' = Gᵀ (the projector spans n).
+  """
+
+  shape: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+  reduction_axes: tuple[int, ...]
+  output_axes: tuple[int, ...]
+  transpose: bool
+  rank: int
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
+
+  @property
+  def m(self) -> int:
+    return math.prod(self.shape[a] for a in self.reduction_axes)
+
+  @property
+  def n(self) -> int:
+    return math.prod(self.shape[a] for a in self.output_axes)
+
+  @property
+  def s(self) -> int:
+    """Rows of G' (the side P spans)."""
+    return self.n if self.transpose else self.m
+
+  @property
+  def L(self) -> int:  # noqa: N802 - the paper's symbol
+    """Columns of G' (the side the low-rank state keeps)."""
+    return self.m if self.transpose else self.n
+
+  @property
+  def s_axes(self) -> tuple[int, ...]:
+    """Axes of the parameter that make up the projected dimension s."""
+    return self.output_axes if self.transpose else self.reduction_axes
+
+  @property
+  def L_axes(self) -> tuple[int, ...]:  # noqa: N802
+    return self.reduction_axes if self.transpose else self.output_axes
+
+  @property
+  def projector_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + (self.s, self.rank)
+
+  @property
+  def low_rank_shape(self) -> tuple[int, ...]:
+    return self.batch_shape + (self.rank, self.L)
+
+
+def to_matrix(x: jax.Array, layout: MatrixLayout) -> jax.Array:
+  """Reshapes a parameter-shaped array to G' of shape ``(*batch, s, L)``."""
+  perm = layout.batch_axes + layout.reduction_axes + layout.output_axes
+  x = jnp.transpose(x, perm).reshape(layout.batch_shape + (layout.m, layout.n))
+  return jnp.swapaxes(x, -1, -2) if layout.transpose else x
+
+
+def from_matrix(y: jax.Array, layout: MatrixLayout) -> jax.Array:
+  """Inverse of :func:`to_matrix`: ``(*batch, s, L)`` back to the parameter's shape."""
+  if layout.transpose:
+    y = jnp.swapaxes(y, -1, -2)
+  perm = layout.batch_axes + layout.reduction_axes + layout.output_axes
+  permuted_shape = tuple(layout.shape[a] for a in perm)
+  inverse = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
+  return jnp.transpose(y.reshape(permuted_shape), inverse)
+
+
+def _normalize_axes(axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
+  if isinstance(axes, bool) or not isinstance(axes, (int, Sequence)):
+    raise TypeError(
+        f"weight_dimension_numbers: {what} for {path} must be an int or a sequence of "
+        f"ints, got {axes!r}."
+    )
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if not axes:
+    raise ValueError(f"weight_dimension_numbers: {what} for {path} is empty; give at least one axis.")
+  out = []
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, int):
+      raise TypeError(f"weight_dimension_numbers: {what} for {path} has a non-int axis {a!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"weight_dimension_numbers: {what} axis {a} is out of range for {path} with "
+          f"{ndim} dims; use an axis in [{-ndim}, {ndim})."
+      )
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"weight_dimension_numbers: {what} for {path} repeats an axis: {axes}.")
+  return tuple(out)
+
+
+def choose_transpose(m: int, n: int, side: str, cost: Callable[[bool], int] | None = None) -> bool:
+  """Whether G' = Gᵀ (P spans n) for a matrix G of shape (m, n).
+
+  ``"smaller"`` (DESIGN §2): P spans min(m, n), ties project the columns (transpose).
+  ``"larger"``: P spans max(m, n), ties transpose.  ``"auto"``: the orientation whose state
+  bytes ``cost(transpose)`` are smallest, ties fall back to ``"smaller"``.
+  """
+  if side == "smaller":
+    return not m < n
+  if side == "larger":
+    return not m > n
+  if side == "auto":
+    assert cost is not None
+    default = choose_transpose(m, n, "smaller")
+    other = not default
+    return other if cost(other) < cost(default) else default
+  raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
+
+
+def make_layout(
+    shape: tuple[int, ...],
+    dimension_numbers: DimensionNumbers,
+    rank: int,
+    side: str = "smaller",
+    path: str = "<leaf>",
+    cost: Callable[[MatrixLayout], int] | None = None,
+) -> MatrixLayout | None:
+  """The :class:`MatrixLayout` of one leaf, or None when it is not projected (rank ≥ s)."""
+  if not isinstance(dimension_numbers, DimensionNumbers):
+    raise TypeError(
+        f"weight_dimension_numbers for {path} must be an osd_jax.DimensionNumbers or None, "
+        f"got {type(dimension_numbers).__name__}."
+    )
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(
+        f"weight_dimension_numbers: {path} has shape {shape}; only leaves with ndim >= 2 can "
+        "be projected. Map it to None to give it the full-rank optimizer."
+    )
+  red = _normalize_axes(dimension_numbers.reduction_axis, ndim, "reduction_axis", path)
+  out = _normalize_axes(dimension_numbers.output_axis, ndim, "output_axis", path)
+  if set(red) & set(out):
+    raise ValueError(
+        f"weight_dimension_numbers for {path}: reduction_axis {red} and output_axis {out} "
+        "overlap; they must be disjoint."
+    )
+  batch = tuple(a for a in range(ndim) if a not in red and a not in out)
+  base = MatrixLayout(tuple(int(d) for d in shape), batch, red, out, False, int(rank))
+  if rank >= min(base.m, base.n):
+    return None
+  layout_cost = None if cost is None else (lambda t: cost(base._replace(transpose=t)))
+  return base._replace(transpose=choose_transpose(base.m, base.n, side, layout_cost))
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def resolve_layouts(
+    params: Any,
+    weight_dimension_numbers: WeightDimensionNumbers,
+    rank: int,
+    side: str = "smaller",
+    cost: Callable[[MatrixLayout], int] | None = None,
+) -> tuple[list[MatrixLayout | None], jax.tree_util.PyTreeDef]:
+  """Per-leaf layouts (flat, in ``jax.tree.leaves`` order) and the params treedef.
+
+  ``weight_dimension_numbers`` is None (project every 2-D leaf as ``DimensionNumbers(0, 1)``),
+  one :class:`DimensionNumbers` (applied to every leaf with ndim ≥ 2), a pytree of
+  ``DimensionNumbers | None`` matching params, or a callable ``params -> such a pytree``.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_path_str(p) for p, _ in path_leaves]
+  shapes = [tuple(jnp.shape(x)) for _, x in path_leaves]
+  wdn = weight_dimension_numbers
+  if callable(wdn) and not isinstance(wdn, DimensionNumbers):
+    wdn = wdn(params)
+  if wdn is None:
+    specs = [DimensionNumbers(0, 1) if len(s) == 2 else None for s in shapes]
+  elif isinstance(wdn, DimensionNumbers):
+    specs = [wdn if len(s) >= 2 else None for s in shapes]
+  else:
+    try:
+      specs = treedef.flatten_up_to(wdn)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "weight_dimension_numbers must be None, one osd_jax.DimensionNumbers, a pytree of "
+          "DimensionNumbers/None with the same structure as the params, or a callable "
+          f"returning one. The given pytree does not match the params: {e}"
+      ) from None
+  return [
+      None if spec is None else make_layout(shape, spec, rank, side, path, cost)
+      for shape, spec, path in zip(shapes, specs, paths)
+  ], treedef

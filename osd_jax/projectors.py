@@ -1,0 +1,260 @@
+"""Projector rules: how the subspace P of each weight matrix is chosen and moved.
+
+A rule is a :class:`ProjectorRule`, a NamedTuple of two pure functions that act on ONE
+matrix G' ∈ ℝ^{s×L} (``scale_by_subspace_descent`` vmaps them over batch axes):
+
+* ``init(s, L, rank, dtype) -> state`` allocates the state (it must have a field ``p``,
+  the projector P ∈ ℝ^{s×r}); no gradient is seen yet, so P is a placeholder.
+* ``update(g, state, count, key) -> (p_t, g_hat, new_state)`` returns the projector Pₜ
+  used at step ``count`` = t, the projected gradient Ĝ = Pₜᵀ G' (r×L, float in P's dtype),
+  and the state holding the P for step t + 1.
+
+Rules: :func:`online_pca` (the paper's), :func:`svd` (GaLore), :func:`random`,
+:func:`frozen`.  Write your own with the same two functions.
+
+Singular vectors are sign-canonicalised (the largest-magnitude entry of every column of P
+is positive), so every backend gives the same P; no part of the update depends on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+INITS = ("svd", "randomized", "random")
+
+
+class ProjectorRule(NamedTuple):
+  """A projector update rule: pure ``init`` and ``update`` functions on one matrix."""
+
+  init: Callable[[int, int, int, Any], Any]
+  update: Callable[[jax.Array, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+
+# --------------------------------------------------------------------------- initial P
+
+
+def canonical_signs(u: jax.Array) -> jax.Array:
+  """Flips each column of ``u`` so that its largest-magnitude entry is positive."""
+  idx = jnp.argmax(jnp.abs(u), axis=0)
+  pivots = jnp.take_along_axis(u, idx[None, :], axis=0)[0]
+  return u * jnp.where(pivots < 0, -1, 1).astype(u.dtype)
+
+
+def top_singular_subspace(g: jax.Array, rank: int) -> jax.Array:
+  """The top-``rank`` left singular vectors of g (s×L) by a full (thin) SVD."""
+  u, _, _ = jnp.linalg.svd(g, full_matrices=False)
+  return canonical_signs(u[:, :rank])
+
+
+def randomized_subspace(
+    g: jax.Array, rank: int, key: jax.Array, oversampling: int = 8, power_iterations: int = 2
+) -> jax.Array:
+  """Top-``rank`` left singular subspace of g (s×L) by a randomized range finder.
+
+  Halko, Martinsson & Tropp (2011), Alg. 4.4: Y = (G Gᵀ)^q G Ω with QR re-orthonormalisation,
+  then the top-r eigenvectors of the small (r+p)×(r+p) matrix QᵀG GᵀQ.  Cost O(s·L·(r+p))
+  per matmul and no SVD of G.
+  """
+  s, L = g.shape
+  k = min(rank + oversampling, s, L)
+  omega = jax.random.normal(key, (L, k), g.dtype)
+  q, _ = jnp.linalg.qr(g @ omega)
+  for _ in range(power_iterations):
+    q, _ = jnp.linalg.qr(g.T @ q)
+    q, _ = jnp.linalg.qr(g @ q)
+  b = q.T @ g  # k × L
+  _, vecs = jnp.linalg.eigh(b @ b.T)  # ascending eigenvalues
+  return canonical_signs(q @ vecs[:, ::-1][:, :rank])
+
+
+def random_subspace(s: int, rank: int, key: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """A uniformly random orthonormal s×r basis (QR of a Gaussian matrix)."""
+  q, r = jnp.linalg.qr(jax.random.normal(key, (s, rank), dtype))
+  return q * jnp.where(jnp.diagonal(r) < 0, -1, 1).astype(dtype)
+
+
+def initial_projector(g: jax.Array, rank: int, key: jax.Array, method: str = "svd") -> jax.Array:
+  """P₀ from the first gradient g (s×L): ``"svd"``, ``"randomized"`` or ``"random"``."""
+  if method == "svd":
+    return top_singular_subspace(g, rank)
+  if method == "randomized":
+    return randomized_subspace(g, rank, key)
+  if method == "random":
+    return random_subspace(g.shape[0], rank, key, g.dtype)
+  raise ValueError(f"projector init must be one of {INITS}, got {method!r}.")
+
+
+def _check_init(init: str) -> None:
+  if init not in INITS:
+    raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+
+
+def _check_every(every) -> None:
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f"every must be a positive int (steps between refreshes), got {every!r}.")
+
+
+# --------------------------------------------------------------------------- online PCA
+
+
+def online_pca_loss(p: jax.Array, g: jax.Array, orthogonality_weight: float) -> jax.Array:
+  """L(P) = ‖P Pᵀ G̃ − G̃‖²_F + λ‖PᵀP − I_r‖²_F with G̃ = G' / max(‖G'‖_F, tiny)."""
+  g_tilde = g / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(g.dtype).tiny)
+  residual = p @ (p.T @ g_tilde) - g_tilde
+  gram_error = p.T @ p - jnp.eye(p.shape[1], dtype=p.dtype)
+  return jnp.sum(residual**2) + orthogonality_weight * jnp.sum(gram_error**2)
+
+
+def online_pca_gradient(
+    p: jax.Array, g: jax.Array, orthogonality_weight: float, g_hat: jax.Array | None = None
+) -> jax.Array:
+  """∇L(P) of :func:`online_pca_loss` in closed form, O(s·L·r) work.
+
+  With A = PᵀG̃ (r×L), B = G̃Aᵀ (s×r), C = AAᵀ and E = PᵀP − I (r×r), R = PA − G̃:
+
+      ∇L = 2(R G̃ᵀ P + G̃ Rᵀ P) + 4λ P E = 2(P C − B + B E) + 4λ P E,
+
+  since R G̃ᵀ P = P A Aᵀ − G̃ Aᵀ and Rᵀ P = Aᵀ (PᵀP − I).  No s×s, L×L or s×L temporary
+  beyond G̃ itself; pass ``g_hat = Pᵀ G'`` (already computed for the projection) to skip
+  the first matmul.
+  """
+  norm = jnp.maximum(jnp.linalg.norm(g), jnp.finfo(g.dtype).tiny)
+  a = (p.T @ g if g_hat is None else g_hat) / norm  # A = Pᵀ G̃
+  b = (g @ a.T) / norm  # B = G̃ Aᵀ
+  c = a @ a.T  # C = A Aᵀ
+  e = p.T @ p - jnp.eye(p.shape[1], dtype=p.dtype)  # E = PᵀP − I
+  return 2.0 * (p @ c - b + b @ e) + (4.0 * orthogonality_weight) * (p @ e)
+
+
+class OnlinePCAState(NamedTuple):
+  """State of :func:`online_pca` for one matrix."""
+
+  p: jax.Array  # [s, r] projector for the next step
+  opt_state: Any  # projector optimizer state ([s, r] leaves)
+
+
+def _schedule_value(learning_rate, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def online_pca(
+    learning_rate: optax.ScalarOrSchedule,
+    optimizer: optax.GradientTransformation | None = None,
+    orthogonality_weight: float = 0.1,
+    weight_decay: float = 0.0,
+    init: str = "svd",
+) -> ProjectorRule:
+  r"""Online-PCA projector rule (Liang et al., 2024): one optimizer step on L(P) per step.
+
+  At t = 0, P₀ = ``init``(G'₀) and no step is taken.  For t ≥ 1, with the same Gₜ and Pₜ:
+
+      G̃ = G'/max(‖G'‖_F, tiny),  R = PPᵀG̃ − G̃,
+      L(P) = ‖R‖²_F + λ‖PᵀP − I‖²_F,   ∇L = 2(RG̃ᵀP + G̃RᵀP) + 4λP(PᵀP − I),
+      D = optimizer(∇L),   Pₜ₊₁ = Pₜ − η(t)·(D + wd·Pₜ).
+
+  Args:
+    learning_rate: η, a float or a schedule of the global step t (the aliases pass α·lr(t)).
+    optimizer: the projector optimizer; default ``optax.scale_by_adam(0.9, 0.999, 1e-8)``.
+      Its count starts at its first step (t = 1).
+    orthogonality_weight: λ, the weight of the ‖PᵀP − I‖² penalty (0 in the reference code).
+    weight_decay: decoupled weight decay on P (0.01 in the reference code).
+    init: ``"svd"`` (top-r singular vectors of G'₀), ``"randomized"`` or ``"random"``.
+
+  Example:
+    >>> import optax, osd_jax
+    >>> rule = osd_jax.projectors.online_pca(learning_rate=5e-3)
+    >>> tx = osd_jax.scale_by_subspace_descent(optax.scale_by_adam(), rank=2, projector=rule)
+
+  References:
+    Liang, Liu, Chen & Liu, *Memory-Efficient LLM Training with Online Subspace Descent*,
+    arXiv:2408.12857, 2024.
+  """
+  _check_init(init)
+  if optimizer is None:
+    optimizer = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+  def init_fn(s, L, rank, dtype):  # noqa: N803
+    p = jnp.zeros((s, rank), dtype)
+    return OnlinePCAState(p=p, opt_state=optimizer.init(p))
+
+  def update_fn(g, state, count, key):
+    dtype = state.p.dtype
+    g = g.astype(dtype)
+    rank = state.p.shape[-1]
+    first = count == 0
+    p_t = jax.lax.cond(first, lambda: initial_projector(g, rank, key, init).astype(dtype),
+                       lambda: state.p)
+    g_hat = p_t.T @ g  # Ĝ = Pₜᵀ G'
+
+    def projector_step():
+      grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat=g_hat)  # ∇L(Pₜ)
+      d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
+      eta = _schedule_value(learning_rate, count)
+      p_next = p_t - eta * (d + weight_decay * p_t)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
+      return OnlinePCAState(p_next.astype(dtype), opt_state)
+
+    new_state = jax.lax.cond(first, lambda: state._replace(p=p_t), projector_step)
+    return p_t, g_hat, new_state
+
+  return ProjectorRule(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- periodic rules
+
+
+class PeriodicProjectorState(NamedTuple):
+  """State of :func:`svd`, :func:`random` and :func:`frozen`: just P."""
+
+  p: jax.Array  # [s, r]
+
+
+def _periodic(refresh_fn, is_refresh_step) -> ProjectorRule:
+  def init_fn(s, L, rank, dtype):  # noqa: N803
+    return PeriodicProjectorState(jnp.zeros((s, rank), dtype))
+
+  def update_fn(g, state, count, key):
+    dtype = state.p.dtype
+    g = g.astype(dtype)
+    rank = state.p.shape[-1]
+    p_t = jax.lax.cond(is_refresh_step(count), lambda: refresh_fn(g, rank, key).astype(dtype),
+                       lambda: state.p)
+    return p_t, p_t.T @ g, PeriodicProjectorState(p_t)
+
+  return ProjectorRule(init_fn, update_fn)
+
+
+def svd(every: int = 200, method: str = "svd") -> ProjectorRule:
+  """GaLore's rule: P = top-r left singular vectors of G'ₜ whenever t % ``every`` == 0.
+
+  ``method="randomized"`` uses :func:`randomized_subspace` instead of a full SVD.
+
+  References:
+    Zhao et al., *GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection*,
+    ICML 2024.
+  """
+  _check_every(every)
+  if method not in ("svd", "randomized"):
+    raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}.")
+  return _periodic(lambda g, r, key: initial_projector(g, r, key, method),
+                   lambda count: count % every == 0)
+
+
+def random(every: int = 200, seed: int = 0) -> ProjectorRule:
+  """A fresh random orthonormal P every ``every`` steps (ignores the gradient)."""
+  _check_every(every)
+
+  def refresh(g, rank, key):
+    return random_subspace(g.shape[0], rank, jax.random.fold_in(key, seed), g.dtype)
+
+  return _periodic(refresh, lambda count: count % every == 0)
+
+
+def frozen(init: str = "svd") -> ProjectorRule:
+  """P is set once from the first gradient (by ``init``) and never moves."""
+  _check_init(init)
+  return _periodic(lambda g, r, key: initial_projector(g, r, key, init), lambda count: count == 0)

@@ -1,0 +1,262 @@
+"""``scale_by_subspace_descent``: any inner optax optimizer run in a moving rank-r subspace."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from osd_jax import projectors as projectors_lib
+from osd_jax.dimension_numbers import (
+    SIDES,
+    MatrixLayout,
+    WeightDimensionNumbers,
+    from_matrix,
+    resolve_layouts,
+    to_matrix,
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ProjectedLeafState:
+  """Projector state of one projected parameter; ``layout`` is static (pytree metadata).
+
+  ``state`` is the projector rule's state with a leading ``layout.batch_shape``.
+  """
+
+  state: Any
+  layout: MatrixLayout = dataclasses.field(metadata=dict(static=True))
+
+
+class SubspaceDescentState(NamedTuple):
+  """State of :func:`scale_by_subspace_descent`."""
+
+  count: jax.Array  # int32 [], the step t
+  inner_state: optax.OptState  # inner optimizer state over the projected tree (r×L leaves)
+  projector_state: Any  # params-shaped: ProjectedLeafState or optax.MaskedNode()
+
+
+def _is_projected(x) -> bool:
+  return isinstance(x, ProjectedLeafState)
+
+
+def _validate_rank(rank) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+    raise TypeError(
+        f"rank must be a positive Python int (it sets array shapes), got {rank!r} of type "
+        f"{type(rank).__name__}. With optax.inject_hyperparams pass static_args=('rank',)."
+    )
+  if rank <= 0:
+    raise ValueError(f"rank must be a positive int, got {rank}; use e.g. rank=128.")
+  return int(rank)
+
+
+def _tree_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _vmap_batch(fn, num_batch_axes: int, in_axes):
+  for _ in range(num_batch_axes):
+    fn = jax.vmap(fn, in_axes=in_axes)
+  return fn
+
+
+def _leaf_keys(base_key: jax.Array, leaf_index: int, count, batch_shape) -> jax.Array:
+  key = jax.random.fold_in(jax.random.fold_in(base_key, leaf_index), count)
+  if not batch_shape:
+    return key
+  return jax.random.split(key, math.prod(batch_shape)).reshape(batch_shape)
+
+
+def scale_by_subspace_descent(
+    inner: optax.GradientTransformation,
+    rank: int,
+    projector: projectors_lib.ProjectorRule,
+    *,
+    scale: float = 1.0,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    projector_dtype: Any = jnp.float32,
+    side: str = "smaller",
+    transport_state: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` on gradients projected to a rank-r subspace that ``projector`` moves.
+
+  For each selected weight with gradient G (viewed as G' ∈ ℝ^{s×L}, see
+  :mod:`osd_jax.dimension_numbers`) and projector Pₜ ∈ ℝ^{s×r}:
+
+      Ĝ = Pₜᵀ G'              (r×L; the inner optimizer's coordinates)
+      N = inner(Ĝ)            (one inner transformation over the whole tree)
+      U' = scale · Pₜ N       (back to s×L, then to the weight's shape)
+      Pₜ₊₁ = projector(Gₜ, Pₜ)
+
+  Leaves that are not projected (ndim < 2, mapped to None, or ``rank >= min(m, n)``) get
+  ``inner`` at full rank.  Inner state is kept when P moves (the paper's choice), unless
+  ``transport_state=True``, which rotates the inner first moment ``mu`` into the new basis,
+  M ← (Pₜ₊₁ᵀ Pₜ) M (as LDAdam).
+
+  Args:
+    inner: an optax transformation that needs no params, e.g. ``optax.scale_by_adam()``.
+    rank: r, a positive Python int.
+    projector: a :class:`osd_jax.projectors.ProjectorRule`, e.g. ``projectors.online_pca``.
+    scale: multiplies the back-projected update (GaLore's α).
+    weight_dimension_numbers: which leaves/axes are projected; see
+      :func:`osd_jax.dimension_numbers.resolve_layouts`. Default: every 2-D leaf.
+    projector_dtype: dtype of P and its optimizer state (float32).
+    side: ``"smaller"`` (P spans min(m, n), DESIGN §2), ``"larger"`` or ``"auto"`` (the side
+      with fewer state bytes for this inner optimizer and projector rule).
+    transport_state: rotate the inner first moment when P moves.
+    seed: seeds the randomized/random projector inits (a key per leaf and step).
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, osd_jax
+    >>> tx = optax.chain(
+    ...     osd_jax.scale_by_subspace_descent(
+    ...         optax.scale_by_adam(), rank=2,
+    ...         projector=osd_jax.projectors.online_pca(learning_rate=5e-3)),
+    ...     optax.scale_by_learning_rate(1e-3))
+    >>> params = {"w": jnp.ones((4, 6)), "b": jnp.zeros(6)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state)
+    >>> updates["w"].shape
+    (4, 6)
+
+  References:
+    Liang, Liu, Chen & Liu, *Memory-Efficient LLM Training with Online Subspace Descent*,
+    arXiv:2408.12857, 2024.
+  """
+  rank = _validate_rank(rank)
+  if side not in SIDES:
+    raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
+  if not isinstance(projector, projectors_lib.ProjectorRule):
+    raise TypeError(
+        "projector must be an osd_jax.projectors.ProjectorRule (e.g. "
+        f"osd_jax.projectors.online_pca(...)), got {type(projector).__name__}."
+    )
+  inner = optax.with_extra_args_support(inner)
+  projector_dtype = jnp.dtype(projector_dtype)
+
+  def layout_cost(layout: MatrixLayout, dtype) -> int:
+    """State bytes of one projected matrix: projector state plus inner state."""
+    proj = jax.eval_shape(lambda: projector.init(layout.s, layout.L, rank, projector_dtype))
+    low = jax.ShapeDtypeStruct((rank, layout.L), dtype)
+    return _tree_bytes(proj) + _tree_bytes(jax.eval_shape(inner.init, low))
+
+  def layouts_for(params):
+    dtypes = [jnp.result_type(x) for x in jax.tree.leaves(params)]
+    cost = None
+    if side == "auto":
+      # One dtype per call is enough for the orientation choice; use the widest.
+      dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else jnp.float32
+      cost = lambda layout: layout_cost(layout, dtype)  # noqa: E731
+    return resolve_layouts(params, weight_dimension_numbers, rank, side, cost)
+
+  def init_fn(params):
+    layouts, treedef = layouts_for(params)
+    leaves = treedef.flatten_up_to(params)
+    inner_leaves, projector_leaves = [], []
+    for x, layout in zip(leaves, layouts):
+      if layout is None:
+        inner_leaves.append(x)
+        projector_leaves.append(optax.MaskedNode())
+        continue
+      inner_leaves.append(jnp.zeros(layout.low_rank_shape, jnp.result_type(x)))
+      make = lambda: projector.init(layout.s, layout.L, rank, projector_dtype)  # noqa: E731
+      state = make()
+      for n in reversed(layout.batch_shape):
+        state = jax.tree.map(lambda a, n=n: jnp.broadcast_to(a, (n,) + a.shape), state)
+      projector_leaves.append(ProjectedLeafState(state=state, layout=layout))
+    return SubspaceDescentState(
+        count=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(treedef.unflatten(inner_leaves)),
+        projector_state=treedef.unflatten(projector_leaves),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    projector_leaves = treedef.flatten_up_to(state.projector_state)
+    count = state.count
+    base_key = jax.random.key(seed)
+
+    inner_in, projections, new_projector_leaves = [], [], []
+    for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
+      if not _is_projected(ps):
+        inner_in.append(g)
+        projections.append(None)
+        new_projector_leaves.append(ps)
+        continue
+      layout = ps.layout
+      if tuple(g.shape) != layout.shape:
+        raise ValueError(
+            f"Gradient leaf {i} has shape {g.shape} but the optimizer state was initialised "
+            f"for shape {layout.shape}; re-run init with params of the current shapes."
+        )
+      nb = len(layout.batch_shape)
+      rule_update = _vmap_batch(projector.update, nb, in_axes=(0, 0, None, 0))
+      keys = _leaf_keys(base_key, i, count, layout.batch_shape)
+      p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
+      inner_in.append(g_hat.astype(g.dtype))  # Ĝ = Pₜᵀ G'
+      projections.append((p_t, new_rule_state.p))
+      new_projector_leaves.append(ProjectedLeafState(state=new_rule_state, layout=layout))
+
+    inner_updates, new_inner_state = inner.update(
+        treedef.unflatten(inner_in), state.inner_state, None, **extra_args
+    )
+    n_leaves = treedef.flatten_up_to(inner_updates)
+    out = []
+    for g, n, proj, ps in zip(leaves, n_leaves, projections, projector_leaves):
+      if proj is None:
+        out.append(n)
+        continue
+      p_t = proj[0]
+      u = scale * jnp.matmul(p_t, n.astype(p_t.dtype))  # U' = scale · Pₜ N
+      out.append(from_matrix(u, ps.layout).astype(g.dtype))
+
+    if transport_state:
+      rotations = [
+          None if proj is None else jnp.matmul(jnp.swapaxes(proj[1], -1, -2), proj[0])
+          for proj in projections
+      ]  # Pₜ₊₁ᵀ Pₜ
+      new_inner_state = _transport_first_moment(new_inner_state, rotations, treedef)
+
+    new_state = SubspaceDescentState(
+        count=optax.safe_increment(count),
+        inner_state=new_inner_state,
+        projector_state=treedef.unflatten(new_projector_leaves),
+    )
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _has_first_moment(x) -> bool:
+  return isinstance(x, tuple) and hasattr(x, "_fields") and "mu" in x._fields
+
+
+def _transport_first_moment(inner_state, rotations, treedef):
+  """M ← R M for every projected leaf of every ``mu`` field in the inner state."""
+
+  def rotate(node):
+    if not _has_first_moment(node):
+      return node
+    try:
+      mu_leaves = treedef.flatten_up_to(node.mu)
+    except (ValueError, TypeError):
+      return node
+    new_mu = [
+        m if r is None else jnp.matmul(r, m.astype(r.dtype)).astype(m.dtype)
+        for m, r in zip(mu_leaves, rotations)
+    ]
+    return node._replace(mu=treedef.unflatten(new_mu))
+
+  return jax.tree.map(rotate, inner_state, is_leaf=_has_first_moment)
