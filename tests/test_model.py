@@ -1,0 +1,216 @@
+"""Tests of the Flax NNX LLaMA in train/model.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from train import model as M
+
+SMALL = M.LlamaConfig(vocab_size=97, dim=32, hidden_dim=48, n_layers=2, n_heads=4, max_seq_len=16)
+NOMINAL = {"60m": 60e6, "130m": 130e6, "350m": 350e6, "1b": 1e9, "7b": 7e9}
+
+
+def _flat_params(model_or_state):
+  state = nnx.state(model_or_state, nnx.Param)
+  return {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}
+
+
+def _tokens(cfg, batch=2, seq=None, seed=0):
+  seq = seq or cfg.max_seq_len
+  return jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_forward_shapes_and_dtypes(dtype):
+  cfg = SMALL.replace(dtype=dtype)
+  model = M.Llama(cfg, rngs=nnx.Rngs(0))
+  logits = model(_tokens(cfg, batch=3, seq=10))
+  assert logits.shape == (3, 10, cfg.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  assert all(v.dtype == jnp.float32 for v in _flat_params(model).values())
+
+
+def test_param_paths_and_shapes():
+  cfg = SMALL.replace(n_kv_heads=2)
+  params = _flat_params(M.Llama(cfg, rngs=nnx.Rngs(0)))
+  d, h, f = cfg.dim, cfg.head_dim, cfg.hidden_dim
+  expected = {"embed/embedding": (cfg.vocab_size, d), "head/kernel": (d, cfg.vocab_size),
+              "norm/scale": (d,)}
+  for i in range(cfg.n_layers):
+    p = f"layers/{i}/"
+    expected |= {
+        p + "attention/wq/kernel": (d, cfg.n_heads * h),
+        p + "attention/wk/kernel": (d, 2 * h),
+        p + "attention/wv/kernel": (d, 2 * h),
+        p + "attention/wo/kernel": (cfg.n_heads * h, d),
+        p + "mlp/w1/kernel": (d, f), p + "mlp/w3/kernel": (d, f), p + "mlp/w2/kernel": (f, d),
+        p + "attention_norm/scale": (d,), p + "mlp_norm/scale": (d,),
+    }
+  assert {k: tuple(v.shape) for k, v in params.items()} == expected
+
+
+def test_logical_axis_names_on_every_param():
+  for cfg in (SMALL, SMALL.replace(n_kv_heads=1)):
+    params = _flat_params(M.Llama(cfg, rngs=nnx.Rngs(0)))
+    for path, v in params.items():
+      names = v.get_metadata().get("out_sharding")
+      assert names is not None and len(names) == v.ndim, path
+      assert set(names) <= set(M.LOGICAL_AXIS_NAMES), (path, names)
+    grouped = cfg.grouped
+    assert params["layers/0/attention/wk/kernel"].get_metadata()["out_sharding"] == (
+        "embed", "kv" if grouped else "heads")
+    assert params["embed/embedding"].get_metadata()["out_sharding"] == ("vocab", "embed")
+    assert params["head/kernel"].get_metadata()["out_sharding"] == ("embed", "vocab")
+    assert params["layers/1/mlp/w2/kernel"].get_metadata()["out_sharding"] == ("mlp", "embed")
+    assert params["norm/scale"].get_metadata()["out_sharding"] == ("norm",)
+
+
+@pytest.mark.parametrize("dtype,n_kv", [("bfloat16", None), ("float32", None), ("float32", 2),
+                                        ("bfloat16", 1)])
+def test_causal_mask(dtype, n_kv):
+  """Changing tokens at positions >= k never changes the logits at positions < k."""
+  cfg = SMALL.replace(dtype=dtype, n_kv_heads=n_kv)
+  model = M.Llama(cfg, rngs=nnx.Rngs(1))
+  forward = jax.jit(lambda m, x: m(x))
+  tokens = _tokens(cfg, seed=2)
+  base = np.asarray(forward(model, tokens))
+  for k in (1, 5, cfg.max_seq_len - 1):
+    changed = tokens.at[:, k:].set((tokens[:, k:] + 7) % cfg.vocab_size)
+    out = np.asarray(forward(model, changed))
+    np.testing.assert_array_equal(out[:, :k], base[:, :k])
+    assert not np.array_equal(out[:, k:], base[:, k:])
+
+
+def _rope_reference(x, positions, theta):
+  """float64 NumPy RoPE: feature i pairs with i + h/2 as the complex number x_i + i·x_{i+h/2}."""
+  x = np.asarray(x, np.float64)
+  h = x.shape[-1]
+  freqs = theta ** (-np.arange(0, h, 2, dtype=np.float64) / h)
+  angle = np.asarray(positions, np.float64)[..., None] * freqs  # [B, T, h/2]
+  z = (x[..., : h // 2] + 1j * x[..., h // 2:]) * np.exp(1j * angle)[..., None, :]
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rope_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 9, 3, 16)).astype(np.float32)
+  positions = np.stack([np.arange(9), np.arange(100, 109)])
+  got = np.asarray(M.apply_rope(jnp.asarray(x), jnp.asarray(positions), 10000.0))
+  np.testing.assert_allclose(got, _rope_reference(x, positions, 10000.0), rtol=1e-4, atol=2e-5)
+  # position 0 is the identity, and the rotation preserves norms
+  np.testing.assert_allclose(got[0, 0], x[0, 0], atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+  rng = np.random.default_rng(1)
+  q, k = rng.standard_normal((2, 1, 1, 1, 32)).astype(np.float32)
+  def score(m, n):
+    rq = M.apply_rope(jnp.asarray(q), jnp.array([[m]]), 500.0)
+    rk = M.apply_rope(jnp.asarray(k), jnp.array([[n]]), 500.0)
+    return float(jnp.sum(rq * rk))
+  np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-4)
+  np.testing.assert_allclose(score(7, 7), float(np.sum(q * k)), rtol=1e-4)
+
+
+def test_grouped_kv_equals_multi_head_with_repeated_kv():
+  """A GQA model equals the MHA model whose k/v heads are copies of the shared kv heads."""
+  gqa_cfg = SMALL.replace(dtype="float32", n_kv_heads=2)
+  mha_cfg = gqa_cfg.replace(n_kv_heads=None)
+  gqa = M.Llama(gqa_cfg, rngs=nnx.Rngs(3))
+  mha = M.Llama(mha_cfg, rngs=nnx.Rngs(4))
+  nnx.update(mha, {k: v for k, v in nnx.state(gqa, nnx.Param).items() if k != "layers"})
+  group, h = gqa_cfg.n_heads // 2, gqa_cfg.head_dim
+  for lg, lm in zip(gqa.layers, mha.layers):
+    for name in ("wq", "wo"):
+      getattr(lm.attention, name).kernel[...] = getattr(lg.attention, name).kernel[...]
+    for name in ("wk", "wv"):
+      w = getattr(lg.attention, name).kernel[...].reshape(gqa_cfg.dim, 2, 1, h)
+      w = jnp.repeat(w, group, axis=2).reshape(gqa_cfg.dim, gqa_cfg.n_heads * h)
+      getattr(lm.attention, name).kernel[...] = w
+    for name in ("attention_norm", "mlp_norm", "mlp"):
+      nnx.update(getattr(lm, name), nnx.state(getattr(lg, name)))
+  tokens = _tokens(gqa_cfg, seed=5)
+  np.testing.assert_allclose(np.asarray(mha(tokens)), np.asarray(gqa(tokens)), rtol=1e-5,
+                             atol=1e-5)
+  assert M.param_count(gqa_cfg) < M.param_count(mha_cfg)
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_attention_impls_agree(n_kv):
+  cfg = SMALL.replace(dtype="float32", n_kv_heads=n_kv)
+  a = M.Llama(cfg, rngs=nnx.Rngs(6))
+  b = M.Llama(cfg.replace(attention_impl="jax"), rngs=nnx.Rngs(6))
+  tokens = _tokens(cfg, seed=7)
+  np.testing.assert_allclose(np.asarray(a(tokens)), np.asarray(b(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_param_count_of_every_preset_without_allocation(capsys):
+  rows = []
+  for name in M.PRESETS:
+    cfg = M.get_config(name)
+    abstract = nnx.eval_shape(lambda cfg=cfg: M.Llama(cfg, rngs=nnx.Rngs(0)))
+    leaves = _flat_params(abstract).values()
+    assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for v in leaves)
+    n = sum(int(np.prod(v.shape)) for v in leaves)
+    assert n == M.param_count(cfg), name
+    rows.append(f"{name:>5}: {n:>14,d} params, {M.flops_per_token(cfg, 256):.3e} FLOPs/token")
+    if name in NOMINAL:
+      assert cfg.vocab_size == 32000
+      assert 0.8 * NOMINAL[name] <= n <= 1.4 * NOMINAL[name], (name, n)
+  with capsys.disabled():
+    print("\n" + "\n".join(rows))
+
+
+def test_grouped_param_count():
+  cfg = M.get_config("60m", n_kv_heads=2)
+  abstract = nnx.eval_shape(lambda: M.Llama(cfg, rngs=nnx.Rngs(0)))
+  assert sum(int(np.prod(v.shape)) for v in _flat_params(abstract).values()) == M.param_count(cfg)
+
+
+def test_flops_per_token_formula():
+  cfg = M.get_config("60m")
+  n = M.param_count(cfg)
+  matmul = n - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
+  assert M.flops_per_token(cfg, 256) == 6 * matmul + 12 * cfg.n_layers * 256 * cfg.dim
+
+
+def test_get_config_and_validation_errors():
+  assert M.get_config("TINY", vocab_size=512).vocab_size == 512
+  assert M.get_config("60m").head_dim == 64
+  with pytest.raises(ValueError, match=r"'13b'.*tiny, 60m, 130m, 350m, 1b, 7b"):
+    M.get_config("13b")
+  with pytest.raises(ValueError, match="bogus"):
+    M.get_config("tiny", bogus=1)
+  with pytest.raises(ValueError, match="n_heads"):
+    SMALL.replace(n_heads=5)
+  with pytest.raises(ValueError, match="n_kv_heads"):
+    SMALL.replace(n_kv_heads=3)
+  with pytest.raises(ValueError, match="attention_impl"):
+    SMALL.replace(attention_impl="flash")
+  with pytest.raises(ValueError, match="dtype"):
+    SMALL.replace(dtype="notadtype")
+  with pytest.raises(ValueError, match="max_seq_len"):
+    M.Llama(SMALL, rngs=nnx.Rngs(0))(jnp.zeros((1, SMALL.max_seq_len + 1), jnp.int32))
+  assert dataclasses.is_dataclass(SMALL) and SMALL.to_dict()["dim"] == 32
+
+
+def test_sharded_init_under_mesh_with_logical_rules():
+  """Under ``jax.set_mesh`` and logical-axis rules, params are created already sharded."""
+  devices = np.array(jax.devices()[:4]).reshape(2, 2)
+  mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), devices=devices.flatten().tolist(),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (("embed", "fsdp"), ("heads", "tensor"), ("kv", "tensor"), ("mlp", "tensor"),
+           ("vocab", "tensor"), ("norm", None))
+  cfg = SMALL.replace(n_kv_heads=2, vocab_size=96)  # divisible by the mesh axes
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    model = nnx.jit(lambda: M.Llama(cfg, rngs=nnx.Rngs(0)))()
+  params = _flat_params(model)
+  spec = params["layers/0/attention/wq/kernel"].get_value().sharding.spec
+  assert tuple(spec) == ("fsdp", "tensor")
+  assert tuple(params["embed/embedding"].get_value().sharding.spec) == ("tensor", "fsdp")
