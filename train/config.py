@@ -1,0 +1,202 @@
+"""Training configuration: one dataclass that is the single source of truth for flags.
+
+Every field of :class:`TrainConfig` is a command-line flag of ``python -m train`` (``foo_bar`` becomes
+``--foo-bar``) and its ``help`` metadata is the flag's documentation. Validation that needs no devices,
+model or data lives in :func:`validate`; it raises :class:`ConfigError` with a message that names the flag
+and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+OPTIMIZERS = ("adamw", "lion", "osd_adamw", "osd_lion", "galore_adamw")
+SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
+PROJECTOR_INITS = ("svd", "randomized", "random", "zeros")
+PROJECTION_RULES = ("attn_mlp", "all")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A bad flag value or an inconsistent combination of flags; the message says which and how to fix."""
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+  """A dataclass field carrying its command-line help text."""
+  if isinstance(default, (dict, list)):
+    return dataclasses.field(default_factory=lambda: type(default)(default),
+                             metadata={"help": help, **meta})
+  return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything a training run depends on. Saved as ``config.json`` in the run directory."""
+
+  # --- model
+  preset: str = _f("tiny", "Model preset: tiny (CPU demo), 60m, 130m, 350m, 1b, 7b.", group="model")
+  model_overrides: dict = _f({}, "Override one model-config field, KEY=VALUE (repeatable), e.g. "
+                             "--model-override n_layers=2.", group="model", flag="model-override")
+  dtype: str = _f("bfloat16", "Compute dtype of activations and matmuls.", choices=DTYPES, group="model")
+  param_dtype: str = _f("float32", "Dtype of the master weights and optimizer state.", choices=DTYPES,
+                        group="model")
+
+  # --- optimizer
+  optimizer: str = _f("osd_adamw", "Optimizer: adamw, lion, osd_adamw, osd_lion, galore_adamw.",
+                      choices=OPTIMIZERS, group="optimizer")
+  lr: float = _f(1e-3, "Peak learning rate (after warmup).", group="optimizer")
+  warmup_steps: int | None = _f(None, "Linear warmup steps (default: 10%% of --steps).",
+                                group="optimizer")
+  min_lr_ratio: float = _f(0.1, "Cosine decay ends at this fraction of --lr.", group="optimizer")
+  weight_decay: float = _f(0.0, "Decoupled weight decay (matrices only; norms are not decayed).",
+                           group="optimizer")
+  b1: float | None = _f(None, "First-moment decay (default: 0.9 for Adam, 0.9 for Lion).",
+                        group="optimizer")
+  b2: float | None = _f(None, "Second-moment decay (default: 0.999 for Adam, 0.99 for Lion).",
+                        group="optimizer")
+  eps: float = _f(1e-8, "Adam epsilon.", group="optimizer")
+  grad_clip: float = _f(1.0, "Clip gradients to this global norm (0 disables).", group="optimizer")
+  rank: int = _f(128, "Subspace rank r for osd_* and galore_adamw.", group="optimizer")
+  scale: float | None = _f(None, "Back-projection scale (default: 1.0 for OSD, 0.25 for GaLore).",
+                           group="optimizer")
+  orthogonality_weight: float = _f(0.1, "OSD: weight lambda of the ||P^T P - I||^2 term.",
+                                   group="optimizer")
+  projector_lr_ratio: float = _f(5.0, "OSD: projector step size alpha, as a multiple of the lr "
+                                 "(paper: 5 at lr 1e-3; use ~0.5 at lr 1e-2).", group="optimizer")
+  projector_weight_decay: float | None = _f(None, "OSD: weight decay on P (default: --weight-decay).",
+                                            group="optimizer")
+  projector_init: str = _f("svd", "OSD: how P is initialised at step 0.", choices=PROJECTOR_INITS,
+                           group="optimizer")
+  update_proj_gap: int = _f(200, "GaLore: recompute P by SVD every this many steps.",
+                            group="optimizer")
+  project: str = _f("attn_mlp", "Which matrices are projected: attn_mlp (paper: attention and MLP; "
+                    "embeddings, head and norms get full-rank AdamW) or all (every 2-D param).",
+                    choices=PROJECTION_RULES, group="optimizer")
+  loss_spike_factor: float = _f(0.0, "Skip a step whose loss exceeds this multiple of the running "
+                                "mean loss (0 disables; NaN/inf steps are always skipped).",
+                                group="optimizer")
+  max_consecutive_skips: int = _f(25, "Stop with an error after this many skipped steps in a row.",
+                                  group="optimizer")
+
+  # --- training
+  steps: int = _f(1000, "Number of optimizer steps.", group="training")
+  batch_size: int = _f(64, "Global batch size in sequences (all processes, all micro-batches).",
+                       group="training")
+  seq_len: int = _f(256, "Sequence length in tokens.", group="training")
+  grad_accum: int = _f(1, "Split each batch into this many micro-batches (gradient accumulation).",
+                       group="training")
+  seed: int = _f(0, "Seed for parameter init and data order.", group="training")
+
+  # --- data
+  data: str = _f("embedded", "Training data: embedded (offline corpus: Python docs and stdlib), "
+                 "tfds:NAME[:VERSION] (e.g. tfds:c4/en:3.1.0) or text:GLOB (local .txt files).",
+                 group="data")
+  tfds_data_dir: str | None = _f(None, "tensorflow-datasets data dir (local path or gs://...).",
+                                 group="data")
+  tokenizer: str | None = _f(None, "SentencePiece .model file (default: one trained on the embedded "
+                             "corpus and cached).", group="data")
+  vocab_size: int | None = _f(None, "Vocabulary size of the trained default tokenizer "
+                              "(default: the preset's).", group="data")
+  cache_dir: str | None = _f(None, "Cache for the default tokenizer (default: ~/.cache/osd_jax).",
+                             group="data")
+
+  # --- eval, logging, checkpoints
+  eval_every: int = _f(200, "Evaluate every this many steps (and at step 0 and the end; 0: only at "
+                       "the start and end).", group="logging")
+  eval_batches: int = _f(8, "Number of held-out batches per evaluation.", group="logging")
+  log_every: int = _f(10, "Write metrics every this many steps.", group="logging")
+  run_dir: str | None = _f(None, "Run directory (default: runs/PRESET-OPTIMIZER-TIMESTAMP).",
+                           group="logging")
+  tensorboard: bool = _f(True, "Write TensorBoard event files.", group="logging")
+  progress: bool = _f(True, "Show a progress bar.", group="logging")
+  ckpt_every: int = _f(500, "Save a checkpoint every this many steps (0: only at the end).",
+                       group="checkpoint")
+  keep_checkpoints: int = _f(3, "Keep the last this many checkpoints.", group="checkpoint")
+  async_checkpoint: bool = _f(True, "Write checkpoints in the background.", group="checkpoint")
+  resume: bool = _f(False, "Continue from the latest checkpoint in --run-dir.", group="checkpoint")
+
+  # --- parallelism
+  mesh: str = _f("data=-1,fsdp=1,tensor=1", "Device mesh, AXIS=SIZE for data, fsdp, tensor; one size "
+                 "may be -1 (all remaining devices).", group="parallelism")
+  distributed: bool = _f(False, "Call jax.distributed.initialize() (also automatic under SLURM, "
+                         "Open MPI or a TPU pod launcher).", group="parallelism")
+  coordinator_address: str | None = _f(None, "Multi-process: coordinator host:port (otherwise "
+                                       "detected from the launcher).", group="parallelism")
+  num_processes: int | None = _f(None, "Multi-process: number of processes.", group="parallelism")
+  process_id: int | None = _f(None, "Multi-process: this process's id.", group="parallelism")
+
+  # ------------------------------------------------------------------ helpers
+  def replace(self, **changes: Any) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ConfigError(f"unknown config keys {unknown}")
+    return cls(**d)
+
+  @property
+  def resolved_warmup(self) -> int:
+    if self.warmup_steps is not None:
+      return self.warmup_steps
+    return max(1, self.steps // 10)
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+  for n in names:
+    if getattr(cfg, n) <= 0:
+      raise ConfigError(f"--{n.replace('_', '-')} must be positive, got {getattr(cfg, n)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+  """Checks that need nothing but the config. Raises ConfigError."""
+  from train.model import PRESETS  # light import; keeps a typo from costing a tokenizer build
+
+  if cfg.preset.lower() not in PRESETS:
+    raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+  for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                        ("projector_init", PROJECTOR_INITS), ("project", PROJECTION_RULES)):
+    if getattr(cfg, name) not in allowed:
+      raise ConfigError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; "
+                        f"choose one of {', '.join(allowed)}")
+  _positive(cfg, "lr", "steps", "batch_size", "seq_len", "grad_accum", "rank", "eval_batches",
+            "log_every", "keep_checkpoints", "update_proj_gap", "max_consecutive_skips")
+  for n in ("eval_every", "ckpt_every", "weight_decay", "grad_clip", "loss_spike_factor"):
+    if getattr(cfg, n) < 0:
+      raise ConfigError(f"--{n.replace('_', '-')} must be >= 0, got {getattr(cfg, n)}")
+  if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+    raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+  if cfg.warmup_steps is not None and not 0 <= cfg.warmup_steps <= cfg.steps:
+    raise ConfigError(f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps}")
+  if cfg.batch_size % cfg.grad_accum:
+    raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum "
+                      f"{cfg.grad_accum}")
+  if cfg.resume and not cfg.run_dir:
+    raise ConfigError("--resume needs --run-dir (the run to continue)")
+  kind, _, rest = cfg.data.partition(":")
+  if kind not in ("embedded", "tfds", "text") or (kind == "embedded") == bool(rest):
+    raise ConfigError(f"bad --data {cfg.data!r}; use embedded, tfds:NAME[:VERSION] or text:GLOB")
+  if kind == "tfds" and cfg.tokenizer is None:
+    raise ConfigError("--data tfds:... needs --tokenizer PATH.model (e.g. the T5 SentencePiece "
+                      "model for C4)")
+  if cfg.tokenizer is not None and not cfg.tokenizer.startswith("gs://") \
+          and not os.path.isfile(cfg.tokenizer):
+    raise ConfigError(f"--tokenizer file not found: {cfg.tokenizer}")
+  if cfg.tfds_data_dir is not None and not cfg.tfds_data_dir.startswith("gs://") \
+          and not os.path.isdir(cfg.tfds_data_dir):
+    raise ConfigError(f"--tfds-data-dir is not a directory: {cfg.tfds_data_dir}")
+  if (cfg.num_processes is None) != (cfg.process_id is None):
+    raise ConfigError("give --num-processes and --process-id together")

@@ -1,0 +1,182 @@
+"""Device mesh and logical-axis sharding rules.
+
+The mesh has three named axes:
+
+- ``data``: pure data parallelism (params replicated across it),
+- ``fsdp``: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style),
+- ``tensor``: tensor (model) parallelism over heads, MLP hidden units and the vocabulary.
+
+Parameters carry *logical* axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``);
+:data:`LOGICAL_RULES` maps each to a mesh axis (or none). A dimension that the mapped mesh axis does not
+divide is replicated instead, so odd-shaped small models still run on any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (or tuple of axes, or None = replicated)
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """Parses ``"data=-1,fsdp=2,tensor=1"`` into an ordered dict of axis sizes (-1 = the rest)."""
+  sizes = {a: 1 for a in MESH_AXES}
+  seen = set()
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or name not in MESH_AXES:
+      raise ConfigError(f"bad --mesh entry {part!r}; use AXIS=SIZE with AXIS in "
+                        f"{', '.join(MESH_AXES)}, e.g. --mesh data=-1,fsdp=1,tensor=1")
+    if name in seen:
+      raise ConfigError(f"--mesh names axis {name!r} twice")
+    seen.add(name)
+    try:
+      size = int(value)
+    except ValueError:
+      raise ConfigError(f"--mesh size of {name!r} is not an integer: {value!r}") from None
+    if size == 0 or size < -1:
+      raise ConfigError(f"--mesh size of {name!r} must be positive or -1, got {size}")
+    sizes[name] = size
+  if sum(s == -1 for s in sizes.values()) > 1:
+    raise ConfigError("--mesh may give -1 for one axis only")
+  return sizes
+
+
+def mesh_shape(spec: str, num_devices: int) -> dict[str, int]:
+  """Resolves -1 and checks that the mesh uses exactly ``num_devices`` devices."""
+  sizes = parse_mesh(spec)
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
+    if num_devices % fixed:
+      raise ConfigError(f"--mesh {spec!r}: the fixed axes ({fixed} devices) do not divide the "
+                        f"{num_devices} available devices")
+    sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+  elif fixed != num_devices:
+    raise ConfigError(f"--mesh {spec!r} needs {fixed} devices but {num_devices} are available; "
+                      f"make the sizes multiply to {num_devices} or set one to -1")
+  return sizes
+
+
+def make_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(spec, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # unusual topologies: fall back to the given order
+    device_array = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> P:
+  """Maps logical axis names of an array of ``shape`` to a PartitionSpec on ``mesh``.
+
+  Unknown names and ``None`` are replicated; a mesh axis is used at most once per array; a dimension
+  that the mesh axis size does not divide is replicated.
+  """
+  if not names:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(names, shape):
+    axes = table.get(name) if name is not None else None
+    if axes is not None:
+      axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+      axes_t = tuple(a for a in axes_t if a not in used and mesh.shape.get(a, 1) > 1)
+      if axes_t and dim % _axis_size(mesh, axes_t) == 0:
+        used.update(axes_t)
+        out.append(axes_t[0] if len(axes_t) == 1 else axes_t)
+        continue
+      if axes_t:
+        log.info("dimension %s (%s) is not divisible by mesh axes %s; replicating it",
+                 dim, name, axes_t)
+    out.append(None)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def _logical_names(variable: Any) -> tuple | None:
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  for key in ("out_sharding", "sharding_names", "sharding"):
+    names = meta.get(key)
+    if names:
+      return tuple(names)
+  return None
+
+
+def param_specs(abstract_state: Any, mesh: Mesh,
+                rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """PartitionSpecs for an ``nnx.State`` of Variables, as a pure dict (like ``nnx.to_pure_dict``)."""
+  from flax import nnx
+
+  def spec(v):
+    value = v.get_value() if hasattr(v, "get_value") else v.value
+    return logical_to_spec(_logical_names(v), value.shape, mesh, rules)
+
+  specs = jax.tree.map(spec, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+  """Turns a tree of PartitionSpecs into NamedShardings on ``mesh``."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec() -> P:
+  """Batch arrays ``[B, T]`` are split over data and fsdp along B."""
+  return P(BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return _axis_size(mesh, BATCH_AXES)
+
+
+def activation_rules() -> tuple[tuple[str, Any], ...]:
+  """Rules for ``flax.nnx.logical_axis_rules`` so a model's logical activation constraints resolve."""
+  return LOGICAL_RULES
