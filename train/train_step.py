@@ -1,0 +1,148 @@
+"""The jitted train and eval steps.
+
+The train state is a plain pytree (:class:`TrainState`) so that ``jax.jit`` shardings, donation and
+orbax checkpoints all see the same structure. One train step:
+
+1. splits the global batch ``[B, T]`` into ``grad_accum`` micro-batches (each spread over every
+   data-parallel device) and accumulates float32 gradients of the mean token loss with ``lax.scan``;
+2. applies ``tx`` (gradient clipping + optimizer);
+3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the loss
+   or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its running mean);
+4. returns scalar metrics (loss, grad norm, lr, skip counters, and for subspace optimizers the mean
+   projector orthogonality error ``||P^T P - I||_F`` and subspace drift).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import osd_jax
+from train import sharding as shd
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training (all arrays)."""
+
+  step: jax.Array  # int32 [], batches consumed
+  params: Any  # pure dict of float32 master weights
+  opt_state: Any  # optax state (projectors included)
+  skipped: jax.Array  # int32 [], total steps skipped for non-finite values / spikes
+  bad_streak: jax.Array  # int32 [], consecutive skipped steps
+  loss_avg: jax.Array  # float32 [], running mean of the loss of applied steps (0 before any)
+
+
+def init_state(params: Any, opt_state: Any) -> TrainState:
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(zero, params, opt_state, zero, zero, jnp.zeros([], jnp.float32))
+
+
+def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> TrainState:
+  rep = NamedSharding(mesh, P())
+  return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep)
+
+
+def token_loss(graphdef: nnx.GraphDef, rest: Any, params: Any, batch: dict) -> tuple:
+  """Sum of next-token cross-entropy over valid targets (``target >= 0``) and their count."""
+  model = nnx.merge(graphdef, params, rest) if rest is not None else nnx.merge(graphdef, params)
+  logits = model(batch["inputs"]).astype(jnp.float32)
+  targets = batch["targets"]
+  valid = targets >= 0
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def _micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
+  """``[B, ...] -> [accum, B/accum, ...]``; micro-batch j takes rows j, j+accum, ... so that every
+  micro-batch keeps its rows on the devices that already hold them."""
+  b = x.shape[0]
+  y = x.reshape((b // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+  return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: Mesh, shardings: TrainState, *,
+                    grad_accum: int = 1, loss_spike_factor: float = 0.0,
+                    subspace_metrics: bool = False, donate: bool = True) -> Callable:
+  """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings."""
+
+  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
+
+    def loss_fn(params, mb):
+      loss_sum, _ = token_loss(graphdef, rest, params, mb)
+      return loss_sum / n_tokens
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    if grad_accum == 1:
+      loss, grads = grad_fn(state.params, batch)
+    else:
+      micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
+
+      def body(carry, mb):
+        loss_acc, grad_acc = carry
+        loss_i, grads_i = grad_fn(state.params, mb)
+        return (loss_acc + loss_i, jax.tree.map(jnp.add, grad_acc, grads_i)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros([], jnp.float32), zeros), micro)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if loss_spike_factor > 0:
+      ok &= ~((state.loss_avg > 0) & (loss > loss_spike_factor * state.loss_avg))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    new_params = keep(new_params, state.params)
+    new_opt = keep(new_opt, state.opt_state)
+    avg = jnp.where(state.loss_avg > 0, 0.95 * state.loss_avg + 0.05 * loss, loss)
+    skipped_now = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=new_params,
+        opt_state=new_opt,
+        skipped=state.skipped + skipped_now,
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+        loss_avg=jnp.where(ok, avg, state.loss_avg),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        # the optimizer's own count only advances on applied steps
+        "lr": schedule(state.step - state.skipped),
+        "skipped": skipped_now,
+        "skipped_total": new_state.skipped,
+        "bad_streak": new_state.bad_streak,
+    }
+    if subspace_metrics:
+      metrics["orthogonality_error"] = osd_jax.projector_orthogonality_error(new_opt)
+      metrics["subspace_drift"] = osd_jax.subspace_drift(state.opt_state, new_opt)
+    return new_state, metrics
+
+  def traced(state, batch):
+    with nnx.logical_axis_rules(shd.activation_rules()):
+      return step_fn(state, batch)
+
+  rep = NamedSharding(mesh, P())
+  return jax.jit(traced, in_shardings=(shardings, shd.batch_sharding(mesh)),
+                 out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: Any, mesh: Mesh, param_shardings: Any) -> Callable:
+  """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
+
+  def eval_fn(params, batch):
+    with nnx.logical_axis_rules(shd.activation_rules()):
+      return token_loss(graphdef, rest, params, batch)
+
+  rep = NamedSharding(mesh, P())
+  return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+                 out_shardings=(rep, rep))
