@@ -1,0 +1,181 @@
+"""Checkpoints with orbax: async, atomic, keep-last-K; restore into the current shardings.
+
+A checkpoint ``RUN_DIR/checkpoints/<step>/`` holds four items:
+
+- ``state``: the :class:`train.train_step.TrainState` (params, full optimizer state including projectors
+  and their optimizer state, step, skip counters), written by every process for its shards;
+- ``data``: every process's data-iterator state (grain ``get_state()``), as JSON;
+- ``config``: the run's :class:`train.config.TrainConfig`, as JSON;
+- ``signature``: ``{leaf path: "shape dtype"}`` of the state, to explain mismatches before restoring.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a process killed
+mid-save leaves the previous checkpoints intact and the partial one is never listed (and is removed at
+the next start).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# Config fields that must match for a checkpoint to be restorable into the current run.
+STRUCTURAL_KEYS = ("preset", "model_overrides", "param_dtype", "optimizer", "rank", "project")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored into this run; the message says what differs."""
+
+
+def signature(tree: Any) -> dict[str, str]:
+  """``{path: "shape dtype"}`` for every array leaf of ``tree``."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): f"{tuple(x.shape)} {np.dtype(x.dtype).name}" for p, x in flat}
+
+
+def _describe_diff(saved: dict[str, str], current: dict[str, str], limit: int = 5) -> str:
+  lines = []
+  for k in sorted(set(saved) | set(current)):
+    a, b = saved.get(k), current.get(k)
+    if a != b:
+      lines.append(f"{k}: checkpoint {a or 'missing'} vs this run {b or 'missing'}")
+  more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""
+  return "; ".join(lines[:limit]) + more
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """Structural config fields that differ, as ``"name: saved -> current"``."""
+  return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+          for k in STRUCTURAL_KEYS if saved.get(k) != current.get(k)]
+
+
+def _gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able ``obj``, in process order (a collective when multi-process)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[: raw.size] = raw
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[: int(n)]).decode())
+          for row, n in zip(gathered, np.asarray(sizes).reshape(-1))]
+
+
+def encode_data_state(state: Any) -> Any:
+  """Makes a data-iterator state JSON-able (grain returns bytes or a dict)."""
+  if isinstance(state, bytes):
+    return {"__bytes__": state.decode("utf-8", errors="surrogateescape")}
+  return state
+
+
+def decode_data_state(state: Any) -> Any:
+  if isinstance(state, dict) and set(state) == {"__bytes__"}:
+    return state["__bytes__"].encode("utf-8", errors="surrogateescape")
+  return state
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints under ``directory``."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_names=("state", "data", "config", "signature"))
+
+  # ------------------------------------------------------------------ save
+  def save(self, step: int, state: Any, *, data_state: Any = None, config: dict | None = None,
+           wait: bool = False) -> bool:
+    """Starts saving ``state`` at ``step`` (all processes must call it). Returns False if that
+    step already exists."""
+    if step in self.manager.all_steps():
+      return False
+    data_states = _gather_json(encode_data_state(data_state))
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave({"process_count": jax.process_count(), "states": data_states}),
+        config=ocp.args.JsonSave(config or {}),
+        signature=ocp.args.JsonSave(signature(state)),
+    )
+    saved = self.manager.save(step, args=args, force=True)
+    if wait:
+      self.wait()
+    return saved
+
+  def wait(self) -> None:
+    """Blocks until background saves are committed."""
+    self.manager.wait_until_finished()
+
+  # ------------------------------------------------------------------ restore
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, abstract_state: Any, *, config: dict | None = None,
+              step: int | None = None) -> tuple[Any, Any, dict]:
+    """Restores ``(state, data_state, saved_config)`` at ``step`` (default: latest).
+
+    ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings: arrays come back
+    in exactly those shardings. Raises CheckpointError when the checkpoint does not match
+    ``abstract_state`` or the structural fields of ``config``; nothing is restored then.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint found in {self.directory}")
+    where = os.path.join(self.directory, str(step))
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore(), signature=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds
+      raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to "
+                            f"resume from an earlier one") from e
+    saved_config = dict(meta["config"] or {})
+    if config is not None:
+      diffs = config_diff(saved_config, config)
+      if diffs:
+        raise CheckpointError(f"checkpoint {where} was made by a different run: "
+                              + "; ".join(diffs))
+    current = signature(abstract_state)
+    if meta["signature"] != current:
+      raise CheckpointError(f"checkpoint {where} does not match this model/optimizer: "
+                            + _describe_diff(meta["signature"], current))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to "
+                            f"resume from an earlier one") from e
+    data = out["data"] or {}
+    states = data.get("states") or [None]
+    if data.get("process_count", 1) != jax.process_count():
+      log.warning("checkpoint was written by %s processes, now %s: the data iterator "
+                  "restarts from its position by step count", data.get("process_count"),
+                  jax.process_count())
+      data_state = None
+    else:
+      data_state = decode_data_state(states[jax.process_index()])
+    return out["state"], data_state, saved_config
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
