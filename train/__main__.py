@@ -1,0 +1,163 @@
+"""Command line: ``python -m train [flags]`` pretrains a LLaMA; ``--help`` lists every flag.
+
+Bad input ends with one ``error: ...`` line on stderr and exit status 2; a run stopped by SIGTERM
+saves a checkpoint and exits 0; too many non-finite steps in a row exit 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from train.config import TrainConfig
+
+_GROUPS = (
+    ("model", "model"),
+    ("optimizer", "optimizer and schedule"),
+    ("training", "training"),
+    ("data", "data"),
+    ("logging", "evaluation and logging"),
+    ("checkpoint", "checkpoints"),
+    ("parallelism", "parallelism and multi-host"),
+)
+
+EXAMPLES = """\
+examples:
+  python -m train --preset tiny --optimizer osd_adamw --steps 300          # CPU demo
+  python -m train --preset 60m --optimizer osd_adamw --rank 128 --lr 1e-3 --batch-size 512 \\
+      --data tfds:c4/en:3.1.0 --tfds-data-dir gs://BUCKET/tfds --tokenizer t5.model
+  python -m train --run-dir runs/my-run --resume                           # continue a run
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line (no usage dump)."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message} (see python -m train --help)\n")
+
+
+def _base_type(annotation: str) -> type:
+  for name, typ in (("bool", bool), ("int", int), ("float", float), ("dict", dict)):
+    if name in str(annotation).replace("None", ""):
+      return typ
+  return str
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+  key, eq, value = text.partition("=")
+  if not eq or not key.strip():
+    raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  return key.strip(), parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The parser, generated from :class:`train.config.TrainConfig` (one flag per field)."""
+  parser = _Parser(
+      prog="python -m train",
+      description="Pretrain a LLaMA-style model with Online Subspace Descent (osd_jax) or a "
+                  "baseline optimizer, on CPU, GPU or TPU, from one process to a multi-host pod.",
+      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", metavar="JSON", default=None,
+                      help="Read defaults from a JSON file (e.g. RUN_DIR/config.json); flags given "
+                           "on the command line win.")
+  groups = {key: parser.add_argument_group(title) for key, title in _GROUPS}
+  for f in dataclasses.fields(TrainConfig):
+    meta = f.metadata
+    group = groups[meta.get("group", "training")]
+    flag = "--" + meta.get("flag", f.name.replace("_", "-"))
+    typ = _base_type(f.type)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if typ is bool:
+      group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                         default=default, help=meta["help"])
+    elif typ is dict:
+      group.add_argument(flag, dest=f.name, action="append", type=_parse_override,
+                         metavar="KEY=VALUE", default=None, help=meta["help"])
+    else:
+      kwargs = {"choices": meta["choices"]} if "choices" in meta else {}
+      shown = "" if default is None else f" (default: {default})"
+      group.add_argument(flag, dest=f.name, type=typ, default=default,
+                         metavar=f.name.upper() if "choices" not in meta else None,
+                         help=meta["help"] + shown, **kwargs)
+  return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+  """Parses command-line flags into a TrainConfig (exits with one error line on bad flags)."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  values = {}
+  if args.config:
+    try:
+      with open(args.config, encoding="utf-8") as fh:
+        values = json.load(fh)
+      TrainConfig.from_dict(values)
+    except (OSError, ValueError, TypeError) as e:
+      parser.error(f"--config {args.config}: {e}")
+    # the file's values become defaults, so flags given explicitly override them
+    parser.set_defaults(**{k: v for k, v in values.items() if k != "model_overrides"})
+    args = parser.parse_args(argv)
+  out = {}
+  for f in dataclasses.fields(TrainConfig):
+    value = getattr(args, f.name)
+    if f.name == "model_overrides":
+      value = dict(values.get("model_overrides", {}), **dict(value or []))
+    out[f.name] = value
+  return TrainConfig(**out)
+
+
+def _quiet_libraries() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  for name in ("absl", "jax", "orbax", "tensorflow", "grain"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.WARNING)
+  except ImportError:
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+  cfg = parse_config(argv)
+  _quiet_libraries()
+  from train import trainer
+  from train.checkpoint import CheckpointError
+  from train.config import ConfigError
+
+  try:
+    result = trainer.train(cfg)
+  except (ConfigError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except FloatingPointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  ev = result.final_eval
+  if result.preempted:
+    print(f"stopped at step {int(result.state.step)}; checkpoint in {result.run_dir}")
+  elif ev:
+    first = result.initial_eval.get("eval_perplexity")
+    start = f"{first:.2f} -> " if first is not None else ""
+    print(f"done: {int(result.state.step)} steps in {result.wall_time_s:.0f} s; eval perplexity "
+          f"{start}{ev['eval_perplexity']:.2f}; run dir {result.run_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,487 @@
+"""The training loop: ``train(TrainConfig(...)) -> TrainResult``.
+
+Example (a notebook)::
+
+  from train import trainer
+  result = trainer.train(trainer.TrainConfig(preset="tiny", optimizer="osd_adamw", steps=50))
+  result.history[-1]["loss"], result.final_eval["eval_perplexity"], result.run_dir
+
+A run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and
+``tokenizer.model`` (a copy of the SentencePiece model used). Only process 0 writes metrics and files;
+every process takes part in checkpoint saves (each writes its own shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train import checkpoint as ckpt_lib
+from train import metrics as metrics_lib
+from train import optimizers
+from train import sharding as shd
+from train import train_step as step_lib
+from train.config import ConfigError, TrainConfig, validate
+
+log = logging.getLogger("train")
+
+__all__ = ["TrainConfig", "TrainResult", "Setup", "build", "train", "ConfigError"]
+
+_LAUNCHER_ENV = (  # a multi-process launcher sets one of these (with a size > 1)
+    "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JAX_NUM_PROCESSES",
+)
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("OSD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                      "osd_jax"))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _launcher_world_size() -> int:
+  for name in _LAUNCHER_ENV:
+    try:
+      if int(os.environ.get(name, "1")) > 1:
+        return int(os.environ[name])
+    except ValueError:
+      pass
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len(hosts.split(",")) if hosts else 1
+
+
+def maybe_initialize_distributed(cfg: TrainConfig) -> None:
+  """Calls ``jax.distributed.initialize`` when asked to, or when a multi-process launcher is seen."""
+  explicit = cfg.distributed or cfg.coordinator_address is not None or cfg.num_processes
+  if not explicit and _launcher_world_size() <= 1:
+    return
+  if jax.distributed.is_initialized():
+    return
+  # CPU collectives across processes (only used when the devices are CPUs).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if cfg.coordinator_address is not None:
+    kwargs["coordinator_address"] = cfg.coordinator_address
+  if cfg.num_processes is not None:
+    kwargs.update(num_processes=cfg.num_processes, process_id=cfg.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _dtype_name(name: str) -> str:
+  return jnp.dtype(name).name
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+  """The LlamaConfig for ``cfg`` with the tokenizer's vocabulary (unless overridden)."""
+  from train import model as model_lib
+
+  if cfg.preset.lower() not in model_lib.PRESETS:
+    raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of "
+                      f"{', '.join(model_lib.PRESETS)}")
+  overrides = dict(cfg.model_overrides)
+  if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
+    raise ConfigError(f"--model-override vocab_size={overrides['vocab_size']} is smaller than the "
+                      f"tokenizer's vocabulary ({vocab_size}); drop the override or use a "
+                      f"matching --tokenizer")
+  overrides.setdefault("vocab_size", vocab_size)
+  overrides.setdefault("max_seq_len", cfg.seq_len)
+  overrides.setdefault("dtype", _dtype_name(cfg.dtype))
+  overrides.setdefault("param_dtype", _dtype_name(cfg.param_dtype))
+  try:
+    mcfg = model_lib.get_config(cfg.preset, **overrides)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"--preset/--model-override: {e}") from None
+  if mcfg.max_seq_len < cfg.seq_len:
+    raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+                      f"{mcfg.max_seq_len}")
+  return mcfg
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config and the mesh, before any array is allocated."""
+
+  cfg: TrainConfig
+  mesh: jax.sharding.Mesh
+  model_config: Any
+  graphdef: Any
+  rest: Any  # non-parameter model state (empty for Llama)
+  tx: Any
+  schedule: Any
+  param_shardings: Any
+  state_shardings: step_lib.TrainState
+  abstract_state: step_lib.TrainState  # ShapeDtypeStructs with shardings
+  train_step: Any
+  eval_step: Any
+  flops_per_token: float
+
+  def init_state(self) -> step_lib.TrainState:
+    """Fresh params (seeded by ``cfg.seed``) and optimizer state, created directly sharded."""
+    from train import model as model_lib
+
+    mcfg, tx, seed = self.model_config, self.tx, self.cfg.seed
+
+    def init():
+      model = model_lib.Llama(mcfg, rngs=nnx.Rngs(seed))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return step_lib.init_state(params, tx.init(params))
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def model(self, params: Any) -> nnx.Module:
+    """The Llama module holding ``params``."""
+    if self.rest is None:
+      return nnx.merge(self.graphdef, params)
+    return nnx.merge(self.graphdef, params, self.rest)
+
+
+def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None = None,
+          devices: Any = None) -> Setup:
+  """Builds mesh, model definition, optimizer, shardings and the jitted steps for ``cfg``."""
+  from train import model as model_lib
+
+  mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh, devices)
+  dp = shd.data_parallel_size(mesh)
+  if cfg.batch_size % (dp * cfg.grad_accum):
+    raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {dp} "
+                      f"devices times --grad-accum {cfg.grad_accum}")
+  if cfg.batch_size % jax.process_count():
+    raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the "
+                      f"{jax.process_count()} processes")
+  mcfg = model_config(cfg, vocab_size)
+  abstract_model = nnx.eval_shape(lambda: model_lib.Llama(mcfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  rest = None if not jax.tree.leaves(rest) else rest
+  if rest is not None:
+    raise ConfigError("the model has non-parameter state, which this trainer does not handle")
+  param_specs = shd.param_specs(abs_params, mesh)
+  param_shardings = shd.named(mesh, param_specs)
+  abs_params = nnx.to_pure_dict(abs_params)
+  abs_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abs_params)
+
+  tx, schedule = optimizers.make_optimizer(cfg, abs_params)
+  opt_shapes = jax.eval_shape(tx.init, abs_params)
+  opt_shardings = optimizers.state_shardings(opt_shapes, param_shardings, mesh)
+  state_shardings = step_lib.state_shardings(param_shardings, opt_shardings, mesh)
+  abstract = jax.eval_shape(step_lib.init_state, abs_params, opt_shapes)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+  train_step = step_lib.make_train_step(
+      graphdef, rest, tx, schedule, mesh, state_shardings, grad_accum=cfg.grad_accum,
+      loss_spike_factor=cfg.loss_spike_factor,
+      subspace_metrics=optimizers.is_subspace(cfg))
+  eval_step = step_lib.make_eval_step(graphdef, rest, mesh, param_shardings)
+  return Setup(cfg, mesh, mcfg, graphdef, rest, tx, schedule, param_shardings, state_shardings,
+               abstract, train_step, eval_step,
+               float(model_lib.flops_per_token(mcfg, cfg.seq_len)))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_tokenizer(cfg: TrainConfig):
+  """The tokenizer given by ``--tokenizer``, else the cached one of the embedded corpus."""
+  from train import tokenizer as tok_lib
+
+  if cfg.tokenizer is not None:
+    try:
+      return tok_lib.load_tokenizer(cfg.tokenizer)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"--tokenizer: {e}") from None
+  vocab = cfg.vocab_size or tok_lib.DEFAULT_VOCAB_SIZE
+  cache = cfg.cache_dir or default_cache_dir()
+  if jax.process_count() > 1:  # process 0 trains (or finds) it, the others wait and load it
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+      tok_lib.default_tokenizer(cache, vocab)
+    multihost_utils.sync_global_devices("osd_jax:tokenizer")
+  return tok_lib.default_tokenizer(cache, vocab)
+
+
+def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
+  """(train dataset, eval dataset) for this process."""
+  from train import data as data_lib
+
+  per_process = cfg.batch_size // jax.process_count()
+  common = dict(seq_len=cfg.seq_len, batch_size=per_process, seed=cfg.seed,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                tfds_data_dir=cfg.tfds_data_dir)
+  try:
+    train_ds = data_lib.make_dataset(cfg.data, tokenizer, split="train", **common)
+    eval_ds = data_lib.make_dataset(cfg.data, tokenizer, split="eval", **common)
+  except (ValueError, OSError, RuntimeError, ImportError) as e:
+    raise ConfigError(f"--data {cfg.data}: {e}") from None
+  return train_ds, eval_ds
+
+
+def _global_batch(batch: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if k in ("inputs", "targets")}
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class _Preemption:
+  """Turns SIGTERM (and SIGINT when asked) into a flag that the loop checks after each step."""
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self.requested = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):  # noqa: ARG002
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True when any process has been asked to stop (a collective when multi-process)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.max(flags))
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` returns."""
+
+  run_dir: str
+  setup: Setup
+  state: step_lib.TrainState  # final params, optimizer state, step, skip counters
+  history: list[dict]  # every logged record (train and eval), as written to metrics.jsonl
+  final_eval: dict  # {"eval_loss", "eval_perplexity"} of the last evaluation
+  initial_eval: dict  # the same at the first evaluation of this call (step 0 for a fresh run)
+  preempted: bool  # stopped early by SIGTERM (or ``stop_at``); a checkpoint was saved
+  wall_time_s: float
+
+  @property
+  def params(self) -> Any:
+    return self.state.params
+
+  @property
+  def model(self) -> nnx.Module:
+    return self.setup.model(self.state.params)
+
+
+def _default_run_dir(cfg: TrainConfig) -> str:
+  if jax.process_count() > 1:
+    raise ConfigError("multi-process runs need an explicit --run-dir (shared by all processes)")
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  return os.path.join("runs", f"{cfg.preset}-{cfg.optimizer}-{stamp}")
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops records past ``last_step`` (written before a crash) so a resumed run appends cleanly."""
+  if not os.path.isfile(path):
+    return
+  keep = [r for r in metrics_lib.read_jsonl(path) if r.get("step", 0) <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in keep:
+      f.write(metrics_lib.json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def evaluate(setup: Setup, params: Any, eval_ds: Any, num_batches: int) -> dict:
+  """Mean token loss and perplexity over the first ``num_batches`` batches of ``eval_ds``."""
+  sharding = shd.batch_sharding(setup.mesh)
+  loss_sum, count = 0.0, 0.0
+  it = iter(eval_ds)
+  for _ in range(num_batches):
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    s, n = setup.eval_step(params, _global_batch(batch, sharding))
+    loss_sum += float(s)
+    count += float(n)
+  if count == 0:
+    raise ConfigError("the eval split yielded no batch; use a smaller --batch-size or more data")
+  loss = loss_sum / count
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+
+def _save_run_files(run_dir: str, cfg: TrainConfig, tokenizer) -> None:
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(cfg.to_json() + "\n")
+  dst = os.path.join(run_dir, "tokenizer.model")
+  if not os.path.exists(dst):
+    with open(dst, "wb") as f:
+      f.write(tokenizer.serialized_model())
+
+
+def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
+          tokenizer: Any = None) -> TrainResult:
+  """Trains according to ``cfg`` and returns the final state, metrics and run directory.
+
+  Args:
+    cfg: the run's configuration (``--resume`` continues from ``cfg.run_dir``).
+    devices: devices for the mesh (default: all).
+    stop_at: stop after this step as if preempted (a checkpoint is saved); for tests.
+    tokenizer: a ready :class:`train.tokenizer.Tokenizer` (default: from ``cfg``).
+
+  Raises:
+    ConfigError / CheckpointError: bad flags, data, tokenizer or a mismatched checkpoint.
+  """
+  validate(cfg)
+  t_start = time.time()
+  maybe_initialize_distributed(cfg)
+  primary = jax.process_index() == 0
+  run_dir = cfg.run_dir or _default_run_dir(cfg)
+  cfg = cfg.replace(run_dir=run_dir)
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if cfg.resume and not os.path.isdir(ckpt_dir):
+    raise ConfigError(f"--resume: no checkpoints in {run_dir}")
+  if not cfg.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ConfigError(f"{run_dir} already holds checkpoints; add --resume to continue that run "
+                      f"or choose a new --run-dir")
+
+  tokenizer = tokenizer or load_tokenizer(cfg)
+  try:
+    setup = build(cfg, tokenizer.vocab_size, devices=devices)
+  except ValueError as e:  # e.g. the optimizer rejecting a flag value
+    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+  train_ds, eval_ds = make_datasets(cfg, tokenizer)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
+                                       async_save=cfg.async_checkpoint)
+  train_it: Iterator = iter(train_ds)
+  if cfg.resume:
+    state, data_state, _ = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
+    start = int(state.step)
+    if data_state is not None:
+      train_it.set_state(data_state)
+    else:  # no saved position: replay the stream up to the step
+      for _ in range(start):
+        next(train_it)
+  else:
+    state = setup.init_state()
+    start = 0
+  if primary:
+    _save_run_files(run_dir, cfg, tokenizer)
+    if cfg.resume:
+      _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
+  writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.tensorboard)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+  if primary:
+    log.info("%s: %.2fM params, optimizer %s, mesh %s, %d devices, run dir %s", cfg.preset,
+             n_params / 1e6, cfg.optimizer, dict(setup.mesh.shape), setup.mesh.size, run_dir)
+
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and primary),
+             unit="step", dynamic_ncols=True)
+  say = bar.write if cfg.progress and primary else (lambda m: log.info(m) if primary else None)
+
+  def run_eval(step: int) -> dict:
+    result = evaluate(setup, state.params, eval_ds, cfg.eval_batches)
+    writer.write(step, result)
+    say(f"step {step}: eval loss {result['eval_loss']:.4f}, perplexity "
+        f"{result['eval_perplexity']:.2f}")
+    return result
+
+  saved_steps = set(checkpointer.all_steps())
+
+  def save(step: int, wait: bool = False) -> None:
+    if step not in saved_steps:
+      checkpointer.save(step, state, data_state=_iter_state(train_it), config=cfg.to_dict())
+      saved_steps.add(step)
+    if wait:
+      checkpointer.wait()
+
+  preemption = _Preemption()
+  batch_sharding = shd.batch_sharding(setup.mesh)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  # a resumed run does not re-evaluate at its first step (the original run logged that)
+  initial_eval = final_eval = {} if cfg.resume else run_eval(start)
+  last_metrics, last_skipped = None, int(state.skipped)
+  t_log, steps_since_log = None, 0
+  preempted = False
+  step = start
+  try:
+    while step < cfg.steps:
+      batch = _global_batch(next(train_it), batch_sharding)
+      state, last_metrics = setup.train_step(state, batch)
+      step += 1
+      steps_since_log += 1
+      bar.update(1)
+      if t_log is None:  # the first step compiles: time from its end
+        jax.block_until_ready(last_metrics)
+        t_log, steps_since_log = time.time(), 0
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        record = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
+        now = time.time()
+        if steps_since_log:
+          dt = (now - t_log) / steps_since_log
+          record.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+          mfu = metrics_lib.mfu(setup.flops_per_token, tokens_per_step / dt, setup.mesh.size)
+          record["mfu"] = mfu if mfu is not None else "n/a"
+        record.update(metrics_lib.memory_stats())
+        if step - 1 == 0:
+          record.pop("subspace_drift", None)  # P_0 is set at step 0: no drift to report
+        t_log, steps_since_log = now, 0
+        writer.write(step, record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                        tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+        if int(record["skipped_total"]) > last_skipped:
+          say(f"step {step}: skipped {int(record['skipped_total']) - last_skipped} step(s) with "
+              f"non-finite or spiking loss/gradients ({int(record['skipped_total'])} in total)")
+          last_skipped = int(record["skipped_total"])
+        if record["bad_streak"] >= cfg.max_consecutive_skips:
+          save(step, wait=True)
+          raise FloatingPointError(
+              f"{int(record['bad_streak'])} steps in a row had non-finite or spiking loss; "
+              f"stopped at step {step} (checkpoint saved). Lower --lr or check the data.")
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        final_eval = run_eval(step)
+      if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+        save(step)
+      if step < cfg.steps and (preemption.agreed() or (stop_at is not None and step >= stop_at)):
+        save(step, wait=True)
+        say(f"step {step}: stopped early, checkpoint saved; continue with --resume")
+        preempted = True
+        break
+    if not preempted:
+      final_eval = run_eval(step)
+    checkpointer.wait()
+  finally:
+    preemption.restore()
+    bar.close()
+    checkpointer.close()
+    writer.close()
+  return TrainResult(run_dir=run_dir, setup=setup, state=state, history=writer.history,
+                     final_eval=final_eval, initial_eval=initial_eval, preempted=preempted,
+                     wall_time_s=time.time() - t_start)
+
+
+def _iter_state(it: Any) -> Any:
+  return it.get_state() if hasattr(it, "get_state") else None
