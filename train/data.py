@@ -1,0 +1,397 @@
+"""Input pipelines (grain): fixed-length next-token batches from the embedded corpus, local text
+files or a tensorflow-datasets dataset such as C4.
+
+Every pipeline yields numpy batches ``{"inputs": int32[B, T], "targets": int32[B, T]}`` where B is
+the per-process batch and ``targets`` are ``inputs`` shifted left by one (both cut from one window
+of T + 1 tokens). The result of :func:`make_dataset` is a ``grain.IterDataset``; ``it = iter(ds)``
+is a ``grain.DatasetIterator`` whose ``get_state()`` / ``set_state(state)`` resume it exactly.
+
+Sequences:
+
+* ``embedded`` and ``text:``: the documents of the split are tokenized once, joined into one token
+  stream with EOS after each document, and cut into windows of T + 1 tokens starting every T tokens
+  (packing; nothing is padded, the stream's last partial window is dropped). Each process takes
+  every ``process_count``-th window, and the windows are shuffled per epoch by ``seed``.
+* ``tfds:``: each process takes every ``process_count``-th document, shuffles the documents per
+  epoch, tokenizes them on the fly (EOS appended) and concatenates them into windows of T + 1
+  tokens with grain's concat-then-split packer; the padded tail of a finite stream is dropped.
+
+Splits: ``"train"`` and ``"eval"``. For ``embedded``/``text:`` eval is the held-out documents (one in
+20 by content hash, see :mod:`train.corpus`; with too few documents to split, one window in 20
+instead); for ``tfds:`` it is the dataset's ``validation`` split (any other tfds split string is
+passed through). Eval is not shuffled.
+
+Example::
+
+  ds = make_dataset("embedded", tok, seq_len=256, batch_size=16)
+  it = iter(ds)
+  batch = next(it)
+  state = it.get_state()   # store with the checkpoint; later: it.set_state(state)
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from train import corpus
+from train.tokenizer import Tokenizer
+
+__all__ = [
+    "make_dataset",
+    "make_token_dataset",
+    "parse_spec",
+    "read_text_files",
+    "tokenize_documents",
+    "window_starts",
+]
+
+log = logging.getLogger(__name__)
+
+_SPEC_HELP = ('"embedded", "text:/path/*.txt" (a glob or a directory) or '
+              '"tfds:<name>[:<version>]" such as "tfds:c4/en:3.1.0"')
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """Splits a ``--data`` spec into (kind, argument); kind is "embedded", "text" or "tfds"."""
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"--data must be {_SPEC_HELP}; got {spec!r}")
+  if spec == "embedded":
+    return "embedded", ""
+  kind, sep, arg = spec.partition(":")
+  if sep and kind in ("text", "tfds") and arg:
+    return kind, arg
+  raise ValueError(f"--data must be {_SPEC_HELP}; got {spec!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# documents -> token stream -> windows
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_text_files(pattern: str) -> list[str]:
+  """Reads the files matching ``pattern`` (a glob, ``**`` allowed, or a directory) in sorted order.
+
+  Files are decoded as UTF-8; files that are not valid UTF-8 are decoded with replacement characters
+  and counted in one warning. Empty files are skipped.
+  """
+  if os.path.isdir(pattern):
+    paths = [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+             if os.path.isfile(p)]
+  else:
+    paths = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+             if os.path.isfile(p)]
+  paths.sort()
+  if not paths:
+    raise ValueError(f"--data text:{pattern}: no files match")
+  docs, bad = [], 0
+  for p in paths:
+    with open(p, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      text = raw.decode("utf-8", errors="replace")
+      bad += 1
+    if text.strip():
+      docs.append(text)
+  if bad:
+    warnings.warn(f"--data text:{pattern}: {bad} of {len(paths)} files were not valid UTF-8 and "
+                  "were decoded with replacement characters", stacklevel=3)
+  if not docs:
+    raise ValueError(f"--data text:{pattern}: empty corpus ({len(paths)} files, all empty)")
+  return docs
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+  """One token stream: each document's ids followed by EOS (when the tokenizer has one)."""
+  dtype = _token_dtype(tokenizer.vocab_size)
+  eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+  parts = []
+  step = 256  # encode in batches to bound the transient list-of-lists memory
+  for i in range(0, len(documents), step):
+    for ids in tokenizer.encode_batch(documents[i:i + step]):
+      parts.append(np.asarray(ids + eos, dtype=dtype))
+  return np.concatenate(parts) if parts else np.zeros((0,), dtype)
+
+
+def window_starts(num_tokens: int, seq_len: int) -> np.ndarray:
+  """Starts of the windows ``tokens[s : s + seq_len + 1]``, every ``seq_len`` tokens."""
+  if num_tokens < seq_len + 1:
+    return np.zeros((0,), np.int64)
+  return np.arange(0, num_tokens - seq_len, seq_len, dtype=np.int64)
+
+
+def _tokenizer_digest(tokenizer: Tokenizer) -> str:
+  return hashlib.sha1(tokenizer.serialized_model()).hexdigest()
+
+
+def _cached_tokens(documents: Sequence[str], tokenizer: Tokenizer,
+                   cache_dir: str | None) -> np.ndarray:
+  """:func:`tokenize_documents`, memoised as ``cache_dir/tokens-<hash>.npy`` when a dir is given."""
+  if not cache_dir:
+    return tokenize_documents(documents, tokenizer)
+  key = hashlib.sha1((_tokenizer_digest(tokenizer) + corpus.corpus_fingerprint(documents)).encode()
+                     ).hexdigest()[:20]
+  path = os.path.join(cache_dir, f"tokens-{key}.npy")
+  if os.path.isfile(path):
+    try:
+      return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+      log.warning("ignoring unreadable token cache %s", path)
+  tokens = tokenize_documents(documents, tokenizer)
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-tokens-", suffix=".npy", dir=cache_dir)
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, tokens, allow_pickle=False)
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only cache dir is not an error
+    log.warning("could not write token cache %s: %s", path, e)
+  return tokens
+
+
+def _split_stream(documents: Sequence[str], tokenizer: Tokenizer, split: str, seq_len: int,
+                  cache_dir: str | None, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """(token stream, window starts) of ``split``: held-out documents, or held-out windows when the
+  corpus has too few documents for a document-level split."""
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval' for --data {what}, got {split!r}")
+  chosen = corpus.split_documents(documents, split)
+  other = corpus.split_documents(documents, "eval" if split == "train" else "train")
+  if chosen and other:
+    tokens = _cached_tokens(chosen, tokenizer, cache_dir)
+    starts = window_starts(len(tokens), seq_len)
+  else:  # all documents landed on one side: hold out every HOLDOUT_EVERY-th window instead
+    tokens = _cached_tokens(documents, tokenizer, cache_dir)
+    starts = window_starts(len(tokens), seq_len)
+    heldout = np.arange(len(starts)) % corpus.HOLDOUT_EVERY == 0
+    starts = starts[heldout] if split == "eval" else starts[~heldout]
+  if len(starts) == 0:
+    raise ValueError(f"--data {what}: the {split} split has {len(tokens)} tokens, fewer than "
+                     f"seq_len + 1 = {seq_len + 1}; use more text or a shorter --seq-len")
+  return tokens, starts
+
+
+class _Window(grain.transforms.Map):
+  """window start -> {"inputs": tokens[s:s+T], "targets": tokens[s+1:s+T+1]} (int32)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self.tokens = tokens
+    self.seq_len = seq_len
+
+  def map(self, start):
+    w = self.tokens[int(start):int(start) + self.seq_len + 1].astype(np.int32)
+    return {"inputs": w[:-1], "targets": w[1:]}
+
+
+def _check_common(seq_len: int, batch_size: int, process_index: int, process_count: int,
+                  num_epochs: int | None) -> None:
+  for name, v in (("seq_len", seq_len), ("batch_size", batch_size),
+                  ("process_count", process_count)):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, process_count={process_count}), "
+                     f"got {process_index!r}")
+  if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs <= 0):
+    raise ValueError(f"num_epochs must be None (repeat forever) or a positive int, "
+                     f"got {num_epochs!r}")
+
+
+def _shard(ds: grain.MapDataset, process_index: int, process_count: int,
+           what: str) -> grain.MapDataset:
+  """Every process_count-th element, from an equal-length prefix so all processes get as many."""
+  n = len(ds) - len(ds) % process_count
+  if n == 0:
+    raise ValueError(f"{what}: {len(ds)} elements cannot be split over process_count="
+                     f"{process_count} processes")
+  return ds[:n][process_index::process_count]
+
+
+def make_token_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int,
+                       starts: np.ndarray | None = None, shuffle: bool = True, seed: int = 0,
+                       process_index: int = 0, process_count: int = 1,
+                       num_epochs: int | None = None) -> grain.IterDataset:
+  """Batches of windows of a token stream (the ``embedded``/``text:`` pipeline).
+
+  Args:
+    tokens: 1-D token stream.
+    seq_len: T; windows hold T + 1 tokens.
+    batch_size: per-process batch.
+    starts: window starts (default :func:`window_starts`).
+    shuffle: shuffle the windows, with a new permutation each epoch.
+    seed: shuffle seed.
+    process_index, process_count: this process takes windows ``process_index::process_count``.
+    num_epochs: passes over the windows; None repeats forever.
+  """
+  _check_common(seq_len, batch_size, process_index, process_count, num_epochs)
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1:
+    raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+  starts = window_starts(len(tokens), seq_len) if starts is None else np.asarray(starts)
+  if len(starts) and int(starts.max()) + seq_len + 1 > len(tokens):
+    raise ValueError("a window start runs past the end of the token stream")
+  ds = _shard(grain.MapDataset.source(starts), process_index, process_count,
+              f"{len(tokens)} tokens in windows of seq_len + 1 = {seq_len + 1}")
+  if num_epochs is not None and len(ds) * num_epochs < batch_size:
+    raise ValueError(f"batch_size={batch_size} is larger than the {len(ds) * num_epochs} windows "
+                     f"this process gets in num_epochs={num_epochs}")
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed) % 2**32)
+  ds = ds.repeat(num_epochs).map(_Window(tokens, seq_len))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  # The windows are slices of an in-memory array: read them on the calling thread.
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensorflow-datasets
+# ---------------------------------------------------------------------------------------------------
+
+
+class _TextSource:
+  """Random-access view of one string feature of a tfds data source (only len and getitem)."""
+
+  def __init__(self, source: Any, feature: str):
+    self._source = source
+    self._feature = feature
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> str:
+    value = self._source[int(index)][self._feature]
+    if isinstance(value, np.ndarray):
+      value = value.item()
+    if isinstance(value, bytes):
+      value = value.decode("utf-8", errors="replace")
+    return value
+
+
+class _TokenizeDoc(grain.transforms.Map):
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def map(self, text):
+    eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id >= 0 else []
+    return {"tokens": np.asarray(self.tokenizer.encode(text) + eos, dtype=np.int32)}
+
+
+class _Full(grain.transforms.Filter):
+  """Drops the zero-padded last sequence of a finite packed stream."""
+
+  def filter(self, element) -> bool:
+    return bool(element["tokens_segment_ids"][-1] != 0)
+
+
+class _Shift(grain.transforms.Map):
+  def map(self, element):
+    w = element["tokens"]
+    return {"inputs": w[:-1], "targets": w[1:]}
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("--data tfds:... needs tensorflow-datasets and array-record: "
+                      "pip install tensorflow-datasets array-record") from e
+  if data_dir is not None and "://" not in str(data_dir) and not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"--tfds-data-dir {data_dir} does not exist")
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
+    where = data_dir if data_dir is not None else "the default tfds data dir"
+    raise ValueError(
+        f"could not open tfds dataset {name!r} split {split!r} in {where}: {e}. Point "
+        "--tfds-data-dir at a directory holding the prepared dataset in array_record format "
+        "(e.g. a gs:// bucket on TPU)") from e
+
+
+def _make_tfds_dataset(name: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                       split: str, seed: int, shuffle: bool, process_index: int,
+                       process_count: int, data_dir: str | None, num_epochs: int | None,
+                       feature: str, read_threads: int) -> grain.IterDataset:
+  tfds_split = {"train": "train", "eval": "validation"}.get(split, split)
+  source = _TextSource(_tfds_source(name, tfds_split, data_dir), feature)
+  if len(source) == 0:
+    raise ValueError(f"tfds dataset {name!r} split {tfds_split!r} is empty")
+  ds = _shard(grain.MapDataset.source(source), process_index, process_count,
+              f"tfds:{name} split {tfds_split!r}")
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed) % 2**32)
+  ds = ds.repeat(num_epochs).map(_TokenizeDoc(tokenizer))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=max(4 * read_threads, 1)))
+  it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+  it = it.filter(_Full()).map(_Shift())
+  return it.batch(batch_size, drop_remainder=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_dataset(spec: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                 split: str = "train", seed: int = 0, process_index: int = 0,
+                 process_count: int = 1, tfds_data_dir: str | None = None,
+                 num_epochs: int | None = None, shuffle: bool | None = None,
+                 cache_dir: str | None = None, tfds_feature: str = "text",
+                 read_threads: int = 16) -> grain.IterDataset:
+  """Builds the input pipeline for a ``--data`` spec (see the module docstring).
+
+  Args:
+    spec: "embedded", "text:<glob or dir>" or "tfds:<name>[:<version>]".
+    tokenizer: a :class:`train.tokenizer.Tokenizer`.
+    seq_len: tokens per sequence T.
+    batch_size: sequences per batch for THIS process.
+    split: "train" or "eval" (tfds: also any tfds split string).
+    seed: shuffle seed (same on every process).
+    process_index, process_count: this process reads shard ``process_index`` of ``process_count``.
+    tfds_data_dir: tfds data dir (local or gs://); None uses tfds' default.
+    num_epochs: passes over the data; None repeats forever.
+    shuffle: defaults to True for "train", False otherwise.
+    cache_dir: where the embedded corpus' token stream is cached (.npy); defaults to the
+      tokenizer file's directory. For ``text:`` only used when given.
+    tfds_feature: the tfds string feature to read.
+    read_threads: tfds reader threads.
+
+  Returns:
+    A ``grain.IterDataset`` of ``{"inputs", "targets"}`` int32 [batch_size, seq_len] batches;
+    its iterators support ``get_state()`` / ``set_state()``.
+  """
+  kind, arg = parse_spec(spec)
+  _check_common(seq_len, batch_size, process_index, process_count, num_epochs)
+  if shuffle is None:
+    shuffle = split == "train"
+  if kind == "tfds":
+    return _make_tfds_dataset(
+        arg, tokenizer, seq_len=seq_len, batch_size=batch_size, split=split, seed=seed,
+        shuffle=shuffle, process_index=process_index, process_count=process_count,
+        data_dir=tfds_data_dir, num_epochs=num_epochs, feature=tfds_feature,
+        read_threads=read_threads)
+  if kind == "embedded":
+    documents = corpus.embedded_documents()
+    if cache_dir is None and tokenizer.model_path and "://" not in tokenizer.model_path:
+      cache_dir = os.path.dirname(os.path.abspath(tokenizer.model_path))
+  else:
+    documents = read_text_files(arg)
+  tokens, starts = _split_stream(documents, tokenizer, split, seq_len, cache_dir, spec)
+  return make_token_dataset(
+      tokens, seq_len=seq_len, batch_size=batch_size, starts=starts, shuffle=shuffle, seed=seed,
+      process_index=process_index, process_count=process_count, num_epochs=num_epochs)
