@@ -86,7 +86,7 @@ def osd_adamw(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     mask: Any = None,
     mu_dtype: Any = None,
-    projector_dtype: Any = jnp.float32,
+    projector_dtype: Any = None,
     side: str = "smaller",
     transport_state: bool = False,
     reference_code: bool = False,
@@ -118,7 +118,7 @@ def osd_adamw(
     projector_init: ``"svd"``, ``"randomized"`` (range finder, no full SVD) or ``"random"``.
     projector_optimizer: default ``optax.scale_by_adam(0.9, 0.999, 1e-8)``.
     weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
-    projector_dtype: dtype of P and its optimizer state.
+    projector_dtype: dtype of P and its optimizer state (None = float32).
     side, transport_state, seed: see :func:`osd_jax.scale_by_subspace_descent`.
     reference_code: the official code's choices instead of the paper's: λ = 0, AdamW on P
       with weight decay 0.01, projector step lr(t)/lr_max/``update_proj_gap``
@@ -200,7 +200,7 @@ def osd_lion(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     mask: Any = None,
     mu_dtype: Any = None,
-    projector_dtype: Any = jnp.float32,
+    projector_dtype: Any = None,
     side: str = "smaller",
     transport_state: bool = False,
     sign_after_projection: bool = False,
@@ -270,7 +270,7 @@ def galore_adamw(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     mask: Any = None,
     mu_dtype: Any = None,
-    projector_dtype: Any = jnp.float32,
+    projector_dtype: Any = None,
     side: str = "smaller",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:

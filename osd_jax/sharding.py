@@ -144,11 +144,11 @@ def optimizer_state_sharding(opt_state: Any, param_sharding: Any, mesh=None) -> 
       if isinstance(x, optax.MaskedNode) or not hasattr(x, "shape"):
         out.append(x)
         continue
-      padded = None if entries is None else _entries(PartitionSpec(*entries), len(x.shape))
-      if padded is not None and len(padded) > len(x.shape):
-        padded = None
-      out.append(_leaf_spec(x, padded if padded is not None else (None,) * len(x.shape),
-                            layout, fitter))
+      ndim = len(layout.shape) if layout is not None else len(x.shape)
+      padded = _entries(PartitionSpec(*(entries or ())), ndim)
+      if len(padded) > ndim:  # a spec longer than the leaf: not this param's layout
+        padded = (None,) * ndim
+      out.append(_leaf_spec(x, padded, layout, fitter))
     return d.unflatten(out)
 
   def projector_tree(node):

@@ -81,9 +81,10 @@ def scale_by_subspace_descent(
     *,
     scale: float = 1.0,
     weight_dimension_numbers: WeightDimensionNumbers = None,
-    projector_dtype: Any = jnp.float32,
+    projector_dtype: Any = None,
     side: str = "smaller",
     transport_state: bool = False,
+    project_params: bool = False,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on gradients projected to a rank-r subspace that ``projector`` moves.
@@ -108,10 +109,13 @@ def scale_by_subspace_descent(
     scale: multiplies the back-projected update (GaLore's α).
     weight_dimension_numbers: which leaves/axes are projected; see
       :func:`osd_jax.dimension_numbers.resolve_layouts`. Default: every 2-D leaf.
-    projector_dtype: dtype of P and its optimizer state (float32).
+    projector_dtype: dtype of P and its optimizer state (None = float32).
     side: ``"smaller"`` (P spans min(m, n), DESIGN §2), ``"larger"`` or ``"auto"`` (the side
       with fewer state bytes for this inner optimizer and projector rule).
     transport_state: rotate the inner first moment when P moves.
+    project_params: give ``inner`` the params in its own coordinates (Pₜᵀ W' for projected
+      leaves, one more rank-r matmul each) instead of None; needed by inner transforms that
+      read params, e.g. ``optax.scale_by_factored_rms``.
     seed: seeds the randomized/random projector inits (a key per leaf and step).
 
   Returns:
@@ -143,7 +147,8 @@ def scale_by_subspace_descent(
         f"osd_jax.projectors.online_pca(...)), got {type(projector).__name__}."
     )
   inner = optax.with_extra_args_support(inner)
-  projector_dtype = jnp.dtype(projector_dtype)
+  # getattr: optax.inject_hyperparams calls dtype classes like schedules and passes arrays.
+  projector_dtype = jnp.dtype(getattr(projector_dtype, "dtype", projector_dtype) or jnp.float32)
 
   def layout_cost(layout: MatrixLayout, dtype) -> int:
     """State bytes of one projected matrix: projector state plus inner state."""
@@ -182,16 +187,19 @@ def scale_by_subspace_descent(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
     leaves, treedef = jax.tree.flatten(updates)
     projector_leaves = treedef.flatten_up_to(state.projector_state)
     count = state.count
     base_key = jax.random.key(seed)
 
-    inner_in, projections, new_projector_leaves = [], [], []
+    if project_params and params is None:
+      raise ValueError("scale_by_subspace_descent(project_params=True) needs params in update().")
+    param_leaves = treedef.flatten_up_to(params) if project_params else [None] * len(leaves)
+    inner_in, inner_params, projections, new_projector_leaves = [], [], [], []
     for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
       if not _is_projected(ps):
         inner_in.append(g)
+        inner_params.append(param_leaves[i])
         projections.append(None)
         new_projector_leaves.append(ps)
         continue
@@ -206,11 +214,16 @@ def scale_by_subspace_descent(
       keys = _leaf_keys(base_key, i, count, layout.batch_shape)
       p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
       inner_in.append(g_hat.astype(g.dtype))  # Ĝ = Pₜᵀ G'
+      if project_params:
+        w = param_leaves[i]
+        w_hat = jnp.matmul(jnp.swapaxes(p_t, -1, -2), to_matrix(w, layout).astype(p_t.dtype))
+        inner_params.append(w_hat.astype(w.dtype))
       projections.append((p_t, new_rule_state.p))
       new_projector_leaves.append(ProjectedLeafState(state=new_rule_state, layout=layout))
 
     inner_updates, new_inner_state = inner.update(
-        treedef.unflatten(inner_in), state.inner_state, None, **extra_args
+        treedef.unflatten(inner_in), state.inner_state,
+        treedef.unflatten(inner_params) if project_params else None, **extra_args
     )
     n_leaves = treedef.flatten_up_to(inner_updates)
     out = []

@@ -1,0 +1,247 @@
+"""osd_jax transformations inside jit, scan, cond and the optax combinators; dtypes; batch axes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import osd_jax
+from osd_jax import projectors
+
+
+def _params(dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  return {
+      "dense": {"kernel": jax.random.normal(k1, (12, 20), dtype), "bias": jnp.zeros(20, dtype)},
+      "out": jax.random.normal(k2, (20, 6), dtype),
+      "scale": jax.random.normal(k3, (6,), dtype),
+  }
+
+
+def _grads(params, t):
+  return jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape, p.dtype), params)
+
+
+def _run(tx, params, steps=4, jit=True):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  outs = []
+  for t in range(steps):
+    u, state = update(_grads(params, t), state, params)
+    params = optax.apply_updates(params, u)
+    outs.append(u)
+  return params, state, outs
+
+
+TXS = {
+    "osd_adamw": lambda: osd_jax.osd_adamw(1e-2, rank=3, weight_decay=0.1),
+    "osd_lion": lambda: osd_jax.osd_lion(1e-3, rank=3),
+    "galore_adamw": lambda: osd_jax.galore_adamw(1e-2, rank=3, update_proj_gap=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TXS))
+def test_jit_equals_eager(name):
+  p_jit, _, _ = _run(TXS[name](), _params())
+  p_eager, _, _ = _run(TXS[name](), _params(), jit=False)
+  chex.assert_trees_all_close(p_jit, p_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_lax_scan_matches_python_loop():
+  tx = osd_jax.osd_adamw(1e-2, rank=3)
+  params = _params()
+  grads = [_grads(params, t) for t in range(4)]
+
+  def body(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *grads)
+  (p_scan, s_scan), _ = jax.lax.scan(body, (params, tx.init(params)), stacked)
+  p_loop, s_loop = params, tx.init(params)
+  for g in grads:
+    (p_loop, s_loop), _ = body((p_loop, s_loop), g)
+  chex.assert_trees_all_close(p_scan, p_loop, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_equal_structs(s_scan, s_loop)
+
+
+def test_state_is_stable_across_lax_cond():
+  tx = osd_jax.osd_adamw(1e-2, rank=3)
+  params = _params()
+  state = tx.init(params)
+
+  @jax.jit
+  def maybe_step(flag, g, state):
+    return jax.lax.cond(flag, lambda: tx.update(g, state, params),
+                        lambda: (jax.tree.map(jnp.zeros_like, g), state))
+
+  for t in range(3):
+    _, new_state = maybe_step(t % 2 == 0, _grads(params, t), state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+    state = new_state
+
+
+def test_chain_and_partition():
+  params = _params()
+  labels = jax.tree.map(lambda p: "osd" if p.ndim == 2 else "adam", params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.partition({"osd": osd_jax.osd_adamw(1e-2, rank=3), "adam": optax.adamw(1e-2)},
+                      labels),
+  )
+  new_params, state, _ = _run(tx, params)
+  chex.assert_tree_all_finite(new_params)
+  # the matrices really went through the subspace: their updates have rank ≤ 3
+  _, _, outs = _run(tx, params, steps=1)
+  assert np.linalg.matrix_rank(np.asarray(outs[0]["dense"]["kernel"]), tol=1e-6) <= 3
+
+
+def test_multisteps_accumulates():
+  params = _params()
+  tx = optax.MultiSteps(osd_jax.osd_adamw(1e-2, rank=3), every_k_schedule=2)
+  state = tx.init(params)
+  u1, state = tx.update(_grads(params, 0), state, params)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u1))
+  u2, state = tx.update(_grads(params, 1), state, params)
+  assert float(jnp.abs(u2["dense"]["kernel"]).max()) > 0.0
+  # equals one osd_adamw step on the mean gradient
+  mean_g = jax.tree.map(lambda a, b: (a + b) / 2, _grads(params, 0), _grads(params, 1))
+  ref_tx = osd_jax.osd_adamw(1e-2, rank=3)
+  ref_u, _ = ref_tx.update(mean_g, ref_tx.init(params), params)
+  chex.assert_trees_all_close(u2, ref_u, rtol=1e-5, atol=1e-6)
+
+
+def test_inject_hyperparams_with_static_rank():
+  params = _params()
+  tx = optax.inject_hyperparams(osd_jax.osd_adamw, static_args=("rank",))(
+      learning_rate=1e-2, rank=3, weight_decay=0.1, orthogonality_weight=0.1)
+  state = tx.init(params)
+  u, state = jax.jit(tx.update)(_grads(params, 0), state, params)
+  ref_tx = osd_jax.osd_adamw(1e-2, rank=3, weight_decay=0.1)
+  ref_u, _ = ref_tx.update(_grads(params, 0), ref_tx.init(params), params)
+  chex.assert_trees_all_close(u, ref_u, rtol=1e-5, atol=1e-7)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  u, _ = jax.jit(tx.update)(_grads(params, 1), state, params)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
+
+
+def test_apply_if_finite_skips_nan_steps():
+  params = _params()
+  tx = optax.apply_if_finite(osd_jax.osd_adamw(1e-2, rank=3), max_consecutive_errors=3)
+  state = tx.init(params)
+  _, state = tx.update(_grads(params, 0), state, params)
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(params, 1))
+  u, new_state = tx.update(bad, state, params)
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
+  assert int(new_state.notfinite_count) == 1
+
+
+def test_bf16_params_give_bf16_updates():
+  params = _params(jnp.bfloat16)
+  for name, make in TXS.items():
+    _, state, outs = _run(make(), params, steps=2)
+    for u, p in zip(jax.tree.leaves(outs[-1]), jax.tree.leaves(params)):
+      assert u.dtype == jnp.bfloat16, name
+    for p in osd_jax.projectors_of(state):
+      assert p.dtype == jnp.float32  # projectors stay float32 (projector_dtype)
+
+
+def test_empty_tree_and_no_matrices():
+  for params in ({}, {"a": jnp.ones(3), "b": jnp.ones(())}):
+    tx = osd_jax.osd_adamw(1e-2, rank=2)
+    ref = optax.adamw(1e-2, weight_decay=0.0)
+    u, _ = tx.update(params, tx.init(params), params)
+    ref_u, _ = ref.update(params, ref.init(params), params)
+    chex.assert_trees_all_close(u, ref_u)
+
+
+def test_batch_axes_match_per_slice_runs():
+  """Scanned layers (L, m, n) and attention kernels (embed, heads, head_dim) via vmap."""
+  key = jax.random.key(1)
+  layers = jax.random.normal(key, (3, 10, 14))
+  heads = jax.random.normal(key, (16, 4, 5))  # (embed, heads, head_dim) → matrix 16 × 20
+  params = {"layers": layers, "attn": heads}
+  dims = {"layers": osd_jax.DimensionNumbers(1, 2), "attn": osd_jax.DimensionNumbers(0, (1, 2))}
+  tx = osd_jax.osd_adamw(1e-2, rank=2, weight_dimension_numbers=dims)
+  state = tx.init(params)
+  assert state[0].projector_state["layers"].state.p.shape == (3, 10, 2)
+  assert state[0].projector_state["attn"].state.p.shape == (16, 2)
+  per_slice = osd_jax.osd_adamw(1e-2, rank=2)
+  slice_states = [per_slice.init({"w": layers[i]}) for i in range(3)]
+  flat = {"w": heads.reshape(16, 20)}
+  flat_state = per_slice.init(flat)
+  update = jax.jit(tx.update)
+  for t in range(3):
+    g = {"layers": jax.random.normal(jax.random.key(t), layers.shape),
+         "attn": jax.random.normal(jax.random.key(t + 9), heads.shape)}
+    u, state = update(g, state, params)
+    for i in range(3):
+      ui, slice_states[i] = per_slice.update({"w": g["layers"][i]}, slice_states[i],
+                                             {"w": layers[i]})
+      np.testing.assert_allclose(u["layers"][i], ui["w"], rtol=2e-4, atol=1e-6)
+    uf, flat_state = per_slice.update({"w": g["attn"].reshape(16, 20)}, flat_state, flat)
+    np.testing.assert_allclose(u["attn"].reshape(16, 20), uf["w"], rtol=2e-4, atol=1e-6)
+
+
+def test_callable_and_pytree_dimension_numbers_select_leaves():
+  params = _params()
+  only_out = lambda p: {"dense": {"kernel": None, "bias": None}, "out": osd_jax.DimensionNumbers(),  # noqa: E731
+                        "scale": None}
+  for wdn in (only_out, only_out(params)):
+    state = osd_jax.osd_adamw(1e-2, rank=2, weight_dimension_numbers=wdn).init(params)
+    kinds = jax.tree.map(lambda x: isinstance(x, osd_jax.ProjectedLeafState),
+                         state[0].projector_state,
+                         is_leaf=lambda x: isinstance(x, (osd_jax.ProjectedLeafState,
+                                                          optax.MaskedNode)))
+    assert kinds["out"] is True and kinds["dense"]["kernel"] is False
+
+
+@pytest.mark.parametrize("rule", [projectors.svd(every=2), projectors.random(every=2),
+                                  projectors.frozen(), projectors.online_pca(1e-2, init="randomized")])
+def test_any_rule_with_any_inner(rule):
+  for inner in (optax.scale_by_adam(), optax.scale_by_lion(), optax.scale_by_factored_rms()):
+    tx = optax.chain(osd_jax.scale_by_subspace_descent(inner, 3, rule, project_params=True),
+                     optax.scale_by_learning_rate(1e-2))
+    new_params, _, _ = _run(tx, _params(), steps=3)
+    chex.assert_tree_all_finite(new_params)
+
+
+def test_transport_state_rotates_first_moment():
+  """From the same state, transport gives mu = (Pₜ₊₁ᵀ Pₜ) mu_plain and leaves nu alone."""
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 12))}
+  rule = projectors.online_pca(0.05)
+  plain = osd_jax.scale_by_subspace_descent(optax.scale_by_adam(), 3, rule)
+  moved = osd_jax.scale_by_subspace_descent(optax.scale_by_adam(), 3, rule, transport_state=True)
+  state = plain.init(params)
+  for t in range(2):
+    _, state = plain.update({"w": jax.random.normal(jax.random.key(t), (8, 12))}, state)
+  g = {"w": jax.random.normal(jax.random.key(7), (8, 12))}
+  _, s_plain = plain.update(g, state)
+  _, s_moved = moved.update(g, state)
+  p_t = np.asarray(state.projector_state["w"].state.p)
+  p_next = np.asarray(s_plain.projector_state["w"].state.p)
+  assert not np.allclose(p_t, p_next)
+  rotation = p_next.T @ p_t
+  np.testing.assert_allclose(s_moved.inner_state.mu["w"],
+                             rotation @ np.asarray(s_plain.inner_state.mu["w"]),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(s_moved.inner_state.nu["w"], s_plain.inner_state.nu["w"])
+
+
+def test_side_auto_and_larger():
+  params = {"w": jnp.ones((8, 64))}
+  smaller = osd_jax.osd_adamw(1e-2, rank=2).init(params)
+  larger = osd_jax.osd_adamw(1e-2, rank=2, side="larger").init(params)
+  assert smaller[0].projector_state["w"].state.p.shape == (8, 2)
+  assert larger[0].projector_state["w"].state.p.shape == (64, 2)
+  # galore-like rule (P only) + Adam inner: spanning the larger side stores fewer bytes
+  auto = osd_jax.galore_adamw(1e-2, rank=2, side="auto").init(params)
+  assert auto[0].projector_state["w"].state.p.shape == (64, 2)
+  assert osd_jax.state_bytes(auto) < osd_jax.state_bytes(osd_jax.galore_adamw(1e-2, 2).init(params))
+  # online PCA with Adam on P (3 slots): the smaller side is cheaper
+  auto_osd = osd_jax.osd_adamw(1e-2, rank=2, side="auto").init(params)
+  assert auto_osd[0].projector_state["w"].state.p.shape == (8, 2)
