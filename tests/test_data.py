@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from train import corpus, data, tokenizer as T
+from train import corpus, data
+from train import tokenizer as T
 
 VOCAB = 512
 

@@ -19,12 +19,12 @@ import sysconfig
 from collections.abc import Sequence
 
 __all__ = [
-    "HOLDOUT_EVERY",
-    "embedded_corpus",
-    "embedded_documents",
-    "split_documents",
-    "is_heldout",
-    "corpus_fingerprint",
+  "HOLDOUT_EVERY",
+  "corpus_fingerprint",
+  "embedded_corpus",
+  "embedded_documents",
+  "is_heldout",
+  "split_documents",
 ]
 
 #: One document in ``HOLDOUT_EVERY`` (by content hash) goes to the eval split.
@@ -37,7 +37,7 @@ _SKIP_DIRS = frozenset({
 
 
 def _skip_dir(name: str) -> bool:
-  return name in _SKIP_DIRS or name.startswith("test") or name.startswith(".")
+  return name in _SKIP_DIRS or name.startswith(("test", "."))
 
 
 def _stdlib_sources(root: str) -> list[tuple[str, str]]:

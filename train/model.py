@@ -30,19 +30,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = [
-    "LlamaConfig",
-    "PRESETS",
-    "get_config",
-    "Llama",
-    "Block",
-    "Attention",
-    "MLP",
-    "RMSNorm",
-    "rope_inverse_frequencies",
-    "apply_rope",
-    "param_count",
-    "flops_per_token",
-    "LOGICAL_AXIS_NAMES",
+  "LOGICAL_AXIS_NAMES",
+  "MLP",
+  "PRESETS",
+  "Attention",
+  "Block",
+  "Llama",
+  "LlamaConfig",
+  "RMSNorm",
+  "apply_rope",
+  "flops_per_token",
+  "get_config",
+  "matmul_param_count",
+  "param_count",
+  "rope_inverse_frequencies",
 ]
 
 #: Every logical axis name a parameter of :class:`Llama` may carry.
@@ -97,11 +98,11 @@ class LlamaConfig:
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig head_dim = dim / n_heads = {self.head_dim} must be even "
                        "for rotary embeddings")
-    if self.n_kv_heads is not None:
-      if (not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0
-          or self.n_heads % self.n_kv_heads):
-        raise ValueError(f"LlamaConfig.n_kv_heads={self.n_kv_heads!r} must be a positive divisor "
-                         f"of n_heads={self.n_heads}")
+    if self.n_kv_heads is not None and (
+        not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0
+        or self.n_heads % self.n_kv_heads):
+      raise ValueError(f"LlamaConfig.n_kv_heads={self.n_kv_heads!r} must be a positive divisor "
+                       f"of n_heads={self.n_heads}")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
@@ -125,7 +126,7 @@ class LlamaConfig:
     """True when keys/values have fewer heads than queries."""
     return self.num_kv_heads < self.n_heads
 
-  def replace(self, **kw: Any) -> "LlamaConfig":
+  def replace(self, **kw: Any) -> LlamaConfig:
     return dataclasses.replace(self, **kw)
 
   def to_dict(self) -> dict[str, Any]:
@@ -326,7 +327,7 @@ class Block(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
-    norm = dict(eps=c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    norm = {"eps": c.norm_eps, "dtype": jnp.dtype(c.dtype), "param_dtype": jnp.dtype(c.param_dtype)}
     self.attention_norm = RMSNorm(c.dim, **norm)
     self.attention = Attention(c, rngs=rngs)
     self.mlp_norm = RMSNorm(c.dim, **norm)

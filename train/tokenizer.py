@@ -17,11 +17,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 __all__ = [
-    "Tokenizer",
-    "train_tokenizer",
-    "load_tokenizer",
-    "default_tokenizer",
-    "DEFAULT_VOCAB_SIZE",
+  "DEFAULT_VOCAB_SIZE",
+  "Tokenizer",
+  "default_tokenizer",
+  "load_tokenizer",
+  "train_tokenizer",
 ]
 
 #: Vocabulary of the tokenizer trained on the embedded corpus (sized for the CPU ``tiny`` preset).
