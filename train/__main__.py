@@ -122,6 +122,8 @@ def _quiet_libraries() -> None:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   for name in ("absl", "jax", "orbax", "tensorflow", "grain"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  # orbax leaves failed read futures unretrieved; the error itself is reported once
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     import absl.logging
 

@@ -40,7 +40,7 @@ def signature(tree: Any) -> dict[str, str]:
   return {jax.tree_util.keystr(p): f"{tuple(x.shape)} {np.dtype(x.dtype).name}" for p, x in flat}
 
 
-def _describe_diff(saved: dict[str, str], current: dict[str, str], limit: int = 5) -> str:
+def _describe_diff(saved: dict[str, str], current: dict[str, str], limit: int = 3) -> str:
   lines = []
   for k in sorted(set(saved) | set(current)):
     a, b = saved.get(k), current.get(k)
@@ -82,6 +82,13 @@ def decode_data_state(state: Any) -> Any:
   if isinstance(state, dict) and set(state) == {"__bytes__"}:
     return state["__bytes__"].encode("utf-8", errors="surrogateescape")
   return state
+
+
+def _unreadable(where: str, e: Exception) -> CheckpointError:
+  first = (str(e).splitlines() or [""])[0]
+  first = first if len(first) <= 200 else first[:200] + "..."
+  return CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first}); "
+                         f"delete it to resume from an earlier one")
 
 
 class Checkpointer:
@@ -145,9 +152,7 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), signature=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds
-      raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to "
-                            f"resume from an earlier one") from e
+      raise _unreadable(where, e) from e
     saved_config = dict(meta["config"] or {})
     if config is not None:
       diffs = config_diff(saved_config, config)
@@ -162,9 +167,7 @@ class Checkpointer:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to "
-                            f"resume from an earlier one") from e
+      raise _unreadable(where, e) from e
     data = out["data"] or {}
     states = data.get("states") or [None]
     if data.get("process_count", 1) != jax.process_count():

@@ -93,7 +93,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
       (loss, grads), _ = jax.lax.scan(body, (jnp.zeros([], jnp.float32), zeros), micro)
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 

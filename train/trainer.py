@@ -227,7 +227,8 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     train_ds = data_lib.make_dataset(cfg.data, tokenizer, split="train", **common)
     eval_ds = data_lib.make_dataset(cfg.data, tokenizer, split="eval", **common)
   except (ValueError, OSError, RuntimeError, ImportError) as e:
-    raise ConfigError(f"--data {cfg.data}: {e}") from None
+    message = str(e) if "--data" in str(e) else f"--data {cfg.data}: {e}"
+    raise ConfigError(message) from None
   return train_ds, eval_ds
 
 

@@ -1,0 +1,172 @@
+"""Checkpoints: round trip into fresh shardings, exact resume, mismatches, crashes, preemption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import osd_jax
+from tests.train_utils import assert_trees_equal, host, random_batch, small_config
+from train import checkpoint as ckpt_lib
+from train import sharding as shd
+from train import trainer
+
+VOCAB = 256
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+def _put(setup, batch):
+  sharding = shd.batch_sharding(setup.mesh)
+  return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+def _trained_state(cfg, steps=3, devices=None):
+  setup = trainer.build(cfg, VOCAB, devices=devices)
+  state = setup.init_state()
+  for i in range(steps):
+    state, _ = setup.train_step(state, _put(setup, random_batch(i, 8, 32, VOCAB)))
+  return setup, state
+
+
+@needs_8
+def test_round_trip_into_fresh_sharded_state(tmp_path):
+  cfg = small_config(optimizer="osd_adamw", mesh="data=2,fsdp=4")
+  setup, state = _trained_state(cfg)
+  saved = host(state)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  ck.save(3, state, data_state={"pos": 3}, config=cfg.to_dict(), wait=True)
+  ck.close()
+
+  fresh = trainer.build(cfg, VOCAB)  # a new setup: nothing shared but the config
+  restored, data_state, saved_cfg = ckpt_lib.Checkpointer(str(tmp_path / "ck")).restore(
+      fresh.abstract_state, config=cfg.to_dict())
+  assert data_state == {"pos": 3} and saved_cfg["rank"] == 4
+  assert_trees_equal(restored, saved)
+  assert len(osd_jax.projectors_of(restored.opt_state)) == 2 * 7  # 7 matrices per layer
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh.abstract_state)):
+    assert got.sharding == want.sharding
+  batch = random_batch(3, 8, 32, VOCAB)
+  _, m_orig = setup.train_step(state, _put(setup, batch))
+  _, m_rest = fresh.train_step(restored, _put(fresh, batch))
+  assert float(m_orig["loss"]) == float(m_rest["loss"])
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+  cfg = small_config(optimizer="osd_adamw")
+  _, state = _trained_state(cfg, steps=1)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  ck.save(1, state, config=cfg.to_dict(), wait=True)
+  other = small_config(optimizer="osd_adamw", rank=8)
+  with pytest.raises(ckpt_lib.CheckpointError, match="rank: 4 in the checkpoint, 8 now"):
+    ck.restore(trainer.build(other, VOCAB).abstract_state, config=other.to_dict())
+  # without the config check, the shapes tell what differs
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"checkpoint \(4, 32\) float32 vs this run \(8, 32\) float32"):
+    ck.restore(trainer.build(other, VOCAB).abstract_state)
+  bigger = small_config(model_overrides={"dim": 64, "hidden_dim": 64, "n_layers": 2,
+                                         "n_heads": 4})
+  with pytest.raises(ckpt_lib.CheckpointError, match="model_overrides"):
+    ck.restore(trainer.build(bigger, VOCAB).abstract_state, config=bigger.to_dict())
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+  cfg = small_config(optimizer="adamw")
+  setup, state = _trained_state(cfg, steps=1)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  ck.save(1, state, config=cfg.to_dict(), wait=True)
+  # truncate every array-data file (which ones orbax reads depends on how it merged them)
+  for d, _, names in os.walk(tmp_path / "ck" / "1" / "state"):
+    if os.path.basename(d) == "d":
+      for name in names:
+        path = os.path.join(d, name)
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
+    ckpt_lib.Checkpointer(str(tmp_path / "ck")).restore(setup.abstract_state)
+
+
+def test_partial_save_is_ignored_and_cleaned(tmp_path):
+  """A step directory left by a process killed mid-save is never listed or loaded."""
+  cfg = small_config(optimizer="adamw")
+  setup, state = _trained_state(cfg, steps=1)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  ck.save(1, state, config=cfg.to_dict(), wait=True)
+  ck.close()
+  partial = tmp_path / "ck" / "2.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\0" * 10)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
+  assert ck.latest_step() == 1 and ck.all_steps() == [1]
+  restored, _, _ = ck.restore(setup.abstract_state)
+  assert_trees_equal(restored, host(state))
+  assert not partial.exists()
+
+
+def _train_losses(run_dir):
+  records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+  return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("optimizer, n_devices", [
+    ("adamw", 1), ("osd_adamw", 1),
+    pytest.param("osd_adamw", 8, marks=needs_8),
+    pytest.param("adamw", 8, marks=[needs_8, pytest.mark.slow]),
+])
+def test_resume_is_bitwise_identical(optimizer, n_devices, tmp_path, train_tokenizer):
+  devices = jax.devices()[:n_devices]
+  mesh = "data=2,fsdp=4" if n_devices == 8 else "data=-1"
+  cfg = small_config(optimizer=optimizer, steps=6, mesh=mesh, ckpt_every=2)
+  full = trainer.train(cfg.replace(run_dir=str(tmp_path / "full")), devices=devices,
+                       tokenizer=train_tokenizer)
+  part = cfg.replace(run_dir=str(tmp_path / "part"))
+  first = trainer.train(part, devices=devices, tokenizer=train_tokenizer, stop_at=3)
+  assert first.preempted and int(first.state.step) == 3
+  resumed = trainer.train(part.replace(resume=True), devices=devices, tokenizer=train_tokenizer)
+  assert not resumed.preempted and int(resumed.state.step) == 6
+  assert _train_losses(tmp_path / "part") == _train_losses(tmp_path / "full")
+  assert_trees_equal(resumed.state, full.state)
+
+
+def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, train_tokenizer):
+  cfg = small_config(tmp_path / "run", steps=2, optimizer="adamw")
+  trainer.train(cfg, tokenizer=train_tokenizer)
+  with pytest.raises(trainer.ConfigError, match="--resume"):
+    trainer.train(cfg, tokenizer=train_tokenizer)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, train_tokenizer):
+  run_dir = tmp_path / "run"
+  args = [sys.executable, "-m", "train", "--preset", "tiny", "--tokenizer",
+          train_tokenizer.model_path, "--run-dir", str(run_dir), "--optimizer", "osd_adamw",
+          "--rank", "4", "--batch-size", "8", "--seq-len", "32", "--dtype", "float32",
+          "--log-every", "1", "--eval-batches", "1", "--eval-every", "0", "--ckpt-every", "0",
+          "--no-progress", "--no-tensorboard", "--mesh", "data=-1"]
+  for kv in ("dim=32", "hidden_dim=64", "n_layers=2", "n_heads=4"):
+    args += ["--model-override", kv]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = run_dir / "metrics.jsonl"
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and proc.poll() is None:
+    if metrics.exists() and len(_train_losses(run_dir)) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err
+  assert "stopped at step" in out
+  steps = ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps()
+  assert len(steps) == 1 and steps[0] >= 3
+  stopped = steps[0]
+  done = subprocess.run(args + ["--steps", str(stopped + 2), "--resume"], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert [s for s, _ in _train_losses(run_dir)] == list(range(1, stopped + 3))

@@ -1,0 +1,100 @@
+"""``python -m train``: --help documents every flag; bad input is one clear error line, exit 2."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.train_utils import SMALL_MODEL
+from train.__main__ import build_parser, main, parse_config
+from train.config import TrainConfig
+
+
+def _run(*args, devices=8):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_help_documents_every_flag():
+  out = _run("--help")
+  assert out.returncode == 0, out.stderr
+  for f in dataclasses.fields(TrainConfig):
+    flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+    assert flag in out.stdout, flag
+  assert "examples:" in out.stdout
+
+
+def test_flags_map_onto_the_config(tmp_path):
+  cfg = parse_config(["--preset", "60m", "--optimizer", "galore_adamw", "--rank", "64",
+                      "--no-tensorboard", "--model-override", "n_layers=2",
+                      "--model-override", "dtype=float32", "--warmup-steps", "5"])
+  assert (cfg.preset, cfg.optimizer, cfg.rank, cfg.tensorboard) == ("60m", "galore_adamw", 64,
+                                                                     False)
+  assert cfg.model_overrides == {"n_layers": 2, "dtype": "float32"} and cfg.warmup_steps == 5
+  saved = tmp_path / "config.json"
+  saved.write_text(cfg.to_json())
+  again = parse_config(["--config", str(saved), "--rank", "32"])
+  assert again == cfg.replace(rank=32)
+  assert build_parser().parse_args([]).optimizer == "osd_adamw"
+
+
+def _small_args(tokenizer_path, run_dir):
+  args = ["--tokenizer", tokenizer_path, "--run-dir", str(run_dir), "--steps", "2",
+          "--batch-size", "8", "--seq-len", "16", "--rank", "4", "--no-progress",
+          "--no-tensorboard"]
+  for k, v in SMALL_MODEL.items():
+    args += ["--model-override", f"{k}={v}"]
+  return args
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "huge"], "unknown --preset 'huge'"),
+    (["--mesh", "data=3"], "--mesh 'data=3' needs 3 devices but 8 are available"),
+    (["--mesh", "fsdp=3,data=-1"], "do not divide"),
+    (["--rank", "1000"], "--rank 1000 is larger than the smaller dimension"),
+    (["--data", "text:/nonexistent/dir/*.txt"], "no files match"),
+    (["--data", "nonsense"], "bad --data 'nonsense'"),
+    (["--tfds-data-dir", "/nonexistent/tfds"], "--tfds-data-dir is not a directory"),
+    (["--batch-size", "12"], "--batch-size 12 must be divisible"),
+    (["--resume"], "--resume: no checkpoints"),
+    (["--model-override", "vocab_size=100"], "smaller than the tokenizer's vocabulary"),
+    (["--model-override", "heads=3"], "unknown LlamaConfig field"),
+    (["--lr", "-1"], "--lr must be positive"),
+])
+def test_bad_input_is_one_error_line(extra, message, tmp_path, capsys, train_tokenizer):
+  rc = main(_small_args(train_tokenizer.model_path, tmp_path / "run") + extra)
+  err = capsys.readouterr().err
+  assert rc == 2
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1], err
+  assert "Traceback" not in err
+
+
+def test_missing_tokenizer_file(capsys):
+  rc = main(["--tokenizer", "/nonexistent/t5.model"])
+  assert rc == 2
+  assert capsys.readouterr().err.strip() == ("error: --tokenizer file not found: "
+                                             "/nonexistent/t5.model")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["--preset", "huge"], "unknown --preset 'huge'"),
+    (["--steps", "many"], "invalid int value: 'many'"),
+])
+def test_subprocess_bad_input_prints_exactly_one_line(args, message):
+  out = _run(*args)
+  assert out.returncode == 2
+  assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+  assert message in out.stderr
+
+
+def test_tiny_run_from_the_command_line(tmp_path, train_tokenizer):
+  out = _run(*_small_args(train_tokenizer.model_path, tmp_path / "run"), "--eval-batches", "1",
+             devices=1)
+  assert out.returncode == 0, out.stderr
+  assert "done: 2 steps" in out.stdout and "eval perplexity" in out.stdout
+  assert "Traceback" not in out.stderr

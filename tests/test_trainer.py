@@ -1,0 +1,142 @@
+"""The training loop end to end on the embedded corpus, gradient accumulation, non-finite steps."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import osd_jax
+from tests.train_utils import SMALL_MODEL, assert_trees_equal, host, random_batch, small_config
+from train import optimizers
+from train import sharding as shd
+from train import trainer
+
+VOCAB = 256
+
+
+@pytest.mark.parametrize("optimizer, lr", [
+    ("adamw", 1e-2), ("osd_adamw", 1e-2), ("osd_lion", 3e-3), ("galore_adamw", 1e-2),
+])
+def test_loss_decreases_on_embedded_corpus(optimizer, lr, tmp_path, train_tokenizer):
+  cfg = small_config(tmp_path / "run", optimizer=optimizer, lr=lr, steps=30,
+                     update_proj_gap=10, model_overrides={**SMALL_MODEL, "dim": 64})
+  result = trainer.train(cfg, tokenizer=train_tokenizer)
+  losses = [r["loss"] for r in result.history if "loss" in r]
+  assert len(losses) == 30
+  assert all(np.isfinite(losses))
+  # ln(512) ~ 6.2 at init; the unigram entropy of this corpus is ~1 nat lower
+  assert np.mean(losses[-5:]) < losses[0] - 0.8, losses
+  assert result.final_eval["eval_loss"] < result.initial_eval["eval_loss"] - 0.8
+  assert int(result.state.skipped) == 0
+
+
+def test_run_dir_and_result_api(tmp_path, train_tokenizer):
+  run_dir = tmp_path / "run"
+  cfg = small_config(run_dir, steps=4, ckpt_every=2, tensorboard=True, eval_every=2)
+  result = trainer.train(cfg, tokenizer=train_tokenizer)
+  assert result.run_dir == str(run_dir) and not result.preempted
+  for name in ("config.json", "metrics.jsonl", "tokenizer.model", "tensorboard", "checkpoints"):
+    assert os.path.exists(run_dir / name), name
+  assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]
+  saved = json.loads((run_dir / "config.json").read_text())
+  assert saved["optimizer"] == "osd_adamw" and saved["rank"] == 4
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+  for key in ("grad_norm", "lr", "orthogonality_error", "skipped_total"):
+    assert key in train_records[-1], key
+  assert "subspace_drift" in train_records[-1]
+  assert train_records[-1]["mfu"] == "n/a"  # CPU: no peak-FLOPs entry
+  evals = [r["step"] for r in records if "eval_loss" in r]
+  assert evals == [0, 2, 4]
+  assert result.history == records
+  logits = result.model(jnp.zeros((1, 8), jnp.int32))
+  assert logits.shape == (1, 8, train_tokenizer.vocab_size)
+
+
+def test_projection_rule_follows_the_paper():
+  setup = trainer.build(small_config(), VOCAB)
+  dims = optimizers.projection_rule(setup.abstract_state.params, "attn_mlp")
+  layer = dims["layers"][0]
+  assert isinstance(layer["attention"]["wq"]["kernel"], osd_jax.DimensionNumbers)
+  assert isinstance(layer["mlp"]["w2"]["kernel"], osd_jax.DimensionNumbers)
+  assert dims["embed"]["embedding"] is None and dims["head"]["kernel"] is None
+  assert layer["attention_norm"]["scale"] is None
+  everything = optimizers.projection_rule(setup.abstract_state.params, "all")
+  assert isinstance(everything["head"]["kernel"], osd_jax.DimensionNumbers)
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent():
+  cfg = small_config(lr=1.0, steps=100, warmup_steps=10)
+  sched = optimizers.make_schedule(cfg)
+  np.testing.assert_allclose([sched(0), sched(4), sched(9), sched(10)], [0.1, 0.5, 1.0, 1.0])
+  np.testing.assert_allclose(sched(100), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(sched(55), 0.55, rtol=1e-5)  # cosine midpoint: (1 + 0.1) / 2
+
+
+def _steps(cfg, batches, devices=None):
+  setup = trainer.build(cfg, VOCAB, devices=devices)
+  state = setup.init_state()
+  sharding = shd.batch_sharding(setup.mesh)
+  out = []
+  for b in batches:
+    state, m = setup.train_step(state, {k: jax.device_put(v, sharding) for k, v in b.items()})
+    out.append(host(m))
+  return out, host(state)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  batches = [random_batch(i, 8, 32, VOCAB) for i in range(2)]
+  cfg = small_config(optimizer="adamw", lr=1e-3)
+  devices = jax.devices()[:2]  # 8 sequences = 2 devices x 4 micro-batches of 1
+  ref, ref_state = _steps(cfg, batches, devices)
+  acc, acc_state = _steps(cfg.replace(grad_accum=4), batches, devices)
+  np.testing.assert_allclose([m["loss"] for m in acc], [m["loss"] for m in ref], rtol=1e-5)
+  for want, got in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(acc_state.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "osd_adamw"])
+def test_non_finite_step_is_skipped_and_counted(optimizer):
+  """A NaN weight that a batch touches makes loss and gradients NaN: that step changes nothing."""
+  cfg = small_config(optimizer=optimizer)
+  setup = trainer.build(cfg, VOCAB)
+  state = setup.init_state()
+  sharding = shd.batch_sharding(setup.mesh)
+  put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}  # noqa: E731
+  clean = random_batch(0, 8, 32, VOCAB)
+  clean = {k: np.where(v == 0, 1, v) for k, v in clean.items()}  # never uses token 0
+  poisoned = {k: v.copy() for k, v in clean.items()}
+  poisoned["inputs"][0, 0] = 0
+  state, _ = setup.train_step(state, put(clean))  # step 0 (sets P_0 for OSD)
+  params = state.params
+  params["embed"]["embedding"] = params["embed"]["embedding"].at[0].set(jnp.nan)
+  state = state._replace(params=jax.device_put(params, setup.param_shardings))
+  before = host(state)
+  state, m = setup.train_step(state, put(poisoned))
+  assert not np.isfinite(float(m["loss"])) and int(m["skipped"]) == 1
+  after = host(state)
+  assert_trees_equal(after.params, before.params)
+  assert_trees_equal(after.opt_state, before.opt_state)  # inner state and projectors included
+  assert int(after.skipped) == 1 and int(after.bad_streak) == 1 and int(after.step) == 2
+  state, m = setup.train_step(state, put(clean))  # a clean batch trains again
+  assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
+  assert int(state.bad_streak) == 0 and int(state.skipped) == 1
+  if optimizer == "osd_adamw":
+    assert all(np.isfinite(np.asarray(p)).all() for p in osd_jax.projectors_of(state.opt_state))
+
+
+def test_loss_spike_guard_skips_a_spiking_step():
+  cfg = small_config(optimizer="adamw", loss_spike_factor=1.5)
+  setup = trainer.build(cfg, VOCAB)
+  state = setup.init_state()
+  sharding = shd.batch_sharding(setup.mesh)
+  batch = {k: jax.device_put(v, sharding) for k, v in random_batch(0, 8, 32, VOCAB).items()}
+  state, m = setup.train_step(state, batch)
+  assert int(m["skipped"]) == 0
+  state = state._replace(loss_avg=jnp.asarray(0.1, jnp.float32))  # a loss of ~5.5 is now a spike
+  state, m = setup.train_step(state, batch)
+  assert int(m["skipped"]) == 1

@@ -1,0 +1,56 @@
+"""Helpers shared by the trainer tests (tests/test_trainer.py, test_sharding.py, test_checkpoint.py,
+test_cli.py): a small model config and a small tokenizer so that each test compiles and runs in
+seconds on two CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from train.config import TrainConfig
+
+# A 2-layer LLaMA small enough for many compiles per test session.
+SMALL_MODEL = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4}
+TOKENIZER_VOCAB = 512
+
+
+def make_tokenizer(directory) -> "object":
+  """A SentencePiece model (vocab 512) trained on 150 documents of the embedded corpus."""
+  from train import corpus
+  from train import tokenizer as tok_lib
+
+  docs = corpus.split_documents(corpus.embedded_documents(), "train")[:150]
+  return tok_lib.train_tokenizer(docs, TOKENIZER_VOCAB, os.path.join(directory, "small.model"),
+                                 max_chars=1_000_000)
+
+
+def small_config(run_dir=None, **overrides) -> TrainConfig:
+  """A TrainConfig for fast tests; ``overrides`` replace any field."""
+  base = dict(preset="tiny", model_overrides=dict(SMALL_MODEL), optimizer="osd_adamw", rank=4,
+              lr=1e-2, warmup_steps=1, steps=6, batch_size=8, seq_len=32, eval_batches=1,
+              eval_every=0, log_every=1, ckpt_every=0, progress=False, tensorboard=False,
+              dtype="float32", run_dir=None if run_dir is None else str(run_dir))
+  base.update(overrides)
+  return TrainConfig(**base)
+
+
+def random_batch(seed: int, batch: int, seq: int, vocab: int) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def host(tree):
+  """A numpy copy of a (sharded) pytree."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees_equal(a, b) -> None:
+  """Bitwise equality of two pytrees of arrays (NaNs compare equal)."""
+  fa, ta = jax.tree.flatten(host(a))
+  fb, tb = jax.tree.flatten(host(b))
+  assert ta == tb, "tree structures differ"
+  for x, y in zip(fa, fb):
+    np.testing.assert_array_equal(x, y)
