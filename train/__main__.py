@@ -150,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
+  import jax
+
   ev = result.final_eval
-  if result.preempted:
+  if jax.process_index() != 0:
+    pass
+  elif result.preempted:
     print(f"stopped at step {int(result.state.step)}; checkpoint in {result.run_dir}")
   elif ev:
     first = result.initial_eval.get("eval_perplexity")

@@ -151,7 +151,7 @@ class Checkpointer:
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), signature=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds
+    except Exception as e:
       raise _unreadable(where, e) from e
     saved_config = dict(meta["config"] or {})
     if config is not None:
@@ -166,7 +166,7 @@ class Checkpointer:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise _unreadable(where, e) from e
     data = out["data"] or {}
     states = data.get("states") or [None]

@@ -112,6 +112,8 @@ class TrainConfig:
                            group="logging")
   tensorboard: bool = _f(True, "Write TensorBoard event files.", group="logging")
   progress: bool = _f(True, "Show a progress bar.", group="logging")
+  ckpt_dir: str | None = _f(None, "Checkpoint directory, local or gs://... shared by all hosts "
+                          "(default: RUN_DIR/checkpoints).", group="checkpoint")
   ckpt_every: int = _f(500, "Save a checkpoint every this many steps (0: only at the end).",
                        group="checkpoint")
   keep_checkpoints: int = _f(3, "Keep the last this many checkpoints.", group="checkpoint")
@@ -129,7 +131,7 @@ class TrainConfig:
   process_id: int | None = _f(None, "Multi-process: this process's id.", group="parallelism")
 
   # ------------------------------------------------------------------ helpers
-  def replace(self, **changes: Any) -> "TrainConfig":
+  def replace(self, **changes: Any) -> TrainConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
@@ -139,7 +141,7 @@ class TrainConfig:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
-  def from_dict(cls, d: dict) -> "TrainConfig":
+  def from_dict(cls, d: dict) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

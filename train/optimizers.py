@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -146,5 +146,3 @@ def state_shardings(opt_shapes: Any, param_shardings: Any, mesh) -> Any:
   """Shardings of the optimizer state from the params' (projectors never inherit a wrong axis)."""
   return osd_jax.optimizer_state_sharding(opt_shapes, param_shardings, mesh=mesh)
 
-
-ScheduleFn = Callable[[Any], Any]

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from train.config import ConfigError
 
@@ -175,8 +177,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
-
-
-def activation_rules() -> tuple[tuple[str, Any], ...]:
-  """Rules for ``flax.nnx.logical_axis_rules`` so a model's logical activation constraints resolve."""
-  return LOGICAL_RULES

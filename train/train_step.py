@@ -14,13 +14,15 @@ orbax checkpoints all see the same structure. One train step:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import osd_jax
 from train import sharding as shd
@@ -100,7 +102,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if loss_spike_factor > 0:
       ok &= ~((state.loss_avg > 0) & (loss > loss_spike_factor * state.loss_avg))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    def keep(new, old):  # the old values on a skipped step
+      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
     new_params = keep(new_params, state.params)
     new_opt = keep(new_opt, state.opt_state)
     avg = jnp.where(state.loss_avg > 0, 0.95 * state.loss_avg + 0.05 * loss, loss)
@@ -127,12 +131,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
       metrics["subspace_drift"] = osd_jax.subspace_drift(state.opt_state, new_opt)
     return new_state, metrics
 
-  def traced(state, batch):
-    with nnx.logical_axis_rules(shd.activation_rules()):
-      return step_fn(state, batch)
-
   rep = NamedSharding(mesh, P())
-  return jax.jit(traced, in_shardings=(shardings, shd.batch_sharding(mesh)),
+  return jax.jit(step_fn, in_shardings=(shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
 
 
@@ -140,8 +140,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: Any, mesh: Mesh, param_sharding
   """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
 
   def eval_fn(params, batch):
-    with nnx.logical_axis_rules(shd.activation_rules()):
-      return token_loss(graphdef, rest, params, batch)
+    return token_loss(graphdef, rest, params, batch)
 
   rep = NamedSharding(mesh, P())
   return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),

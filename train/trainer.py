@@ -17,15 +17,16 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from train import checkpoint as ckpt_lib
@@ -37,7 +38,7 @@ from train.config import ConfigError, TrainConfig, validate
 
 log = logging.getLogger("train")
 
-__all__ = ["TrainConfig", "TrainResult", "Setup", "build", "train", "ConfigError"]
+__all__ = ["ConfigError", "Setup", "TrainConfig", "TrainResult", "build", "train"]
 
 _LAUNCHER_ENV = (  # a multi-process launcher sets one of these (with a size > 1)
     "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JAX_NUM_PROCESSES",
@@ -250,7 +251,7 @@ class _Preemption:
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
 
-  def _handle(self, signum, frame):  # noqa: ARG002
+  def _handle(self, signum, frame):
     self.requested = True
 
   def agreed(self) -> bool:
@@ -307,8 +308,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   keep = [r for r in metrics_lib.read_jsonl(path) if r.get("step", 0) <= last_step]
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    for r in keep:
-      f.write(metrics_lib.json.dumps(r) + "\n")
+    f.writelines(metrics_lib.json.dumps(r) + "\n" for r in keep)
   os.replace(tmp, path)
 
 
@@ -360,11 +360,12 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   primary = jax.process_index() == 0
   run_dir = cfg.run_dir or _default_run_dir(cfg)
   cfg = cfg.replace(run_dir=run_dir)
-  ckpt_dir = os.path.join(run_dir, "checkpoints")
-  if cfg.resume and not os.path.isdir(ckpt_dir):
-    raise ConfigError(f"--resume: no checkpoints in {run_dir}")
-  if not cfg.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ConfigError(f"{run_dir} already holds checkpoints; add --resume to continue that run "
+  ckpt_dir = epath.Path(cfg.ckpt_dir or os.path.join(run_dir, "checkpoints"))
+  has_checkpoints = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+  if cfg.resume and not has_checkpoints:
+    raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
+  if not cfg.resume and has_checkpoints:
+    raise ConfigError(f"{ckpt_dir} already holds checkpoints; add --resume to continue that run "
                       f"or choose a new --run-dir")
 
   tokenizer = tokenizer or load_tokenizer(cfg)
@@ -373,7 +374,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   except ValueError as e:  # e.g. the optimizer rejecting a flag value
     raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
   train_ds, eval_ds = make_datasets(cfg, tokenizer)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
+  checkpointer = ckpt_lib.Checkpointer(str(ckpt_dir), keep=cfg.keep_checkpoints,
                                        async_save=cfg.async_checkpoint)
   train_it: Iterator = iter(train_ds)
   if cfg.resume:
