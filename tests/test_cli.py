@@ -98,3 +98,21 @@ def test_tiny_run_from_the_command_line(tmp_path, train_tokenizer):
   assert out.returncode == 0, out.stderr
   assert "done: 2 steps" in out.stdout and "eval perplexity" in out.stdout
   assert "Traceback" not in out.stderr
+
+
+def test_plot_compares_runs(tmp_path):
+  from train import plot
+
+  for name, opt in (("a", "adamw"), ("b", "osd_adamw")):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "config.json").write_text(TrainConfig(optimizer=opt, rank=8).to_json())
+    lines = [f'{{"step": {s}, "loss": {6 - s / 10}}}' for s in range(1, 6)]
+    lines += ['{"step": 0, "eval_loss": 6.0, "eval_perplexity": 403.4}',
+              '{"step": 5, "eval_loss": 5.5, "eval_perplexity": 244.7}', '{"step": 6, "lo']
+    (run / "metrics.jsonl").write_text("\n".join(lines))  # last line torn, as after a crash
+  out = tmp_path / "curves.png"
+  assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+  assert out.stat().st_size > 1000
+  assert plot.load_run(str(tmp_path / "b"))[0] == "osd_adamw (r=8)"
+  assert plot.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
