@@ -8,7 +8,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
 import osd_jax
@@ -109,7 +108,8 @@ def test_partial_save_is_ignored_and_cleaned(tmp_path):
 
 
 def _train_losses(run_dir):
-  records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
   return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
@@ -170,3 +170,41 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, train_tokenizer):
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert [s for s, _ in _train_losses(run_dir)] == list(range(1, stopped + 3))
+
+
+def _free_port():
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_save_and_resume(tmp_path, train_tokenizer):
+  """Two local processes (CPU collectives over a localhost coordinator) train, save and resume."""
+  run_dir = tmp_path / "run"
+  common = ["--tokenizer", train_tokenizer.model_path, "--run-dir", str(run_dir), "--rank", "4",
+            "--batch-size", "8", "--seq-len", "16", "--dtype", "float32", "--log-every", "1",
+            "--eval-batches", "1", "--ckpt-every", "2", "--no-progress", "--no-tensorboard",
+            "--mesh", "data=2,fsdp=2", "--num-processes", "2"]
+  for kv in ("dim=32", "hidden_dim=64", "n_layers=2", "n_heads=4"):
+    common += ["--model-override", kv]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+  def launch(*extra):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "train", *common, *extra, "--process-id", str(i),
+         "--coordinator-address", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+  outs = launch("--steps", "2")
+  assert "done: 2 steps" in outs[0] and "done:" not in outs[1]  # only process 0 reports
+  launch("--steps", "4", "--resume")
+  assert ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps() == [2, 4]
+  assert [s for s, _ in _train_losses(run_dir)] == [1, 2, 3, 4]

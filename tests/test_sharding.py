@@ -77,7 +77,7 @@ def _cfg(optimizer):
                       model_overrides=dict(SMALL_MODEL, vocab_size=VOCAB))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_device_reference(optimizer):
   return _two_steps(_cfg(optimizer).replace(mesh="data=-1"), jax.devices()[:1])
 

@@ -10,9 +10,8 @@ import pytest
 
 import osd_jax
 from tests.train_utils import SMALL_MODEL, assert_trees_equal, host, random_batch, small_config
-from train import optimizers
+from train import optimizers, trainer
 from train import sharding as shd
-from train import trainer
 
 VOCAB = 256
 
@@ -106,7 +105,7 @@ def test_non_finite_step_is_skipped_and_counted(optimizer):
   setup = trainer.build(cfg, VOCAB)
   state = setup.init_state()
   sharding = shd.batch_sharding(setup.mesh)
-  put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}  # noqa: E731
+  put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}
   clean = random_batch(0, 8, 32, VOCAB)
   clean = {k: np.where(v == 0, 1, v) for k, v in clean.items()}  # never uses token 0
   poisoned = {k: v.copy() for k, v in clean.items()}

@@ -16,7 +16,7 @@ SMALL_MODEL = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4}
 TOKENIZER_VOCAB = 512
 
 
-def make_tokenizer(directory) -> "object":
+def make_tokenizer(directory) -> object:
   """A SentencePiece model (vocab 512) trained on 150 documents of the embedded corpus."""
   from train import corpus
   from train import tokenizer as tok_lib
