@@ -2,15 +2,17 @@
 
 A checkpoint ``RUN_DIR/checkpoints/<step>/`` holds four items:
 
-- ``state``: the :class:`train.train_step.TrainState` (params, full optimizer state including projectors
-  and their optimizer state, step, skip counters), written by every process for its shards;
+- ``state``: the :class:`train.train_step.TrainState` (params, full optimizer state including
+  projectors and their optimizer state, step, skip counters), written by every process for its
+  shards;
 - ``data``: every process's data-iterator state (grain ``get_state()``), as JSON;
 - ``config``: the run's :class:`train.config.TrainConfig`, as JSON;
-- ``signature``: ``{leaf path: "shape dtype"}`` of the state, to explain mismatches before restoring.
+- ``signature``: ``{leaf path: "shape dtype"}`` of the state, to explain mismatches before
+  restoring.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoints intact and the partial one is never listed (and is removed at
-the next start).
+mid-save leaves the previous checkpoints intact and the partial one is never listed (and is removed
+at the next start).
 """
 
 from __future__ import annotations

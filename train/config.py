@@ -1,9 +1,9 @@
 """Training configuration: one dataclass that is the single source of truth for flags.
 
-Every field of :class:`TrainConfig` is a command-line flag of ``python -m train`` (``foo_bar`` becomes
-``--foo-bar``) and its ``help`` metadata is the flag's documentation. Validation that needs no devices,
-model or data lives in :func:`validate`; it raises :class:`ConfigError` with a message that names the flag
-and the fix.
+Every field of :class:`TrainConfig` is a command-line flag of ``python -m train`` (``foo_bar``
+becomes ``--foo-bar``) and its ``help`` metadata is the flag's documentation. Validation that needs
+no devices, model or data lives in :func:`validate`; it raises :class:`ConfigError` with a message
+that names the flag and the fix.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
-  """A bad flag value or an inconsistent combination of flags; the message says which and how to fix."""
+  """A bad flag value or an inconsistent combination of flags; the message says which and how."""
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -40,8 +40,10 @@ class TrainConfig:
   preset: str = _f("tiny", "Model preset: tiny (CPU demo), 60m, 130m, 350m, 1b, 7b.", group="model")
   model_overrides: dict = _f({}, "Override one model-config field, KEY=VALUE (repeatable), e.g. "
                              "--model-override n_layers=2.", group="model", flag="model-override")
-  dtype: str = _f("bfloat16", "Compute dtype of activations and matmuls.", choices=DTYPES, group="model")
-  param_dtype: str = _f("float32", "Dtype of the master weights and optimizer state.", choices=DTYPES,
+  dtype: str = _f("bfloat16", "Compute dtype of activations and matmuls.", choices=DTYPES,
+                  group="model")
+  param_dtype: str = _f("float32", "Dtype of the master weights and optimizer state.",
+                        choices=DTYPES,
                         group="model")
 
   # --- optimizer
@@ -66,7 +68,8 @@ class TrainConfig:
                                    group="optimizer")
   projector_lr_ratio: float = _f(5.0, "OSD: projector step size alpha, as a multiple of the lr "
                                  "(paper: 5 at lr 1e-3; use ~0.5 at lr 1e-2).", group="optimizer")
-  projector_weight_decay: float | None = _f(None, "OSD: weight decay on P (default: --weight-decay).",
+  projector_weight_decay: float | None = _f(None, "OSD: weight decay on P "
+                                            "(default: --weight-decay).",
                                             group="optimizer")
   projector_init: str = _f("svd", "OSD: how P is initialised at step 0.", choices=PROJECTOR_INITS,
                            group="optimizer")
@@ -96,7 +99,8 @@ class TrainConfig:
                  group="data")
   tfds_data_dir: str | None = _f(None, "tensorflow-datasets data dir (local path or gs://...).",
                                  group="data")
-  tokenizer: str | None = _f(None, "SentencePiece .model file (default: one trained on the embedded "
+  tokenizer: str | None = _f(None, "SentencePiece .model file (default: one trained on the "
+                             "embedded "
                              "corpus and cached).", group="data")
   vocab_size: int | None = _f(None, "Vocabulary size of the trained default tokenizer "
                               "(default: the preset's).", group="data")
@@ -121,7 +125,8 @@ class TrainConfig:
   resume: bool = _f(False, "Continue from the latest checkpoint in --run-dir.", group="checkpoint")
 
   # --- parallelism
-  mesh: str = _f("data=-1,fsdp=1,tensor=1", "Device mesh, AXIS=SIZE for data, fsdp, tensor; one size "
+  mesh: str = _f("data=-1,fsdp=1,tensor=1", "Device mesh, AXIS=SIZE for data, fsdp, tensor; "
+                 "one size "
                  "may be -1 (all remaining devices).", group="parallelism")
   distributed: bool = _f(False, "Call jax.distributed.initialize() (also automatic under SLURM, "
                          "Open MPI or a TPU pod launcher).", group="parallelism")
@@ -168,7 +173,8 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.preset.lower() not in PRESETS:
     raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
   if cfg.optimizer not in OPTIMIZERS:
-    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}; "
+                      f"choose one of {', '.join(OPTIMIZERS)}")
   for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                         ("projector_init", PROJECTOR_INITS), ("project", PROJECTION_RULES)):
     if getattr(cfg, name) not in allowed:
@@ -194,11 +200,14 @@ def validate(cfg: TrainConfig) -> None:
   if kind == "tfds" and cfg.tokenizer is None:
     raise ConfigError("--data tfds:... needs --tokenizer PATH.model (e.g. the T5 SentencePiece "
                       "model for C4)")
-  if cfg.tokenizer is not None and not cfg.tokenizer.startswith("gs://") \
-          and not os.path.isfile(cfg.tokenizer):
+  if cfg.tokenizer is not None and "://" not in cfg.tokenizer \
+      and not os.path.isfile(cfg.tokenizer):
     raise ConfigError(f"--tokenizer file not found: {cfg.tokenizer}")
-  if cfg.tfds_data_dir is not None and not cfg.tfds_data_dir.startswith("gs://") \
-          and not os.path.isdir(cfg.tfds_data_dir):
+  if cfg.tfds_data_dir is not None and "://" not in cfg.tfds_data_dir \
+      and not os.path.isdir(cfg.tfds_data_dir):
     raise ConfigError(f"--tfds-data-dir is not a directory: {cfg.tfds_data_dir}")
+  if cfg.run_dir is not None and "://" in cfg.run_dir:
+    raise ConfigError("--run-dir must be a local directory (metrics are written by process 0); "
+                      "put checkpoints on cloud storage with --ckpt-dir gs://...")
   if (cfg.num_processes is None) != (cfg.process_id is None):
     raise ConfigError("give --num-processes and --process-id together")

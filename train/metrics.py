@@ -1,7 +1,7 @@
 """Metric writers (JSONL + TensorBoard), MFU and device-memory helpers.
 
-``metrics.jsonl`` holds one JSON object per line: ``{"step": int, "time": unix_seconds, <name>: value}``;
-non-finite values are written as ``null``. TensorBoard scalars use the same names.
+``metrics.jsonl`` holds one JSON object per line: ``{"step": int, "time": unix_seconds, <name>:
+value}``; non-finite values are written as ``null``. TensorBoard scalars use the same names.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PEAK_FLOPS = (
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
-  """Peak bf16 FLOP/s of ``device`` (default: the first local device), None if unknown (e.g. CPU)."""
+  """Peak bf16 FLOP/s of ``device`` (default: the first local device); None if unknown (CPU)."""
   device = device or jax.local_devices()[0]
   if device.platform == "cpu":
     return None

@@ -2,7 +2,8 @@
 
 ``make_optimizer(cfg, params)`` returns ``(tx, schedule)`` where ``tx`` is
 ``clip_by_global_norm -> <optimizer>``; skipping of non-finite steps happens in the train step
-(:mod:`train.train_step`), which keeps params, optimizer state and projectors unchanged on such steps.
+(:mod:`train.train_step`), which keeps params, optimizer state and projectors unchanged on such
+steps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ PROJECTED_MODULES = ("attention", "attn", "mlp", "feed_forward", "ffn")
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup to ``lr`` (reaching it at step ``warmup``), then cosine decay to ``min_lr_ratio*lr``.
+  """Linear warmup to ``lr`` (reached at step ``warmup``), then cosine decay to ``min_lr_ratio*lr``.
 
   The warmup starts at ``lr/warmup`` rather than 0 so that step 0 already trains.
   """

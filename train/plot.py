@@ -1,7 +1,7 @@
 """Loss curves of one or more runs: ``python -m train.plot RUN_DIR... --out curves.png``.
 
-Left panel: training loss per step; right panel: eval perplexity per step. Each run is labelled by its
-optimizer (from ``config.json``) unless ``--labels`` are given.
+Left panel: training loss per step; right panel: eval perplexity per step. Each run is labelled by
+its optimizer (from ``config.json``) unless ``--labels`` are given.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ The mesh has three named axes:
 - ``tensor``: tensor (model) parallelism over heads, MLP hidden units and the vocabulary.
 
 Parameters carry *logical* axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``);
-:data:`LOGICAL_RULES` maps each to a mesh axis (or none). A dimension that the mapped mesh axis does not
-divide is replicated instead, so odd-shaped small models still run on any mesh.
+:data:`LOGICAL_RULES` maps each to a mesh axis (or none). A dimension that the mapped mesh axis
+does not divide is replicated instead, so odd-shaped small models still run on any mesh.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _logical_names(variable: Any) -> tuple | None:
 
 def param_specs(abstract_state: Any, mesh: Mesh,
                 rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
-  """PartitionSpecs for an ``nnx.State`` of Variables, as a pure dict (like ``nnx.to_pure_dict``)."""
+  """PartitionSpecs for an ``nnx.State`` of Variables, as a pure dict (``nnx.to_pure_dict``)."""
   from flax import nnx
 
   def spec(v):

@@ -6,10 +6,10 @@ orbax checkpoints all see the same structure. One train step:
 1. splits the global batch ``[B, T]`` into ``grad_accum`` micro-batches (each spread over every
    data-parallel device) and accumulates float32 gradients of the mean token loss with ``lax.scan``;
 2. applies ``tx`` (gradient clipping + optimizer);
-3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the loss
-   or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its running mean);
-4. returns scalar metrics (loss, grad norm, lr, skip counters, and for subspace optimizers the mean
-   projector orthogonality error ``||P^T P - I||_F`` and subspace drift).
+3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the
+   loss or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its
+running mean); 4. returns scalar metrics (loss, grad norm, lr, skip counters, and for subspace
+   optimizers the mean projector orthogonality error ``||P^T P - I||_F`` and subspace drift).
 """
 
 from __future__ import annotations

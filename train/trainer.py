@@ -7,8 +7,8 @@ Example (a notebook)::
   result.history[-1]["loss"], result.final_eval["eval_perplexity"], result.run_dir
 
 A run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and
-``tokenizer.model`` (a copy of the SentencePiece model used). Only process 0 writes metrics and files;
-every process takes part in checkpoint saves (each writes its own shards).
+``tokenizer.model`` (a copy of the SentencePiece model used). Only process 0 writes metrics and
+files; every process takes part in checkpoint saves (each writes its own shards).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _launcher_world_size() -> int:
 
 
 def maybe_initialize_distributed(cfg: TrainConfig) -> None:
-  """Calls ``jax.distributed.initialize`` when asked to, or when a multi-process launcher is seen."""
+  """Calls ``jax.distributed.initialize`` when asked to or when a multi-process launcher is seen."""
   explicit = cfg.distributed or cfg.coordinator_address is not None or cfg.num_processes
   if not explicit and _launcher_world_size() <= 1:
     return
