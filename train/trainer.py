@@ -254,10 +254,13 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
-  def agreed(self) -> bool:
-    """True when any process has been asked to stop (a collective when multi-process)."""
+  def agreed(self, sync: bool = True) -> bool:
+    """True when any process has been asked to stop. Multi-process, only ``sync`` calls (a
+    collective that every process must make at the same step) can return True."""
     if jax.process_count() == 1:
       return self.requested
+    if not sync:
+      return False
     from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
@@ -426,7 +429,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   # a resumed run does not re-evaluate at its first step (the original run logged that)
   initial_eval = final_eval = {} if cfg.resume else run_eval(start)
   last_metrics, last_skipped = None, int(state.skipped)
-  t_log, steps_since_log = None, 0
+  t_log, steps_since_log, paused = None, 0, 0.0  # paused: eval/save time, not step time
   preempted = False
   step = start
   try:
@@ -443,14 +446,14 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
         record = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
         now = time.time()
         if steps_since_log:
-          dt = (now - t_log) / steps_since_log
+          dt = (now - t_log - paused) / steps_since_log
           record.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
           mfu = metrics_lib.mfu(setup.flops_per_token, tokens_per_step / dt, setup.mesh.size)
           record["mfu"] = mfu if mfu is not None else "n/a"
         record.update(metrics_lib.memory_stats())
         if step - 1 == 0:
           record.pop("subspace_drift", None)  # P_0 is set at step 0: no drift to report
-        t_log, steps_since_log = now, 0
+        t_log, steps_since_log, paused = now, 0, 0.0
         writer.write(step, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}",
                         tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
@@ -463,11 +466,15 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
           raise FloatingPointError(
               f"{int(record['bad_streak'])} steps in a row had non-finite or spiking loss; "
               f"stopped at step {step} (checkpoint saved). Lower --lr or check the data.")
+      t_pause = time.time()
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         final_eval = run_eval(step)
       if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
         save(step)
-      if step < cfg.steps and (preemption.agreed() or (stop_at is not None and step >= stop_at)):
+      paused += time.time() - t_pause
+      # multi-process runs agree on stopping at log steps (a collective); one process: every step
+      stop = preemption.agreed(sync=step % cfg.log_every == 0)
+      if step < cfg.steps and (stop or (stop_at is not None and step >= stop_at)):
         save(step, wait=True)
         say(f"step {step}: stopped early, checkpoint saved; continue with --resume")
         preempted = True
