@@ -19,6 +19,7 @@
 
 # %%
 import os
+import shutil
 import tempfile
 
 import jax
@@ -233,3 +234,6 @@ for name, r in results.items():
 # %% [markdown]
 # For real runs use the command line, e.g. `python -m train --preset 60m --optimizer osd_adamw --data tfds:c4/en:3.1.0
 # --tokenizer t5.model` (see `python -m train --help`); every flag is a field of `TrainConfig`.
+
+# %%
+shutil.rmtree(workdir)  # the three run directories (metrics, config, final checkpoint) were temporary
