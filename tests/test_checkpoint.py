@@ -11,7 +11,7 @@ import jax
 import pytest
 
 import osd_jax
-from tests.train_utils import assert_trees_equal, host, random_batch, small_config
+from tests.train_utils import assert_trees_equal, host, one_device, random_batch, small_config
 from train import checkpoint as ckpt_lib
 from train import sharding as shd
 from train import trainer
@@ -26,6 +26,7 @@ def _put(setup, batch):
 
 
 def _trained_state(cfg, steps=3, devices=None):
+  devices = devices or one_device()
   setup = trainer.build(cfg, VOCAB, devices=devices)
   state = setup.init_state()
   for i in range(steps):
@@ -36,7 +37,7 @@ def _trained_state(cfg, steps=3, devices=None):
 @needs_8
 def test_round_trip_into_fresh_sharded_state(tmp_path):
   cfg = small_config(optimizer="osd_adamw", mesh="data=2,fsdp=4")
-  setup, state = _trained_state(cfg)
+  setup, state = _trained_state(cfg, devices=jax.devices()[:8])
   saved = host(state)
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
   ck.save(3, state, data_state={"pos": 3}, config=cfg.to_dict(), wait=True)
@@ -135,9 +136,9 @@ def test_resume_is_bitwise_identical(optimizer, n_devices, tmp_path, train_token
 
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, train_tokenizer):
   cfg = small_config(tmp_path / "run", steps=2, optimizer="adamw")
-  trainer.train(cfg, tokenizer=train_tokenizer)
+  trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
   with pytest.raises(trainer.ConfigError, match="--resume"):
-    trainer.train(cfg, tokenizer=train_tokenizer)
+    trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import osd_jax
-from tests.train_utils import SMALL_MODEL, assert_trees_equal, host, random_batch, small_config
+from tests.train_utils import (SMALL_MODEL, assert_trees_equal, host, one_device, random_batch,
+                               small_config)
 from train import optimizers, trainer
 from train import sharding as shd
 
@@ -22,7 +23,7 @@ VOCAB = 256
 def test_loss_decreases_on_embedded_corpus(optimizer, lr, tmp_path, train_tokenizer):
   cfg = small_config(tmp_path / "run", optimizer=optimizer, lr=lr, steps=30,
                      update_proj_gap=10, model_overrides={**SMALL_MODEL, "dim": 64})
-  result = trainer.train(cfg, tokenizer=train_tokenizer)
+  result = trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
   losses = [r["loss"] for r in result.history if "loss" in r]
   assert len(losses) == 30
   assert all(np.isfinite(losses))
@@ -35,7 +36,7 @@ def test_loss_decreases_on_embedded_corpus(optimizer, lr, tmp_path, train_tokeni
 def test_run_dir_and_result_api(tmp_path, train_tokenizer):
   run_dir = tmp_path / "run"
   cfg = small_config(run_dir, steps=4, ckpt_every=2, tensorboard=True, eval_every=2)
-  result = trainer.train(cfg, tokenizer=train_tokenizer)
+  result = trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
   assert result.run_dir == str(run_dir) and not result.preempted
   for name in ("config.json", "metrics.jsonl", "tokenizer.model", "tensorboard", "checkpoints"):
     assert os.path.exists(run_dir / name), name
@@ -102,7 +103,7 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_non_finite_step_is_skipped_and_counted(optimizer):
   """A NaN weight that a batch touches makes loss and gradients NaN: that step changes nothing."""
   cfg = small_config(optimizer=optimizer)
-  setup = trainer.build(cfg, VOCAB)
+  setup = trainer.build(cfg, VOCAB, devices=one_device())
   state = setup.init_state()
   sharding = shd.batch_sharding(setup.mesh)
   put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}
@@ -130,7 +131,7 @@ def test_non_finite_step_is_skipped_and_counted(optimizer):
 
 def test_loss_spike_guard_skips_a_spiking_step():
   cfg = small_config(optimizer="adamw", loss_spike_factor=1.5)
-  setup = trainer.build(cfg, VOCAB)
+  setup = trainer.build(cfg, VOCAB, devices=one_device())
   state = setup.init_state()
   sharding = shd.batch_sharding(setup.mesh)
   batch = {k: jax.device_put(v, sharding) for k, v in random_batch(0, 8, 32, VOCAB).items()}

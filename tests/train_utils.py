@@ -36,6 +36,12 @@ def small_config(run_dir=None, **overrides) -> TrainConfig:
   return TrainConfig(**base)
 
 
+def one_device() -> list:
+  """Tests that are not about sharding run on one device (SVDs and small programs partitioned
+  over 8 fake devices on 2 cores are many times slower)."""
+  return jax.devices()[:1]
+
+
 def random_batch(seed: int, batch: int, seq: int, vocab: int) -> dict:
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, vocab, size=(batch, seq + 1), dtype=np.int32)
