@@ -173,6 +173,44 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, train_tokenizer):
   assert [s for s, _ in _train_losses(run_dir)] == list(range(1, stopped + 3))
 
 
+@pytest.mark.slow
+def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, train_tokenizer):
+  """Killed (SIGKILL) while saving every step: the newest complete checkpoint restores, a partial
+  one is never listed, and the run resumes from the command line."""
+  run_dir = tmp_path / "run"
+  args = [sys.executable, "-m", "train", "--tokenizer", train_tokenizer.model_path, "--run-dir",
+          str(run_dir), "--optimizer", "osd_adamw", "--rank", "4", "--batch-size", "8",
+          "--seq-len", "32", "--dtype", "float32", "--log-every", "1", "--eval-batches", "1",
+          "--eval-every", "0", "--ckpt-every", "1", "--keep-checkpoints", "2", "--no-progress",
+          "--no-tensorboard", "--mesh", "data=-1"]
+  for kv in ("dim=32", "hidden_dim=64", "n_layers=2", "n_heads=4"):
+    args += ["--model-override", kv]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt_dir = run_dir / "checkpoints"
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and proc.poll() is None:
+    if ckpt_dir.is_dir() and len([d for d in os.listdir(ckpt_dir) if d.isdigit()]) >= 2:
+      break
+    time.sleep(0.05)
+  time.sleep(0.3)  # let it be somewhere inside the next saves
+  proc.kill()
+  proc.wait(timeout=30)
+  setup = trainer.build(small_config(optimizer="osd_adamw"), train_tokenizer.vocab_size,
+                        devices=one_device())
+  ck = ckpt_lib.Checkpointer(str(ckpt_dir))
+  latest = ck.latest_step()
+  assert latest is not None and latest >= 2
+  state, data_state, _ = ck.restore(setup.abstract_state)
+  assert int(state.step) == latest and data_state is not None
+  assert not [d for d in os.listdir(ckpt_dir) if "tmp" in d]  # partial saves were cleaned
+  done = subprocess.run(args + ["--steps", str(latest + 1), "--resume"], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert f"done: {latest + 1} steps" in done.stdout
+
+
 def _free_port():
   import socket
 
