@@ -11,7 +11,8 @@ import jax
 import pytest
 
 import osd_jax
-from tests.train_utils import assert_trees_equal, host, one_device, random_batch, small_config
+from tests.train_utils import (assert_trees_equal, cli_args, host, one_device, random_batch,
+                               small_config)
 from train import checkpoint as ckpt_lib
 from train import sharding as shd
 from train import trainer
@@ -144,13 +145,9 @@ def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, train_tokenizer)
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, train_tokenizer):
   run_dir = tmp_path / "run"
-  args = [sys.executable, "-m", "train", "--preset", "tiny", "--tokenizer",
-          train_tokenizer.model_path, "--run-dir", str(run_dir), "--optimizer", "osd_adamw",
-          "--rank", "4", "--batch-size", "8", "--seq-len", "32", "--dtype", "float32",
-          "--log-every", "1", "--eval-batches", "1", "--eval-every", "0", "--ckpt-every", "0",
-          "--no-progress", "--no-tensorboard", "--mesh", "data=-1"]
-  for kv in ("dim=32", "hidden_dim=64", "n_layers=2", "n_heads=4"):
-    args += ["--model-override", kv]
+  args = [sys.executable, "-m", "train", *cli_args(
+      train_tokenizer.model_path, run_dir, "--log-every", "1", "--eval-every", "0",
+      "--ckpt-every", "0", "--mesh", "data=-1")]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -178,13 +175,9 @@ def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, train_tok
   """Killed (SIGKILL) while saving every step: the newest complete checkpoint restores, a partial
   one is never listed, and the run resumes from the command line."""
   run_dir = tmp_path / "run"
-  args = [sys.executable, "-m", "train", "--tokenizer", train_tokenizer.model_path, "--run-dir",
-          str(run_dir), "--optimizer", "osd_adamw", "--rank", "4", "--batch-size", "8",
-          "--seq-len", "32", "--dtype", "float32", "--log-every", "1", "--eval-batches", "1",
-          "--eval-every", "0", "--ckpt-every", "1", "--keep-checkpoints", "2", "--no-progress",
-          "--no-tensorboard", "--mesh", "data=-1"]
-  for kv in ("dim=32", "hidden_dim=64", "n_layers=2", "n_heads=4"):
-    args += ["--model-override", kv]
+  args = [sys.executable, "-m", "train", *cli_args(
+      train_tokenizer.model_path, run_dir, "--log-every", "1", "--eval-every", "0",
+      "--ckpt-every", "1", "--keep-checkpoints", "2", "--mesh", "data=-1")]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.Popen(args + ["--steps", "100000"], env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
@@ -223,12 +216,8 @@ def _free_port():
 def test_two_processes_train_save_and_resume(tmp_path, train_tokenizer):
   """Two local processes (CPU collectives over a localhost coordinator) train, save and resume."""
   run_dir = tmp_path / "run"
-  common = ["--tokenizer", train_tokenizer.model_path, "--run-dir", str(run_dir), "--rank", "4",
-            "--batch-size", "8", "--seq-len", "16", "--dtype", "float32", "--log-every", "1",
-            "--eval-batches", "1", "--ckpt-every", "2", "--no-progress", "--no-tensorboard",
-            "--mesh", "data=2,fsdp=2", "--num-processes", "2"]
-  for kv in ("dim=32", "hidden_dim=64", "n_layers=2", "n_heads=4"):
-    common += ["--model-override", kv]
+  common = cli_args(train_tokenizer.model_path, run_dir, "--log-every", "1", "--ckpt-every", "2",
+                    "--mesh", "data=2,fsdp=2", "--num-processes", "2")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
   def launch(*extra):

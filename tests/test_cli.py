@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.train_utils import SMALL_MODEL
+from tests.train_utils import cli_args
 from train.__main__ import build_parser, main, parse_config
 from train.config import TrainConfig
 
@@ -42,12 +42,7 @@ def test_flags_map_onto_the_config(tmp_path):
 
 
 def _small_args(tokenizer_path, run_dir):
-  args = ["--tokenizer", tokenizer_path, "--run-dir", str(run_dir), "--steps", "2",
-          "--batch-size", "8", "--seq-len", "16", "--rank", "4", "--no-progress",
-          "--no-tensorboard"]
-  for k, v in SMALL_MODEL.items():
-    args += ["--model-override", f"{k}={v}"]
-  return args
+  return cli_args(tokenizer_path, run_dir, "--steps", "2")
 
 
 @pytest.mark.parametrize("extra, message", [

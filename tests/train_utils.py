@@ -36,6 +36,16 @@ def small_config(run_dir=None, **overrides) -> TrainConfig:
   return TrainConfig(**base)
 
 
+def cli_args(tokenizer_path: str, run_dir, *extra: str) -> list[str]:
+  """``python -m train`` flags for the small test model (1 eval batch, no progress bar)."""
+  args = ["--tokenizer", tokenizer_path, "--run-dir", str(run_dir), "--rank", "4",
+          "--batch-size", "8", "--seq-len", "16", "--dtype", "float32", "--eval-batches", "1",
+          "--no-progress", "--no-tensorboard"]
+  for k, v in SMALL_MODEL.items():
+    args += ["--model-override", f"{k}={v}"]
+  return args + list(extra)
+
+
 def one_device() -> list:
   """Tests that are not about sharding run on one device (SVDs and small programs partitioned
   over 8 fake devices on 2 cores are many times slower)."""
