@@ -49,9 +49,9 @@ def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> Tra
   return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep)
 
 
-def token_loss(graphdef: nnx.GraphDef, rest: Any, params: Any, batch: dict) -> tuple:
+def token_loss(graphdef: nnx.GraphDef, params: Any, batch: dict) -> tuple:
   """Sum of next-token cross-entropy over valid targets (``target >= 0``) and their count."""
-  model = nnx.merge(graphdef, params, rest) if rest is not None else nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params)
   logits = model(batch["inputs"]).astype(jnp.float32)
   targets = batch["targets"]
   valid = targets >= 0
@@ -67,7 +67,7 @@ def _micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation,
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, shardings: TrainState, *,
                     grad_accum: int = 1, loss_spike_factor: float = 0.0,
                     subspace_metrics: bool = False, donate: bool = True) -> Callable:
@@ -77,7 +77,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
 
     def loss_fn(params, mb):
-      loss_sum, _ = token_loss(graphdef, rest, params, mb)
+      loss_sum, _ = token_loss(graphdef, params, mb)
       return loss_sum / n_tokens
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -136,11 +136,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: Any, mesh: Mesh, param_shardings: Any) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any) -> Callable:
   """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
 
   def eval_fn(params, batch):
-    return token_loss(graphdef, rest, params, batch)
+    return token_loss(graphdef, params, batch)
 
   rep = NamedSharding(mesh, P())
   return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),

@@ -122,7 +122,6 @@ class Setup:
   mesh: jax.sharding.Mesh
   model_config: Any
   graphdef: Any
-  rest: Any  # non-parameter model state (empty for Llama)
   tx: Any
   schedule: Any
   param_shardings: Any
@@ -147,9 +146,7 @@ class Setup:
 
   def model(self, params: Any) -> nnx.Module:
     """The Llama module holding ``params``."""
-    if self.rest is None:
-      return nnx.merge(self.graphdef, params)
-    return nnx.merge(self.graphdef, params, self.rest)
+    return nnx.merge(self.graphdef, params)
 
 
 def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None = None,
@@ -168,8 +165,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
   mcfg = model_config(cfg, vocab_size)
   abstract_model = nnx.eval_shape(lambda: model_lib.Llama(mcfg, rngs=nnx.Rngs(0)))
   graphdef, abs_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  rest = None if not jax.tree.leaves(rest) else rest
-  if rest is not None:
+  if jax.tree.leaves(rest):
     raise ConfigError("the model has non-parameter state, which this trainer does not handle")
   param_specs = shd.param_specs(abs_params, mesh)
   param_shardings = shd.named(mesh, param_specs)
@@ -184,11 +180,11 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
   train_step = step_lib.make_train_step(
-      graphdef, rest, tx, schedule, mesh, state_shardings, grad_accum=cfg.grad_accum,
+      graphdef, tx, schedule, mesh, state_shardings, grad_accum=cfg.grad_accum,
       loss_spike_factor=cfg.loss_spike_factor,
       subspace_metrics=optimizers.is_subspace(cfg))
-  eval_step = step_lib.make_eval_step(graphdef, rest, mesh, param_shardings)
-  return Setup(cfg, mesh, mcfg, graphdef, rest, tx, schedule, param_shardings, state_shardings,
+  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings)
+  return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,
                float(model_lib.flops_per_token(mcfg, cfg.seq_len)))
 
