@@ -15,7 +15,7 @@ from typing import Any
 
 OPTIMIZERS = ("adamw", "lion", "osd_adamw", "osd_lion", "galore_adamw")
 SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
-PROJECTOR_INITS = ("svd", "randomized", "random", "zeros")
+PROJECTOR_INITS = ("svd", "randomized", "random")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
 
