@@ -212,7 +212,8 @@ def scale_by_subspace_descent(
       nb = len(layout.batch_shape)
       rule_update = _vmap_batch(projector.update, nb, in_axes=(0, 0, None, 0))
       keys = _leaf_keys(base_key, i, count, layout.batch_shape)
-      p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
+      with projectors_lib.transposed_view(layout.transpose):
+        p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
       inner_in.append(g_hat.astype(g.dtype))  # Ĝ = Pₜᵀ G'
       if project_params:
         w = param_leaves[i]
