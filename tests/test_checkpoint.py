@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 import osd_jax
@@ -212,27 +214,130 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# Runs ``python -m train`` (argv after the log path) recording, for the test: every local batch the
+# process hands to ``jax.make_array_from_process_local_data`` and every file it writes (Python
+# opens for writing, renames, mkdirs) under the run directory. Array data that orbax writes through
+# tensorstore (C++) is not seen; checkpoint metadata, JSON items and metrics are.
+_WORKER = r"""
+import json, os, sys
+import numpy as np
+log_path, argv = sys.argv[1], sys.argv[2:]
+run_dir = os.path.realpath(argv[argv.index("--run-dir") + 1])
+writes, batches = [], []
+
+def _under_run_dir(path):
+  try:
+    path = os.path.realpath(os.fsdecode(path))
+  except TypeError:  # a file descriptor
+    return None
+  return os.path.relpath(path, run_dir) if path.startswith(run_dir + os.sep) else None
+
+def hook(event, args):
+  if event == "open":
+    path, mode, flags = args
+    if mode is None:
+      write = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    else:
+      write = any(c in str(mode) for c in "wax+")
+    rel = _under_run_dir(path) if write else None
+  elif event in ("os.rename", "os.mkdir", "os.remove", "os.rmdir"):
+    rel = _under_run_dir(args[0])
+  else:
+    return
+  if rel is not None:
+    writes.append(rel)
+
+sys.addaudithook(hook)
+from train import trainer
+from train.__main__ import main
+_global_batch = trainer._global_batch
+
+def recording_global_batch(batch, sharding, batch_size):
+  batches.append(np.asarray(batch["inputs"]).tolist())
+  return _global_batch(batch, sharding, batch_size)
+
+trainer._global_batch = recording_global_batch
+try:
+  rc = main(argv)
+finally:
+  with open(log_path, "w") as f:
+    json.dump({"writes": writes, "batches": batches}, f)
+sys.exit(rc)
+"""
+
+
 @pytest.mark.slow
-def test_two_processes_train_save_and_resume(tmp_path, train_tokenizer):
-  """Two local processes (CPU collectives over a localhost coordinator) train, save and resume."""
+def test_two_processes_match_one_process_save_and_resume(tmp_path, train_tokenizer, monkeypatch):
+  """Two local processes (CPU collectives over a localhost coordinator, 2 devices each) train 2
+  steps, save and resume to step 4. Each process reads its own rows of every global batch (disjoint
+  from the other's), the losses equal those of one process with the same global batch and mesh,
+  and only process 0 writes checkpoint metadata, metrics and run files."""
   run_dir = tmp_path / "run"
   common = cli_args(train_tokenizer.model_path, run_dir, "--log-every", "1", "--ckpt-every", "2",
-                    "--mesh", "data=2,fsdp=2", "--num-processes", "2")
+                    "--eval-every", "0", "--mesh", "data=2,fsdp=2")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
-  def launch(*extra):
+  def launch(phase, *extra):
     port = _free_port()
+    logs = [tmp_path / f"{phase}-{i}.json" for i in range(2)]
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "train", *common, *extra, "--process-id", str(i),
-         "--coordinator-address", f"127.0.0.1:{port}"],
+        [sys.executable, "-c", _WORKER, str(logs[i]), *common, *extra, "--num-processes", "2",
+         "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
       assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
+    return [out for out, _ in outs], [json.loads(log.read_text()) for log in logs]
 
-  outs = launch("--steps", "2")
+  outs, first = launch("first", "--steps", "2")
   assert "done: 2 steps" in outs[0] and "done:" not in outs[1]  # only process 0 reports
-  launch("--steps", "4", "--resume")
+  _, second = launch("second", "--steps", "4", "--resume")
   assert ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps() == [2, 4]
-  assert [s for s, _ in _train_losses(run_dir)] == [1, 2, 3, 4]
+  multi = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+  # one process, the same global batch and mesh (4 of this test process's fake devices)
+  from train.__main__ import parse_config
+
+  single_batches = []
+  original = trainer._global_batch
+
+  def recording(batch, sharding, batch_size):
+    single_batches.append(np.asarray(batch["inputs"]).tolist())
+    return original(batch, sharding, batch_size)
+
+  monkeypatch.setattr(trainer, "_global_batch", recording)
+  cfg = parse_config(cli_args(train_tokenizer.model_path, tmp_path / "single", "--log-every", "1",
+                              "--ckpt-every", "2", "--eval-every", "0", "--mesh", "data=2,fsdp=2",
+                              "--steps", "4"))
+  single = trainer.train(cfg, devices=jax.devices()[:4]).history
+
+  def series(records, key):
+    return [(r["step"], r[key]) for r in records if key in r]
+
+  assert [s for s, _ in series(multi, "loss")] == [1, 2, 3, 4]
+  for key in ("loss", "grad_norm", "eval_loss"):  # eval: at 0 and 4 (and 2, the first run's end)
+    got, want = dict(series(multi, key)), dict(series(single, key))
+    assert set(want) <= set(got) and len(want) >= 2, key
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-6,
+                               err_msg=key)
+
+  # local batches: [eval@0, train 1, train 2, eval@2] then [train 3, train 4, eval@4]
+  train_rows = [first[i]["batches"][1:3] + second[i]["batches"][:2] for i in range(2)]
+  single_train = single_batches[1:5]  # [eval@0, train 1..4, eval@4]
+  for k in range(4):
+    assert len(train_rows[0][k]) == len(train_rows[1][k]) == 4
+    assert train_rows[0][k] + train_rows[1][k] == single_train[k]  # process 0 then process 1
+  shards = [{tuple(r) for b in rows for r in b} for rows in train_rows]
+  assert len(shards[0]) == len(shards[1]) == 16 and not shards[0] & shards[1]
+  assert first[0]["batches"][0] + first[1]["batches"][0] == single_batches[0]  # eval rows too
+
+  # only process 0 writes checkpoint metadata and run files; process 1 writes (through Python)
+  # nothing but the metadata of its own array shards (.../array_metadatas/process_1)
+  written = [{re.sub(r"\.orbax-checkpoint-tmp[^/]*", "", w)  # orbax's temporary names
+              for w in first[i]["writes"] + second[i]["writes"]} for i in range(2)]
+  assert {"config.json", "metrics.jsonl", "tokenizer.model"} <= written[0]
+  for step in (2, 4):
+    shared = {"_CHECKPOINT_METADATA", "state/_METADATA", "config/metadata", "data/metadata",
+              "signature/metadata"}
+    assert {f"checkpoints/{step}/{name}" for name in shared} <= written[0], sorted(written[0])
+  assert written[1] and all("process_1" in w.split("/") for w in written[1]), sorted(written[1])

@@ -147,23 +147,32 @@ def _first_tokens(ds):
   return [int(x) for b in ds for x in b["inputs"][:, 0]]
 
 
-def test_process_shards_are_disjoint_and_cover_the_source():
+def test_process_shards_are_disjoint_and_stack_into_the_single_process_batches():
+  """Process i of P gets rows [i*B, (i+1)*B) of every global batch of one shared shuffle: the
+  processes' windows are disjoint and, stacked in process order, are the batches of one process
+  reading with batch P*B (also across the epoch boundary)."""
   seq_len, n_tokens = 8, 8 * 40 + 1  # 40 windows, each identified by its first token
   tokens = np.arange(n_tokens, dtype=np.int64)
   all_starts = set(data.window_starts(n_tokens, seq_len).tolist())
   assert len(all_starts) == 40
   for count in (2, 3):
+    per_process = 2
+    single = data.make_token_dataset(tokens, seq_len=seq_len, batch_size=count * per_process,
+                                     seed=3, num_epochs=2)
+    single = [b["inputs"][:, 0].tolist() for b in single]
     seen = []
     for index in range(count):
-      ds = data.make_token_dataset(tokens, seq_len=seq_len, batch_size=1, seed=3,
-                                   process_index=index, process_count=count, num_epochs=1)
-      seen.append(_first_tokens(ds))
-      assert len(seen[-1]) == len(set(seen[-1])) == 40 // count
+      ds = data.make_token_dataset(tokens, seq_len=seq_len, batch_size=per_process, seed=3,
+                                   process_index=index, process_count=count, num_epochs=2)
+      seen.append([b["inputs"][:, 0].tolist() for b in ds])
+    assert [len(s) for s in seen] == [len(single)] * count == [80 // (count * per_process)] * count
+    for k, want in enumerate(single):
+      assert [x for s in seen for x in s[k]] == want
+    first_epoch = [{x for b in s[:40 // (count * per_process)] for x in b} for s in seen]
     for i in range(count):
       for j in range(i + 1, count):
-        assert not set(seen[i]) & set(seen[j])
-    union = set().union(*map(set, seen))
-    assert union <= all_starts and len(union) == 40 - 40 % count
+        assert not first_epoch[i] & first_epoch[j]
+    assert set().union(*first_epoch) <= all_starts
 
 
 def test_windows_are_shuffled_per_epoch_and_targets_shifted():
@@ -190,7 +199,11 @@ def test_token_dataset_errors():
   with pytest.raises(ValueError, match="seq_len"):
     data.make_token_dataset(tokens, seq_len=0, batch_size=1)
   with pytest.raises(ValueError, match="process_count"):
-    data.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=4)
+    data.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=0)
+  with pytest.raises(ValueError, match=r"global batch \(batch_size x process_count = 4\)"):
+    data.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=4, num_epochs=1)
+  with pytest.raises(ValueError, match="no window"):
+    data.make_token_dataset(tokens, seq_len=20, batch_size=1)
 
 
 def test_parse_spec():
@@ -243,8 +256,12 @@ def test_local_text_process_sharding(tok, tmp_path):
   for index in range(2):
     ds = data.make_dataset(spec, tok, seq_len=32, batch_size=2, process_index=index,
                            process_count=2, num_epochs=1)
-    rows.append({tuple(r) for b in ds for r in b["inputs"]})
-  assert rows[0] and rows[1] and not rows[0] & rows[1]
+    rows.append([tuple(r) for b in ds for r in b["inputs"]])
+  assert rows[0] and rows[1] and not set(rows[0]) & set(rows[1])
+  single = data.make_dataset(spec, tok, seq_len=32, batch_size=4, num_epochs=1)
+  single = [tuple(r) for b in single for r in b["inputs"]]
+  assert single == [r for k in range(len(rows[0]) // 2)
+                    for r in rows[0][2 * k:2 * k + 2] + rows[1][2 * k:2 * k + 2]]
 
 
 def test_single_file_falls_back_to_window_split(tok, tmp_path):

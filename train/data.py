@@ -10,11 +10,17 @@ Sequences:
 
 * ``embedded`` and ``text:``: the documents of the split are tokenized once, joined into one token
   stream with EOS after each document, and cut into windows of T + 1 tokens starting every T tokens
-  (packing; nothing is padded, the stream's last partial window is dropped). Each process takes
-  every ``process_count``-th window, and the windows are shuffled per epoch by ``seed``.
+  (packing; nothing is padded, the stream's last partial window is dropped). The windows are
+  shuffled per epoch by ``seed`` into one global stream (the same on every process) that is cut
+  into global batches of ``B * process_count`` windows; process i takes rows
+  ``[i * B, (i + 1) * B)`` of every global batch. The processes' batches are therefore disjoint, and
+  stacked in process order they are exactly the batches of a single process reading with batch
+  ``B * process_count`` (a multi-process run sees the same data as a one-process run).
 * ``tfds:``: each process takes every ``process_count``-th document, shuffles the documents per
   epoch, tokenizes them on the fly (EOS appended) and concatenates them into windows of T + 1
   tokens with grain's concat-then-split packer; the padded tail of a finite stream is dropped.
+  (Packing happens per process, so the processes' shards are disjoint but a multi-process run
+  reads the documents in a different order than a one-process run.)
 
 Splits: ``"train"`` and ``"eval"``. For ``embedded``/``text:`` eval is the held-out documents (one in
 20 by content hash, see :mod:`train.corpus`; with too few documents to split, one window in 20
@@ -212,6 +218,35 @@ def _check_common(seq_len: int, batch_size: int, process_index: int, process_cou
                      f"got {num_epochs!r}")
 
 
+class _ProcessRows(grain.MapDataset):
+  """This process's rows of every global batch of ``parent``.
+
+  With ``b = batch_size`` rows per process and ``B = b * process_count`` per global batch, element
+  ``n`` is the parent's element ``(n // b) * B + process_index * b + n % b``; a trailing partial
+  global batch is dropped so that every process yields as many batches.
+  """
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._rows = batch_size
+    self._offset = process_index * batch_size
+    self._global = batch_size * process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._rows
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, j = divmod(int(index), self._rows)
+    return self._parent[k * self._global + self._offset + j]
+
+  def __str__(self) -> str:
+    return (f"_ProcessRows(rows={self._rows}, offset={self._offset}, "
+            f"global_batch={self._global})")
+
+
 def _shard(ds: grain.MapDataset, process_index: int, process_count: int,
            what: str) -> grain.MapDataset:
   """Every process_count-th element, from an equal-length prefix so all processes get as many."""
@@ -231,12 +266,14 @@ def make_token_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int,
   Args:
     tokens: 1-D token stream.
     seq_len: T; windows hold T + 1 tokens.
-    batch_size: per-process batch.
+    batch_size: per-process batch B.
     starts: window starts (default :func:`window_starts`).
     shuffle: shuffle the windows, with a new permutation each epoch.
-    seed: shuffle seed.
-    process_index, process_count: this process takes windows ``process_index::process_count``.
-    num_epochs: passes over the windows; None repeats forever.
+    seed: shuffle seed (the same on every process).
+    process_index, process_count: this process takes rows ``[process_index * B,
+      (process_index + 1) * B)`` of every global batch of ``B * process_count`` windows.
+    num_epochs: passes over the windows; None repeats forever. Global batches may span epochs;
+      a trailing partial global batch of a finite stream is dropped.
   """
   _check_common(seq_len, batch_size, process_index, process_count, num_epochs)
   tokens = np.asarray(tokens)
@@ -245,15 +282,21 @@ def make_token_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int,
   starts = window_starts(len(tokens), seq_len) if starts is None else np.asarray(starts)
   if len(starts) and int(starts.max()) + seq_len + 1 > len(tokens):
     raise ValueError("a window start runs past the end of the token stream")
-  ds = _shard(grain.MapDataset.source(starts), process_index, process_count,
-              f"{len(tokens)} tokens in windows of seq_len + 1 = {seq_len + 1}")
-  if num_epochs is not None and len(ds) * num_epochs < batch_size:
-    raise ValueError(f"batch_size={batch_size} is larger than the {len(ds) * num_epochs} windows "
-                     f"this process gets in num_epochs={num_epochs}")
+  if len(starts) == 0:
+    raise ValueError(f"{len(tokens)} tokens hold no window of seq_len + 1 = {seq_len + 1} tokens")
+  global_batch = batch_size * process_count
+  ds = grain.MapDataset.source(starts)
+  if num_epochs is not None and len(ds) * num_epochs < global_batch:
+    what = "batch_size" if process_count == 1 else \
+        f"the global batch (batch_size x process_count = {global_batch})"
+    raise ValueError(f"{what}={global_batch} is larger than the {len(ds) * num_epochs} windows "
+                     f"in num_epochs={num_epochs}")
   if shuffle:
     ds = ds.shuffle(seed=int(seed) % 2**32)
-  ds = ds.repeat(num_epochs).map(_Window(tokens, seq_len))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.repeat(num_epochs)  # one global stream, identical on every process
+  if process_count > 1:
+    ds = _ProcessRows(ds, batch_size, process_index, process_count)
+  ds = ds.map(_Window(tokens, seq_len)).batch(batch_size, drop_remainder=True)
   # The windows are slices of an in-memory array: read them on the calling thread.
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
@@ -362,7 +405,9 @@ def make_dataset(spec: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: i
     batch_size: sequences per batch for THIS process.
     split: "train" or "eval" (tfds: also any tfds split string).
     seed: shuffle seed (same on every process).
-    process_index, process_count: this process reads shard ``process_index`` of ``process_count``.
+    process_index, process_count: this process's share (see the module docstring): rows
+      ``[process_index * batch_size, (process_index + 1) * batch_size)`` of every global batch for
+      ``embedded``/``text:``, every ``process_count``-th document for ``tfds:``.
     tfds_data_dir: tfds data dir (local or gs://); None uses tfds' default.
     num_epochs: passes over the data; None repeats forever.
     shuffle: defaults to True for "train", False otherwise.

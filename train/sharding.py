@@ -177,3 +177,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int,
+                       process_index: int | None = None) -> tuple[int, int]:
+  """Rows ``[start, stop)`` of a global batch of ``batch_size`` sequences that the devices of
+  ``process_index`` (default: this process) hold under :func:`batch_sharding`.
+
+  A process reads exactly these rows of every global batch and hands them to
+  ``jax.make_array_from_process_local_data``. Raises ValueError when they are not one contiguous
+  block (a mesh whose batch axes interleave the processes' devices).
+  """
+  me = jax.process_index() if process_index is None else process_index
+  rows: set[int] = set()
+  for device, index in batch_sharding(mesh).devices_indices_map((batch_size,)).items():
+    if device.process_index == me:
+      rows.update(range(*index[0].indices(batch_size)))
+  if not rows:
+    raise ValueError(f"process {me} holds no device of the mesh")
+  start, stop = min(rows), max(rows) + 1
+  if len(rows) != stop - start:
+    raise ValueError(f"process {me} holds batch rows {sorted(rows)}, not one contiguous block; "
+                     f"order the mesh's data/fsdp devices by process")
+  return start, stop

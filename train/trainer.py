@@ -212,14 +212,30 @@ def load_tokenizer(cfg: TrainConfig):
   return tok_lib.default_tokenizer(cache, vocab)
 
 
-def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
-  """(train dataset, eval dataset) for this process."""
+def make_datasets(cfg: TrainConfig, tokenizer,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any]:
+  """(train dataset, eval dataset) for this process.
+
+  With a ``mesh`` this process reads the rows of every global batch that its devices hold
+  (:func:`train.sharding.process_batch_rows`): for ``embedded``/``text:`` data, rows
+  ``[start, stop)`` of the global batch that a single process would read, so any number of
+  processes trains on exactly the same batches. Without one, process i reads rows
+  ``[i * B / P, (i + 1) * B / P)``.
+  """
   from train import data as data_lib
 
-  per_process = cfg.batch_size // jax.process_count()
-  common = dict(seq_len=cfg.seq_len, batch_size=per_process, seed=cfg.seed,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                tfds_data_dir=cfg.tfds_data_dir)
+  if mesh is None:
+    rows = cfg.batch_size // jax.process_count()
+    start = jax.process_index() * rows
+  else:
+    try:
+      start, stop = shd.process_batch_rows(mesh, cfg.batch_size)
+    except ValueError as e:
+      raise ConfigError(f"--mesh {cfg.mesh}: {e}") from None
+    rows = stop - start
+  common = {"seq_len": cfg.seq_len, "batch_size": rows, "seed": cfg.seed,
+            "process_index": start // rows, "process_count": cfg.batch_size // rows,
+            "tfds_data_dir": cfg.tfds_data_dir}
   try:
     train_ds = data_lib.make_dataset(cfg.data, tokenizer, split="train", **common)
     eval_ds = data_lib.make_dataset(cfg.data, tokenizer, split="eval", **common)
@@ -229,8 +245,10 @@ def make_datasets(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
   return train_ds, eval_ds
 
 
-def _global_batch(batch: dict, sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+def _global_batch(batch: dict, sharding, batch_size: int) -> dict:
+  """The global ``[batch_size, T]`` arrays from this process's rows of the batch."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v),
+                                                    (batch_size,) + np.shape(v)[1:])
           for k, v in batch.items() if k in ("inputs", "targets")}
 
 
@@ -321,7 +339,7 @@ def evaluate(setup: Setup, params: Any, eval_ds: Any, num_batches: int) -> dict:
       batch = next(it)
     except StopIteration:
       break
-    s, n = setup.eval_step(params, _global_batch(batch, sharding))
+    s, n = setup.eval_step(params, _global_batch(batch, sharding, setup.cfg.batch_size))
     loss_sum += float(s)
     count += float(n)
   if count == 0:
@@ -372,7 +390,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     setup = build(cfg, tokenizer.vocab_size, devices=devices)
   except ValueError as e:  # e.g. the optimizer rejecting a flag value
     raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
-  train_ds, eval_ds = make_datasets(cfg, tokenizer)
+  train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
   checkpointer = ckpt_lib.Checkpointer(str(ckpt_dir), keep=cfg.keep_checkpoints,
                                        async_save=cfg.async_checkpoint)
   train_it: Iterator = iter(train_ds)
@@ -430,7 +448,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   step = start
   try:
     while step < cfg.steps:
-      batch = _global_batch(next(train_it), batch_sharding)
+      batch = _global_batch(next(train_it), batch_sharding, cfg.batch_size)
       state, last_metrics = setup.train_step(state, batch)
       step += 1
       steps_since_log += 1
