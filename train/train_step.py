@@ -8,8 +8,12 @@ orbax checkpoints all see the same structure. One train step:
 2. applies ``tx`` (gradient clipping + optimizer);
 3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the
    loss or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its
-running mean); 4. returns scalar metrics (loss, grad norm, lr, skip counters, and for subspace
-   optimizers the mean projector orthogonality error ``||P^T P - I||_F`` and subspace drift).
+   running mean);
+4. returns scalar metrics: loss, grad norm, lr, skip counters, and for subspace optimizers the
+   mean projector orthogonality error ``||P^T P - I||_F`` and the subspace drift of this step
+   (mean sin^2 of the principal angles between P before and after it). These two need a QR of
+   every projector, so they are computed under ``lax.cond`` only at log steps (the step count
+   after the step is a multiple of ``metrics_every`` or is ``last_step``) and are NaN otherwise.
 """
 
 from __future__ import annotations
@@ -70,8 +74,14 @@ def _micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, shardings: TrainState, *,
                     grad_accum: int = 1, loss_spike_factor: float = 0.0,
-                    subspace_metrics: bool = False, donate: bool = True) -> Callable:
-  """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings."""
+                    subspace_metrics: bool = False, metrics_every: int = 1,
+                    last_step: int = -1, donate: bool = True) -> Callable:
+  """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
+
+  With ``subspace_metrics`` the projector metrics are computed (under ``lax.cond``, so one compiled
+  program serves every step) only at the steps the trainer logs: when the step count after the
+  step is a multiple of ``metrics_every`` or equals ``last_step``; they are NaN at other steps.
+  """
 
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
@@ -127,8 +137,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         "bad_streak": new_state.bad_streak,
     }
     if subspace_metrics:
-      metrics["orthogonality_error"] = osd_jax.projector_orthogonality_error(new_opt)
-      metrics["subspace_drift"] = osd_jax.subspace_drift(state.opt_state, new_opt)
+      # A QR of every projector: computed at log steps only, NaN on the others.
+      def projector_metrics(old, new):
+        return (osd_jax.projector_orthogonality_error(new).astype(jnp.float32),
+                osd_jax.subspace_drift(old, new).astype(jnp.float32))
+
+      def skip_metrics(old, new):
+        return jnp.full([], jnp.nan, jnp.float32), jnp.full([], jnp.nan, jnp.float32)
+
+      if metrics_every <= 1:
+        orth, drift = projector_metrics(state.opt_state, new_opt)
+      else:
+        n = state.step + 1  # the step number after this step, as the trainer logs it
+        at_log_step = (n % metrics_every == 0) | (n == last_step)
+        orth, drift = jax.lax.cond(at_log_step, projector_metrics, skip_metrics,
+                                   state.opt_state, new_opt)
+      metrics["orthogonality_error"] = orth
+      metrics["subspace_drift"] = drift
     return new_state, metrics
 
   rep = NamedSharding(mesh, P())
