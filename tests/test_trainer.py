@@ -140,3 +140,55 @@ def test_loss_spike_guard_skips_a_spiking_step():
   state = state._replace(loss_avg=jnp.asarray(0.1, jnp.float32))  # a loss of ~5.5 is now a spike
   state, m = setup.train_step(state, batch)
   assert int(m["skipped"]) == 1
+
+
+# One config for the two tests below (one compiled program): projector metrics at steps 2, 4, 5.
+_METRICS_CFG = {"optimizer": "osd_adamw", "log_every": 2, "steps": 5}
+
+
+def test_zero_gradients_never_make_projectors_nan():
+  """P_0 from an all-zero gradient (a batch of padding only), then matrices whose gradient is
+  zero because their output is multiplied by a zero matrix (wo = w2 = 0 in layer 0): projectors,
+  params and metrics stay finite and no step is skipped."""
+  setup = trainer.build(small_config(**_METRICS_CFG), VOCAB, devices=one_device())
+  sharding = shd.batch_sharding(setup.mesh)
+  put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}
+  padding = random_batch(0, 8, 32, VOCAB)
+  padding["targets"][:] = -1  # no valid target: loss 0, every gradient exactly 0
+  state, m = setup.train_step(setup.init_state(), put(padding))
+  assert float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0
+  params = state.params
+  layer = params["layers"][0]
+  for module, name in (("attention", "wo"), ("mlp", "w2")):
+    layer[module][name]["kernel"] = jnp.zeros_like(layer[module][name]["kernel"])
+  state = state._replace(params=jax.device_put(params, setup.param_shardings))
+  for i in range(1, 5):
+    state, m = setup.train_step(state, put(random_batch(i, 8, 32, VOCAB)))
+    projectors = osd_jax.projectors_of(state.opt_state)
+    assert all(np.isfinite(np.asarray(p)).all() for p in projectors), f"step {i + 1}"
+    assert np.isfinite(float(m["loss"])) and int(m["skipped"]) == 0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(state.params)))
+  assert np.isfinite(float(m["orthogonality_error"]))  # step 5 is the last step: a log step
+
+
+def test_projector_metrics_only_at_log_steps():
+  """The orthogonality error and drift (a QR of every projector) are computed only at log steps
+  (--log-every 2, --steps 5: steps 2, 4, 5) and are NaN at the others; the drift is that of the
+  step itself (P before vs after it)."""
+  setup = trainer.build(small_config(**_METRICS_CFG), VOCAB, devices=one_device())
+  sharding = shd.batch_sharding(setup.mesh)
+  state = setup.init_state()
+  for i in range(1, 6):
+    before = host(state.opt_state)
+    batch = {k: jax.device_put(v, sharding) for k, v in random_batch(i, 8, 32, VOCAB).items()}
+    state, m = setup.train_step(state, batch)
+    logged = i in (2, 4, 5)
+    assert np.isfinite(float(m["subspace_drift"])) == logged, i
+    assert np.isfinite(float(m["orthogonality_error"])) == logged, i
+    if logged:
+      np.testing.assert_allclose(float(m["subspace_drift"]),
+                                 float(osd_jax.subspace_drift(before, host(state.opt_state))),
+                                 rtol=1e-4, atol=1e-7)
+      np.testing.assert_allclose(
+          float(m["orthogonality_error"]),
+          float(osd_jax.projector_orthogonality_error(host(state.opt_state))), rtol=1e-4)
