@@ -76,6 +76,10 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
                                          "n_heads": 4})
   with pytest.raises(ckpt_lib.CheckpointError, match="model_overrides"):
     ck.restore(trainer.build(bigger, VOCAB).abstract_state, config=bigger.to_dict())
+  # resuming with a tokenizer of another vocabulary: the same flags, other embedding/head shapes
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"\['embed'\]\['embedding'\]: checkpoint "
+                     r"\(256, 32\) float32 vs this run \(320, 32\) float32"):
+    ck.restore(trainer.build(cfg, VOCAB + 64).abstract_state, config=cfg.to_dict())
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):

@@ -111,3 +111,48 @@ def test_plot_compares_runs(tmp_path):
   assert out.stat().st_size > 1000
   assert plot.load_run(str(tmp_path / "b"))[0] == "osd_adamw (r=8)"
   assert plot.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_bad_corpus_is_one_error_line(tmp_path, capsys, train_tokenizer):
+  """An empty corpus and a corpus with fewer tokens than one window (seq_len + 1) stop before
+  anything is compiled, with one error line and exit status 2."""
+  empty, short = tmp_path / "empty", tmp_path / "short"
+  empty.mkdir()
+  short.mkdir()
+  (empty / "a.txt").write_text("")
+  (empty / "b.txt").write_text("  \n\n")
+  (short / "a.txt").write_text("tiny")
+  for data, message in ((f"text:{empty}", "empty corpus (2 files, all empty)"),
+                        (f"text:{short}/*.txt", "fewer than seq_len + 1 = 17")):
+    rc = main(_small_args(train_tokenizer.model_path, tmp_path / "run") + ["--data", data])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: --data text:") and message in lines[0], err
+
+
+def test_non_utf8_text_is_decoded_with_replacement_and_trains(tmp_path, train_tokenizer):
+  """Files that are not valid UTF-8 are decoded with U+FFFD replacement characters, counted in
+  one warning, and the run trains to the end."""
+  from tests.train_utils import one_device, small_config
+  from train import corpus, trainer
+
+  for i, doc in enumerate(corpus.embedded_documents()[:40]):
+    (tmp_path / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 200)
+  (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 20)
+  cfg = small_config(tmp_path / "run", optimizer="adamw", steps=2, data=f"text:{tmp_path}/*.txt")
+  with pytest.warns(UserWarning, match="2 of 42 files were not valid UTF-8"):
+    result = trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
+  assert int(result.state.step) == 2 and int(result.state.skipped) == 0
+
+
+def test_model_vocab_larger_than_the_tokenizer_is_allowed(train_tokenizer):
+  """--model-override vocab_size above the tokenizer's vocabulary gives embedding/output rows
+  that no token uses (allowed); below it is an error (test_bad_input_is_one_error_line)."""
+  from tests.train_utils import small_config
+  from train import trainer
+
+  cfg = small_config(model_overrides={"vocab_size": 640, "n_layers": 1})
+  assert trainer.model_config(cfg, train_tokenizer.vocab_size).vocab_size == 640
+  assert trainer.model_config(small_config(), train_tokenizer.vocab_size).vocab_size == 512
