@@ -210,6 +210,72 @@ def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, train_tok
   assert f"done: {latest + 1} steps" in done.stdout
 
 
+def _last_logged_step(run_dir) -> int:
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  from train.metrics import read_jsonl
+
+  return max((r["step"] for r in read_jsonl(str(path)) if "loss" in r), default=0)
+
+
+@pytest.mark.slow
+def test_soak_two_kills_then_resume_ends_with_the_uninterrupted_params(tmp_path, train_tokenizer):
+  """300 tiny steps with a checkpoint every 25, stopped twice at arbitrary points — SIGKILL (no
+  chance to save; possibly mid-save) and SIGTERM (saves and exits 0) — and resumed each time with
+  --resume: the losses and the final params and optimizer state (projectors included) are
+  bitwise those of an uninterrupted run."""
+  steps, run_dir = 300, tmp_path / "run"
+  flags = cli_args(train_tokenizer.model_path, run_dir, "--steps", str(steps), "--batch-size", "4",
+                   "--seq-len", "32", "--log-every", "10", "--ckpt-every", "25",
+                   "--keep-checkpoints", "2", "--eval-every", "0", "--mesh", "data=-1")
+  # the uninterrupted run, in this process on one device (it also caches the tokenized corpus)
+  from train.__main__ import parse_config
+
+  reference = trainer.train(parse_config(flags).replace(run_dir=str(tmp_path / "reference")),
+                            devices=one_device())
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  command = [sys.executable, "-m", "train", *flags]
+  rng = np.random.default_rng(8)
+
+  def interrupt(sig, after_step, resume):
+    proc = subprocess.Popen(command + (["--resume"] if resume else []), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+      if _last_logged_step(run_dir) >= after_step:
+        break
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.05))  # somewhere between log steps (and saves)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+  rc, _, err = interrupt(signal.SIGKILL, int(rng.integers(60, 120)), resume=False)
+  assert rc == -signal.SIGKILL, err[-2000:]
+  killed_at = _last_logged_step(run_dir)
+  latest = ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).latest_step()
+  assert latest is not None and 25 <= latest <= killed_at + 10 and latest % 25 == 0
+
+  rc, out, err = interrupt(signal.SIGTERM, int(rng.integers(170, 230)), resume=True)
+  assert rc == 0 and "stopped at step" in out, err[-2000:]
+  stopped = int(out.split("stopped at step")[1].split(";")[0])
+  assert stopped < steps
+  assert stopped in ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps()
+  print(f"SIGKILL after logged step {killed_at} (resumed from {latest}); SIGTERM at {stopped}")
+
+  done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True,
+                        timeout=180, check=False)
+  assert done.returncode == 0 and f"done: {steps} steps" in done.stdout, done.stderr[-2000:]
+
+  assert _train_losses(run_dir) == _train_losses(tmp_path / "reference")
+  assert [s for s, _ in _train_losses(run_dir)] == list(range(10, steps + 1, 10))
+  ck = ckpt_lib.Checkpointer(str(run_dir / "checkpoints"))
+  assert ck.latest_step() == steps
+  restored, _, _ = ck.restore(reference.setup.abstract_state)
+  assert_trees_equal(restored, reference.state)
+
+
 def _free_port():
   import socket
 
