@@ -192,3 +192,19 @@ def test_projector_metrics_only_at_log_steps():
       np.testing.assert_allclose(
           float(m["orthogonality_error"]),
           float(osd_jax.projector_orthogonality_error(host(state.opt_state))), rtol=1e-4)
+
+
+def test_too_many_skipped_steps_in_a_row_save_and_stop(tmp_path, train_tokenizer):
+  """--max-consecutive-skips: with a loss-spike guard that rejects every step after the first, the
+  run stops after 2 skipped steps in a row, with a checkpoint at that step (exit status 3 from the
+  command line)."""
+  from train import checkpoint as ckpt_lib
+
+  cfg = small_config(tmp_path / "run", optimizer="adamw", steps=6, loss_spike_factor=1e-6,
+                     max_consecutive_skips=2)
+  with pytest.raises(FloatingPointError, match="2 steps in a row .* stopped at step 3"):
+    trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
+  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [3]
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines() if '"loss"' in line]
+  assert [r["skipped"] for r in records] == [0, 1, 1] and records[-1]["skipped_total"] == 2
