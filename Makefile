@@ -31,5 +31,13 @@ demo: install
 		--lr 3e-3 --rank 32 --projector-lr-ratio 2 --dtype float32 --eval-every 100 \
 		--eval-batches 4 --log-every 10 $(DEMO_ARGS)
 
+# The CPU benchmark suite (benchmarks/RESULTS.md): optimizer update, projector and train-step costs,
+# then the quality comparison (about 25 minutes in all on 2 CPU cores). JSON and PNG go to
+# benchmarks/out/ (or $OUT). One script: `make bench BENCH=update BENCH_ARGS="--preset 130m"`.
+BENCH ?= update projector step quality
+BENCH_ARGS ?=
+bench: install
+	for b in $(BENCH); do $(PY) -m benchmarks.$$b $(BENCH_ARGS) || exit 1; done
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One prepared GPU benchmark run: update, projector and train-step costs at 350M and 1B on one
+# H100/H200, in under 10 minutes. Needs only JAX (with CUDA), optax, flax and orbax — no grain,
+# tensorflow-datasets or installed package: the repo root is put on PYTHONPATH.
+#
+#   bash benchmarks/gpu.sh            # JSON (and gpu.log) under $OUT, else benchmarks/out/
+#
+# Sections run in priority order, each under its own time cap and all under one overall budget
+# (GPU_BENCH_BUDGET_S, default 560 s); a section that runs out of time is skipped or cut, and the
+# others still run. Costs that dominate: the SVD steps (ANCHORS.md: 15 s at 350M, 58 s at 1B per
+# call on an H200), so they run once, without warmup (compilation is ahead of time, untimed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+DEST="${OUT:-benchmarks/out}"
+mkdir -p "$DEST"
+LOG="$DEST/gpu.log"
+BUDGET="${GPU_BENCH_BUDGET_S:-560}"
+START=$(date +%s)
+A="350m"; B="1b"
+# GPU_BENCH_SMOKE=1: the same plumbing at toy sizes (for checking this script on a CPU).
+SMOKE_UPD=(); SMOKE_STEP=(); SMOKE_PROJ=()
+if [[ "${GPU_BENCH_SMOKE:-0}" == 1 ]]; then
+  A="tiny"; B="tiny"
+  SMOKE_UPD=(--repeats 2 --warmup 1)
+  SMOKE_STEP=(--repeats 2 --warmup 1 --model-override n_layers=1 --batch-size 4 --seq-len 32)
+  SMOKE_PROJ=(--shapes 128x352:32 --repeats 2 --warmup 1)
+fi
+
+say() { echo "[gpu.sh +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# section NAME CAP_S COMMAND...: runs COMMAND under min(CAP_S, time left in the budget).
+section() {
+  local name="$1" cap="$2"; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 20 )); then say "skip $name: ${left}s left in the budget"; return; fi
+  say "start $name (limit ${limit}s): $*"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  say "end $name: exit ${PIPESTATUS[0]}"
+}
+
+{
+  say "host: $(hostname), budget ${BUDGET}s, out $DEST"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  "$PY" -c "import jax, optax, flax; print('jax', jax.__version__, 'optax', optax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1
+} | tee -a "$LOG"
+
+# 1. Optimizer update alone at 350M (r=256): every case, SVD steps once.
+section update-$A 150 "$PY" -m benchmarks.update --preset $A --repeats 20 --warmup 3 \
+  --svd-repeats 1 --svd-warmup 0 \
+  --cases "optax.adamw,osd_adamw,osd_lion,galore_adamw (SVD step),galore_adamw (plain step),optax.contrib.galore (SVD step),optax.contrib.galore (plain step),osd_adamw (t=0: randomized init)" \
+  "${SMOKE_UPD[@]}" --out "$DEST/update-$A.json"
+
+# 2. Projector cost per matrix: the paper's four shapes.
+section projector 100 "$PY" -m benchmarks.projector \
+  --shapes 512x1376:128,1024x2736:256,2048x5461:512,4096x11008:512 --repeats 10 --warmup 2 \
+  --svd-repeats 2 "${SMOKE_PROJ[@]}" --out "$DEST/projector-paper.json"
+
+# 3. Full train step at 350M (bf16 compute, fp32 master weights), one process per optimizer so
+#    that the runtime's peak memory is per optimizer. OSD's P0 by the randomized range finder keeps
+#    168 SVDs out of the (untimed) first step; GaLore's first step still holds its SVD.
+section step-$A 200 "$PY" -m benchmarks.step --preset $A --batch-size 32 --seq-len 256 \
+  --repeats 10 --warmup 2 --isolate --projector-init randomized \
+  "${SMOKE_STEP[@]}" --out "$DEST/step-$A.json"
+
+# 4. Optimizer update alone at 1B (r=512); one SVD baseline (optax.contrib.galore) only.
+section update-$B 150 "$PY" -m benchmarks.update --preset $B --repeats 15 --warmup 3 \
+  --svd-repeats 1 --svd-warmup 0 \
+  --cases "optax.adamw,osd_adamw,osd_lion,galore_adamw (plain step),optax.contrib.galore (SVD step),osd_adamw (t=0: randomized init)" \
+  "${SMOKE_UPD[@]}" --out "$DEST/update-$B.json"
+
+# 5. Full train step at 1B, adamw vs osd_adamw in one process (GaLore's first-step SVD alone would
+#    take about a minute here).
+section step-$B 150 "$PY" -m benchmarks.step --preset $B --batch-size 16 --seq-len 256 \
+  --repeats 8 --warmup 2 --optimizers adamw,osd_adamw --projector-init randomized \
+  "${SMOKE_STEP[@]}" --out "$DEST/step-$B.json"
+
+say "done; files: $(ls "$DEST" | tr '\n' ' ')"

@@ -1,0 +1,199 @@
+"""Smoke tests of the benchmark scripts: each runs at a toy size through its ``main(argv)``.
+
+No timing is asserted (timings belong in benchmarks/RESULTS.md); only that every script runs, writes
+its JSON with the documented fields, and that the scripts meant for the GPU machine import and run
+without grain or tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import osd_jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = ["--model-override", "n_layers=1", "--model-override", "dim=32",
+               "--model-override", "hidden_dim=64", "--model-override", "vocab_size=256"]
+
+
+def _load(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_update_smoke(tmp_path):
+  from benchmarks import update
+
+  out = tmp_path / "update.json"
+  cases = ["optax.adamw", "osd_adamw", "galore_adamw (SVD step)",
+           "optax.contrib.galore (plain step)"]
+  result = update.main(["--preset", "tiny", "--rank", "8", "--repeats", "2", "--warmup", "0",
+                        "--svd-repeats", "1", "--svd-warmup", "0", "--cases", ",".join(cases),
+                        *SMALL_MODEL, "--out", str(out), "--quiet"])
+  data = _load(out)
+  assert set(data["cases"]) == set(cases)
+  assert data["environment"]["versions"]["jax"]
+  for name in cases:
+    c = data["cases"][name]
+    assert c["n"] == (1 if "SVD" in name else 2)
+    assert c["min_s"] <= c["median_s"] <= c["max_s"]
+    assert c["vs_adamw"] > 0 and c["state_bytes"] > 0
+  # the measured optimizer state equals the closed form for the library's optimizers
+  for name in ("optax.adamw", "osd_adamw", "galore_adamw (SVD step)"):
+    assert data["cases"][name]["state_bytes"] == data["cases"][name]["expected_state_bytes"]
+  assert data["cases"]["osd_adamw"]["state_bytes_vs_adamw"] < 1.0
+  assert data["cases"]["galore_adamw (SVD step)"]["step_count"] == 200
+  assert "| osd_adamw" in result["table"]
+
+
+def test_update_with_count_sets_every_count():
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import update
+
+  tx = osd_jax.osd_adamw(1e-3, rank=2)
+  state = tx.init({"w": jnp.zeros((4, 6)), "b": jnp.zeros(6)})
+  forced = update.with_count(state, jnp.asarray(7, jnp.int32))
+  counts = [x for x in jax.tree.leaves(forced) if jnp.issubdtype(x.dtype, jnp.integer)]
+  assert counts and all(int(c) == 7 for c in counts)
+
+
+def test_projector_smoke(tmp_path):
+  from benchmarks import projector
+
+  out = tmp_path / "projector.json"
+  projector.main(["--shapes", "48x80:8,80x48:4", "--repeats", "2", "--warmup", "1", "--out",
+                  str(out), "--quiet"])
+  data = _load(out)
+  assert [s["shape"] for s in data["shapes"]] == [[48, 80], [80, 48]]
+  for s in data["shapes"]:
+    assert (s["s"], s["L"]) == (48, 80)
+    assert set(s["cases"]) == {"online-PCA step", "SVD", "randomized init"}
+    assert s["svd_over_online_pca_step"] > 0
+
+
+def test_projector_shapes_parsing():
+  from benchmarks import projector
+
+  assert projector.parse_shapes("512x1376:128, 64x32", 4) == [(512, 1376, 128), (64, 32, 4)]
+  assert projector.preset_shapes("60m", 128) == [(512, 512, 128), (512, 1376, 128)]
+  with pytest.raises(ValueError):
+    projector.parse_shapes("64x32", None)
+
+
+def test_step_smoke_without_grain_or_tfds(tmp_path):
+  """The GPU machine has neither grain nor tensorflow-datasets: step.py must not need them."""
+  out = tmp_path / "step.json"
+  argv = ["--preset", "tiny", "--rank", "4", "--batch-size", "4", "--seq-len", "16", "--repeats",
+          "2", "--warmup", "0", "--num-devices", "1", "--optimizers", "adamw,osd_adamw",
+          *SMALL_MODEL, "--out", str(out), "--quiet"]
+  code = textwrap.dedent(f"""
+      import sys
+      for name in ("grain", "tensorflow_datasets", "tensorflow", "array_record"):
+          sys.modules[name] = None  # any import of these now raises ImportError
+      import benchmarks.common, benchmarks.update, benchmarks.projector, benchmarks.step
+      import benchmarks.quality
+      benchmarks.step.main({argv!r})
+      assert "grain" not in [m for m, v in sys.modules.items() if v is not None]
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=300)
+  data = _load(out)
+  opts = data["optimizers"]
+  assert set(opts) == {"adamw", "osd_adamw"}
+  assert opts["adamw"]["vs_adamw"] == 1.0
+  for r in opts.values():
+    assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0
+    assert r["mfu"] is None  # CPU: no known peak
+  assert opts["osd_adamw"]["state_bytes"] < opts["adamw"]["state_bytes"]
+
+
+def test_quality_smoke(tmp_path, train_tokenizer):
+  from benchmarks import quality
+
+  out = tmp_path / "quality.json"
+  result = quality.main([
+      "--optimizers", "adamw,osd_adamw_ref", "--steps", "3", "--batch-size", "4", "--seq-len",
+      "16", "--rank", "4", "--eval-every", "0", "--eval-batches", "1", "--log-every", "1",
+      "--tokenizer", train_tokenizer.model_path, *SMALL_MODEL[:6], "--out", str(out), "--quiet"])
+  data = _load(out)
+  assert set(data["summary"]) == {"adamw", "osd_adamw (reference code)"}
+  for s in data["summary"].values():
+    assert s["final_eval_loss"] > 0 and s["final_eval_perplexity"] > 1
+  assert os.path.isfile(result["png"])
+  runs = data["runs"]["osd_adamw (reference code)"]
+  assert len(runs[0]["train_curve"]) == 3
+
+
+def test_reference_code_hook_builds_reference_optimizer():
+  """While the hook is active the trainer's osd_adamw is osd_adamw(reference_code=True)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import quality
+  from train import optimizers
+  from train.config import TrainConfig
+
+  params = {"layers": {"0": {"attention": {"wq": {"kernel": jnp.zeros((8, 12))}}}},
+            "embed": {"embedding": jnp.zeros((16, 8))}}
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  cfg = TrainConfig(optimizer="osd_adamw", rank=2, lr=1e-2, steps=10, grad_clip=0.0)
+  before = optimizers._base_optimizer
+
+  def projector_after_two_steps(tx):
+    state = tx.init(params)
+    for _ in range(2):
+      _, state = tx.update(grads, state, params)
+    return osd_jax.projectors_of(state)
+
+  plain, _ = optimizers.make_optimizer(cfg, params)
+  with quality.reference_code_optimizer():
+    assert optimizers._base_optimizer is not before
+    hooked, _ = optimizers.make_optimizer(cfg, params)
+  assert optimizers._base_optimizer is before
+  schedule = optimizers.make_schedule(cfg)
+  reference = osd_jax.osd_adamw(
+      schedule, 2, reference_code=True, peak_learning_rate=cfg.lr,
+      weight_dimension_numbers=optimizers.projection_rule(params, cfg.project),
+      mask=optimizers.decay_mask(params))
+  p_hooked = projector_after_two_steps(hooked)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               p_hooked, projector_after_two_steps(reference))
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p_hooked,
+                      projector_after_two_steps(plain))
+  assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (9, 4), (7, 7)])
+def test_transposed_view_products_match_plain_products(shape):
+  """The layout-only fast path (projectors.transposed_view) gives the same values."""
+  import jax
+  import numpy as np
+
+  from osd_jax import projectors
+
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  G = jax.random.normal(k1, shape)
+  g = G.T  # G' = Gᵀ, s × L
+  p = jax.random.normal(k2, (g.shape[0], 3))
+  a = jax.random.normal(k3, (3, g.shape[1]))
+
+  def products(transposed):
+    def f(g, p, a):
+      with projectors.transposed_view(transposed):
+        return (projectors.project(p, g), projectors.gradient_times(g, a),
+                projectors.frobenius_norm(g), projectors.online_pca_gradient(p, g, 0.1))
+    return jax.jit(f)(g, p, a)
+
+  for fast, plain in zip(products(True), products(False)):
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(products(False)[0], p.T @ g, rtol=1e-5, atol=1e-6)
