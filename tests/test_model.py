@@ -216,3 +216,38 @@ def test_sharded_init_under_mesh_with_logical_rules():
   spec = params["layers/0/attention/wq/kernel"].get_value().sharding.spec
   assert tuple(spec) == ("fsdp", "tensor")
   assert tuple(params["embed/embedding"].get_value().sharding.spec) == ("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_every_activation_is_named_for_sharding(n_kv):
+  """Inside ``activation_sharding`` each block names 7 activations, plus the embedding and logits;
+  the names fit each array's rank, and the constraint's output is what the model goes on with."""
+  cfg = SMALL.replace(dtype="float32", n_kv_heads=n_kv)
+  model = M.Llama(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens(cfg)
+  seen = []
+
+  def record(x, names):
+    seen.append((tuple(names), x.shape))
+    return x
+
+  with M.activation_sharding(record):
+    logits = model(tokens)
+  kv = "kv" if n_kv else "heads"
+  b, t, h = tokens.shape[0], tokens.shape[1], cfg.head_dim
+  per_layer = [
+      (("batch", "length", "heads", None), (b, t, cfg.n_heads, h)),
+      (("batch", "length", kv, None), (b, t, cfg.num_kv_heads, h)),
+      (("batch", "length", kv, None), (b, t, cfg.num_kv_heads, h)),
+      (("batch", "length", "heads", None), (b, t, cfg.n_heads, h)),
+      (("batch", "length", "activation_embed"), (b, t, cfg.dim)),
+      (("batch", "length", "mlp"), (b, t, cfg.hidden_dim)),
+      (("batch", "length", "activation_embed"), (b, t, cfg.dim)),
+  ]
+  assert seen == ([(("batch", "length", "activation_embed"), (b, t, cfg.dim))]
+                  + per_layer * cfg.n_layers
+                  + [(("batch", "length", "vocab"), (b, t, cfg.vocab_size))])
+  # outside the context the names are ignored, and the constraint never changes values
+  np.testing.assert_array_equal(model(tokens), logits)
+  with M.activation_sharding(lambda x, names: x * 0):
+    assert not np.any(np.asarray(model(tokens)))

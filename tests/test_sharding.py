@@ -97,3 +97,38 @@ def test_sharded_step_matches_single_device(optimizer, mesh):
     # Adam normalises tiny gradients, so float noise in them moves a weight by up to ~lr
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@needs_8
+def test_train_step_pins_activations_to_the_mesh(monkeypatch):
+  """The compiled step keeps activations split over (data, fsdp) along the batch and over tensor
+  along heads / MLP units / vocabulary, as the logical rules say, for both mesh layouts."""
+  from jax.sharding import NamedSharding
+  seen = []
+  pin = shd.activation_constraint
+
+  def recording_constraint(mesh, rules=shd.LOGICAL_RULES):
+    constrain = pin(mesh, rules)
+
+    def wrapped(x, names):
+      y = constrain(x, names)
+      want = NamedSharding(mesh, shd.logical_to_spec(names, x.shape, mesh, rules))
+      jax.debug.inspect_array_sharding(
+          y, callback=lambda s, names=tuple(names), want=want, nd=x.ndim:
+          seen.append((names, s.is_equivalent_to(want, nd), want.spec)))
+      return y
+    return wrapped
+
+  monkeypatch.setattr(shd, "activation_constraint", recording_constraint)
+  cfg = _cfg("adamw").replace(mesh="data=2,fsdp=2,tensor=2")
+  setup = trainer.build(cfg, VOCAB)
+  batch = random_batch(0, cfg.batch_size, cfg.seq_len, VOCAB)
+  setup.train_step.lower(setup.init_state(), batch).compile()
+  n_layers = SMALL_MODEL["n_layers"]
+  assert len(seen) == 2 + 7 * n_layers
+  assert all(ok for _, ok, _ in seen), [s for s in seen if not s[1]]
+  specs = {names: spec for names, _, spec in seen}
+  assert specs[("batch", "length", "mlp")] == P(("data", "fsdp"), None, "tensor")
+  assert specs[("batch", "length", "heads", None)] == P(("data", "fsdp"), None, "tensor")
+  assert specs[("batch", "length", "vocab")] == P(("data", "fsdp"), None, "tensor")
+  assert specs[("batch", "length", "activation_embed")] == P(("data", "fsdp"))

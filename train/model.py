@@ -11,6 +11,12 @@ Parameters are stored in ``param_dtype`` (float32 master weights by default) and
 computes in ``dtype`` (bfloat16 by default); norms, RoPE and the softmax run in float32, and the
 logits come back in float32.
 
+Activations carry logical axis names too (``batch``, ``length``, ``heads``, ``kv``, ``mlp``,
+``vocab``; the model width of an activation is ``activation_embed``): inside
+:func:`activation_sharding` the model calls the given function on each named activation, which the
+trainer uses to pin them to its mesh with ``jax.lax.with_sharding_constraint``. Outside it the
+names are ignored.
+
 Example::
 
   from flax import nnx
@@ -21,8 +27,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +47,7 @@ __all__ = [
   "Llama",
   "LlamaConfig",
   "RMSNorm",
+  "activation_sharding",
   "apply_rope",
   "flops_per_token",
   "get_config",
@@ -50,6 +60,32 @@ __all__ = [
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv", "mlp", "norm")
 
 _ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+# The function that pins a named activation to the mesh while a step is traced (None: no constraints).
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "llama_activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(
+    constrain: Callable[[jax.Array, Sequence[str | None]], jax.Array] | None,
+) -> Iterator[None]:
+  """While tracing inside this context, every named activation ``x`` becomes ``constrain(x, names)``.
+
+  ``names`` holds one logical axis name (or None) per dimension of ``x``, e.g.
+  ``("batch", "length", "mlp")`` for the SwiGLU hidden units. The trainer passes a function that
+  applies ``jax.lax.with_sharding_constraint`` with its logical-axis rules.
+  """
+  token = _ACTIVATION_CONSTRAINT.set(constrain)
+  try:
+    yield
+  finally:
+    _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def _named(x: jax.Array, *names: str | None) -> jax.Array:
+  constrain = _ACTIVATION_CONSTRAINT.get()
+  return x if constrain is None else constrain(x, names)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -284,14 +320,18 @@ class Attention(nnx.Module):
     c = self.config
     b, t, _ = x.shape
     h, nq, nkv = c.head_dim, c.n_heads, c.num_kv_heads
-    q = apply_rope(self.wq(x).reshape(b, t, nq, h), positions, c.rope_theta)
-    k = apply_rope(self.wk(x).reshape(b, t, nkv, h), positions, c.rope_theta)
-    v = self.wv(x).reshape(b, t, nkv, h)
+    kv_axis = "kv" if c.grouped else "heads"
+    q = _named(apply_rope(self.wq(x).reshape(b, t, nq, h), positions, c.rope_theta),
+               "batch", "length", "heads", None)
+    k = _named(apply_rope(self.wk(x).reshape(b, t, nkv, h), positions, c.rope_theta),
+               "batch", "length", kv_axis, None)
+    v = _named(self.wv(x).reshape(b, t, nkv, h), "batch", "length", kv_axis, None)
     if c.attention_impl == "xla":
       out = _causal_attention(q, k, v)
     else:
       impl = "cudnn" if c.attention_impl == "cudnn" else None
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    out = _named(out, "batch", "length", "heads", None)
     return self.wo(out.reshape(b, t, nq * h))
 
 
@@ -319,7 +359,8 @@ class MLP(nnx.Module):
     self.w2 = _dense(c, c.hidden_dim, c.dim, ("mlp", "embed"), rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    hidden = _named(jax.nn.silu(self.w1(x)) * self.w3(x), "batch", "length", "mlp")
+    return self.w2(hidden)
 
 
 class Block(nnx.Module):
@@ -334,8 +375,9 @@ class Block(nnx.Module):
     self.mlp = MLP(c, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    h = x + self.attention(self.attention_norm(x), positions)
-    return h + self.mlp(self.mlp_norm(h))
+    h = _named(x + self.attention(self.attention_norm(x), positions),
+               "batch", "length", "activation_embed")
+    return _named(h + self.mlp(self.mlp_norm(h)), "batch", "length", "activation_embed")
 
 
 class Llama(nnx.Module):
@@ -361,7 +403,8 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_seq_len="
                        f"{c.max_seq_len}")
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    x = self.embed(tokens.astype(jnp.int32))
+    x = _named(self.embed(tokens.astype(jnp.int32)), "batch", "length", "activation_embed")
     for layer in self.layers:
       x = layer(x, positions)
-    return self.head(self.norm(x)).astype(jnp.float32)
+    logits = self.head(self.norm(x)).astype(jnp.float32)
+    return _named(logits, "batch", "length", "vocab")

@@ -6,8 +6,11 @@ The mesh has three named axes:
 - ``fsdp``: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style),
 - ``tensor``: tensor (model) parallelism over heads, MLP hidden units and the vocabulary.
 
-Parameters carry *logical* axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``);
-:data:`LOGICAL_RULES` maps each to a mesh axis (or none). A dimension that the mapped mesh axis
+Parameters carry *logical* axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``),
+and so do the model's activations (``batch``, ``length``, ``activation_embed``, ``heads``, ``kv``,
+``mlp``, ``vocab``; see :func:`activation_constraint`); :data:`LOGICAL_RULES` maps each to a mesh
+axis (or none). Activations are split over ``data`` and ``fsdp`` along the batch and over
+``tensor`` along heads, MLP units and the vocabulary; their model width stays whole. A dimension that the mapped mesh axis
 does not divide is replicated instead, so odd-shaped small models still run on any mesh.
 """
 
@@ -35,6 +38,7 @@ BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
+    ("activation_embed", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -160,6 +164,17 @@ def named(mesh: Mesh, specs: Any) -> Any:
   """Turns a tree of PartitionSpecs into NamedShardings on ``mesh``."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def activation_constraint(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+  """``constrain(x, names)`` for :func:`train.model.activation_sharding`: pins an activation whose
+  dimensions carry logical ``names`` to ``mesh`` with ``jax.lax.with_sharding_constraint``."""
+
+  def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    spec = logical_to_spec(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return constrain
 
 
 def batch_spec() -> P:

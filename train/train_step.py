@@ -4,7 +4,8 @@ The train state is a plain pytree (:class:`TrainState`) so that ``jax.jit`` shar
 orbax checkpoints all see the same structure. One train step:
 
 1. splits the global batch ``[B, T]`` into ``grad_accum`` micro-batches (each spread over every
-   data-parallel device) and accumulates float32 gradients of the mean token loss with ``lax.scan``;
+   data-parallel device; the model's activations are pinned to the mesh by the logical-axis rules
+   of :mod:`train.sharding`) and accumulates float32 gradients of the mean token loss with ``lax.scan``;
 2. applies ``tx`` (gradient clipping + optimizer);
 3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the
    loss or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its
@@ -29,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import osd_jax
+from train import model as model_lib
 from train import sharding as shd
 
 
@@ -83,11 +85,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   step is a multiple of ``metrics_every`` or equals ``last_step``; they are NaN at other steps.
   """
 
+  pin_activations = shd.activation_constraint(mesh)
+
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
 
     def loss_fn(params, mb):
-      loss_sum, _ = token_loss(graphdef, params, mb)
+      with model_lib.activation_sharding(pin_activations):
+        loss_sum, _ = token_loss(graphdef, params, mb)
       return loss_sum / n_tokens
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -165,7 +170,8 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any) -> 
   """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
 
   def eval_fn(params, batch):
-    return token_loss(graphdef, params, batch)
+    with model_lib.activation_sharding(shd.activation_constraint(mesh)):
+      return token_loss(graphdef, params, batch)
 
   rep = NamedSharding(mesh, P())
   return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
