@@ -310,7 +310,8 @@ class Attention(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    kv_axis = "kv" if c.grouped else "heads"
+    # grouped k/v heads are replicated (a tensor axis rarely divides them); else they follow "heads"
+    self.kv_axis = kv_axis = "kv" if c.grouped else "heads"
     self.wq = _dense(c, c.dim, c.n_heads * c.head_dim, ("embed", "heads"), rngs)
     self.wk = _dense(c, c.dim, c.num_kv_heads * c.head_dim, ("embed", kv_axis), rngs)
     self.wv = _dense(c, c.dim, c.num_kv_heads * c.head_dim, ("embed", kv_axis), rngs)
@@ -320,7 +321,7 @@ class Attention(nnx.Module):
     c = self.config
     b, t, _ = x.shape
     h, nq, nkv = c.head_dim, c.n_heads, c.num_kv_heads
-    kv_axis = "kv" if c.grouped else "heads"
+    kv_axis = self.kv_axis
     q = _named(apply_rope(self.wq(x).reshape(b, t, nq, h), positions, c.rope_theta),
                "batch", "length", "heads", None)
     k = _named(apply_rope(self.wk(x).reshape(b, t, nkv, h), positions, c.rope_theta),
