@@ -411,3 +411,41 @@ def test_two_processes_match_one_process_save_and_resume(tmp_path, train_tokeniz
               "signature/metadata"}
     assert {f"checkpoints/{step}/{name}" for name in shared} <= written[0], sorted(written[0])
   assert written[1] and all("process_1" in w.split("/") for w in written[1]), sorted(written[1])
+
+
+def test_auto_resume_starts_fresh_then_continues(tmp_path, train_tokenizer):
+  """--auto-resume: the same command starts a fresh run, then continues it after a stop."""
+  cfg = small_config(tmp_path / "run", optimizer="osd_adamw", steps=4, ckpt_every=2,
+                     auto_resume=True)
+  first = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer, stop_at=2)
+  assert first.preempted and int(first.state.step) == 2 and first.initial_eval
+  again = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
+  assert not again.preempted and int(again.state.step) == 4
+  assert not again.initial_eval  # resumed: the step-0 eval is not repeated
+  assert [s for s, _ in _train_losses(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_sigterm_while_starting_up_stops_before_the_first_step(tmp_path, train_tokenizer,
+                                                                monkeypatch):
+  """SIGTERM before the first step (here: right after the data is opened) stops cleanly with
+  nothing saved; the same command then starts the run afresh, and metrics.jsonl holds one run."""
+  make_datasets = trainer.make_datasets
+
+  def make_datasets_then_sigterm(*args, **kwargs):
+    out = make_datasets(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  cfg = small_config(tmp_path / "run", optimizer="adamw", steps=3, log_every=1, auto_resume=True)
+  monkeypatch.setattr(trainer, "make_datasets", make_datasets_then_sigterm)
+  stopped = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
+  assert stopped.preempted and int(stopped.state.step) == 0
+  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == []
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+  monkeypatch.undo()
+  done = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
+  assert not done.preempted and int(done.state.step) == 3
+  with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "eval_loss" in r] == [0, 3]
+  assert [s for s, _ in _train_losses(tmp_path / "run")] == [1, 2, 3]

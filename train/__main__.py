@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
   ev = result.final_eval
   if jax.process_index() != 0:
     pass
+  elif result.preempted and int(result.state.step) == 0:
+    print(f"stopped before the first step; nothing saved in {result.run_dir}")
   elif result.preempted:
     print(f"stopped at step {int(result.state.step)}; checkpoint in {result.run_dir}")
   elif ev:

@@ -123,6 +123,9 @@ class TrainConfig:
   keep_checkpoints: int = _f(3, "Keep the last this many checkpoints.", group="checkpoint")
   async_checkpoint: bool = _f(True, "Write checkpoints in the background.", group="checkpoint")
   resume: bool = _f(False, "Continue from the latest checkpoint in --run-dir.", group="checkpoint")
+  auto_resume: bool = _f(False, "Continue from the latest checkpoint when there is one, else start "
+                         "fresh: one command for every (re)start of a preemptible job.",
+                         group="checkpoint")
 
   # --- parallelism
   mesh: str = _f("data=-1,fsdp=1,tensor=1", "Device mesh, AXIS=SIZE for data, fsdp, tensor; "
@@ -194,6 +197,8 @@ def validate(cfg: TrainConfig) -> None:
                       f"{cfg.grad_accum}")
   if cfg.resume and not cfg.run_dir:
     raise ConfigError("--resume needs --run-dir (the run to continue)")
+  if cfg.auto_resume and not cfg.run_dir:
+    raise ConfigError("--auto-resume needs --run-dir (the same directory on every restart)")
   kind, _, rest = cfg.data.partition(":")
   if kind not in ("embedded", "tfds", "text") or (kind == "embedded") == bool(rest):
     raise ConfigError(f"bad --data {cfg.data!r}; use embedded, tfds:NAME[:VERSION] or text:GLOB")

@@ -320,7 +320,8 @@ def _default_run_dir(cfg: TrainConfig) -> str:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops records past ``last_step`` (written before a crash) so a resumed run appends cleanly."""
+  """Drops records past ``last_step`` (written before a crash) so a resumed run appends cleanly
+  (``last_step=-1``: all of them)."""
   if not os.path.isfile(path):
     return
   keep = [r for r in metrics_lib.read_jsonl(path) if r.get("step", 0) <= last_step]
@@ -372,6 +373,17 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   Raises:
     ConfigError / CheckpointError: bad flags, data, tokenizer or a mismatched checkpoint.
   """
+  # Installed first, so that SIGTERM while starting up (tokenizer, compile, the first eval) stops
+  # the run cleanly before its first step instead of killing it.
+  preemption = _Preemption()
+  try:
+    return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer)
+  finally:
+    preemption.restore()
+
+
+def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: int | None,
+           tokenizer: Any) -> TrainResult:
   validate(cfg)
   t_start = time.time()
   maybe_initialize_distributed(cfg)
@@ -380,6 +392,8 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   cfg = cfg.replace(run_dir=run_dir)
   ckpt_dir = epath.Path(cfg.ckpt_dir or os.path.join(run_dir, "checkpoints"))
   has_checkpoints = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+  if cfg.auto_resume:
+    cfg = cfg.replace(resume=has_checkpoints)
   if cfg.resume and not has_checkpoints:
     raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
   if not cfg.resume and has_checkpoints:
@@ -408,8 +422,9 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     start = 0
   if primary:
     _save_run_files(run_dir, cfg, tokenizer)
-    if cfg.resume:
-      _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
+    # a resumed run keeps the records up to its checkpoint; a fresh start (also the restart of a
+    # run stopped before its first checkpoint) begins the file again
+    _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start if cfg.resume else -1)
   writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.tensorboard)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   if primary:
@@ -438,17 +453,20 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     if wait:
       checkpointer.wait()
 
-  preemption = _Preemption()
   batch_sharding = shd.batch_sharding(setup.mesh)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   # a resumed run does not re-evaluate at its first step (the original run logged that)
   initial_eval = final_eval = {} if cfg.resume else run_eval(start)
   last_metrics, last_skipped = None, int(state.skipped)
   t_log, steps_since_log, paused = None, 0, 0.0  # paused: eval/save time, not step time
-  preempted = False
+  # stopped while starting up: the state is the checkpoint at `start` (or step 0 of a fresh run,
+  # which the same command rebuilds exactly), so there is nothing new to save
+  preempted = start < cfg.steps and preemption.agreed(sync=True)
+  if preempted:
+    say(f"step {start}: stopped before the first step; nothing new to save")
   step = start
   try:
-    while step < cfg.steps:
+    while step < cfg.steps and not preempted:
       batch = _global_batch(next(train_it), batch_sharding, cfg.batch_size)
       state, last_metrics = setup.train_step(state, batch)
       step += 1
@@ -498,7 +516,6 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
       final_eval = run_eval(step)
     checkpointer.wait()
   finally:
-    preemption.restore()
     bar.close()
     checkpointer.close()
     writer.close()
