@@ -449,3 +449,38 @@ def test_sigterm_while_starting_up_stops_before_the_first_step(tmp_path, train_t
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records if "eval_loss" in r] == [0, 3]
   assert [s for s, _ in _train_losses(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_save_cut_short_before_any_checkpoint_is_not_resumed(tmp_path, train_tokenizer):
+  """Killed during its first save, a run leaves only orbax's temporary directory: the same
+  --auto-resume command starts afresh, and --resume says there is nothing to continue."""
+  cfg = small_config(tmp_path / "run", optimizer="adamw", steps=2, auto_resume=True)
+  partial = tmp_path / "run" / "checkpoints" / "2.orbax-checkpoint-tmp-1234" / "state"
+  partial.mkdir(parents=True)
+  (partial / "garbage").write_bytes(b"\0" * 10)
+  with pytest.raises(trainer.ConfigError, match="--resume: no checkpoints"):
+    trainer.train(cfg.replace(auto_resume=False, resume=True), devices=one_device(),
+                  tokenizer=train_tokenizer)
+  done = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
+  assert not done.preempted and int(done.state.step) == 2
+  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+
+
+def test_resume_refuses_another_data_stream_and_reports_schedule_changes(tmp_path, train_tokenizer,
+                                                                         caplog):
+  cfg = small_config(tmp_path / "run", optimizer="adamw", steps=4, ckpt_every=2)
+  trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer, stop_at=2)
+  resume = cfg.replace(resume=True)
+  for change, message in ((dict(seed=5), "seed: 0 in the checkpoint, 5 now"),
+                          (dict(seq_len=16), "seq_len: 32 in the checkpoint, 16 now"),
+                          (dict(batch_size=4), "batch_size: 8 in the checkpoint, 4 now")):
+    with pytest.raises(ckpt_lib.CheckpointError, match=f"another data stream: {message}.*--config"):
+      trainer.train(resume.replace(**change), devices=one_device(), tokenizer=train_tokenizer)
+  with caplog.at_level("WARNING", logger="train"):
+    done = trainer.train(resume.replace(steps=5), devices=one_device(), tokenizer=train_tokenizer)
+  assert int(done.state.step) == 5
+  assert "resuming with changed settings" in caplog.text and "steps: 4 in the checkpoint, 5 now" \
+      in caplog.text
+  with open(tmp_path / "run" / "config.json", encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["resume"] is False and saved["steps"] == 5  # --config repeats the run's own flags

@@ -32,7 +32,8 @@ examples:
   python -m train --preset tiny --optimizer osd_adamw --steps 300          # CPU demo
   python -m train --preset 60m --optimizer osd_adamw --rank 128 --lr 1e-3 --batch-size 512 \\
       --data tfds:c4/en:3.1.0 --tfds-data-dir gs://BUCKET/tfds --tokenizer t5.model
-  python -m train --run-dir runs/my-run --resume                           # continue a run
+  python -m train --config runs/my-run/config.json --resume                # continue a run
+  python -m train ... --run-dir runs/my-run --auto-resume                  # start, or continue
 """
 
 

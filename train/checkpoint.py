@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 # Config fields that must match for a checkpoint to be restorable into the current run.
 STRUCTURAL_KEYS = ("preset", "model_overrides", "param_dtype", "optimizer", "rank", "project")
+# Fields that define the data stream: the checkpoint's data position is a position in that stream.
+STREAM_KEYS = ("data", "seq_len", "batch_size", "seed")
+# Fields that may change on resume (e.g. more --steps) but change the run: resuming says so.
+SCHEDULE_KEYS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "eps", "grad_clip",
+                 "scale", "orthogonality_weight", "projector_lr_ratio", "projector_weight_decay",
+                 "update_proj_gap")
 
 
 class CheckpointError(RuntimeError):
@@ -52,10 +58,10 @@ def _describe_diff(saved: dict[str, str], current: dict[str, str], limit: int = 
   return "; ".join(lines[:limit]) + more
 
 
-def config_diff(saved: dict, current: dict) -> list[str]:
-  """Structural config fields that differ, as ``"name: saved -> current"``."""
+def config_diff(saved: dict, current: dict, keys: tuple[str, ...] = STRUCTURAL_KEYS) -> list[str]:
+  """The ``keys`` of two configs that differ, as ``"name: saved in the checkpoint, current now"``."""
   return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
-          for k in STRUCTURAL_KEYS if saved.get(k) != current.get(k)]
+          for k in keys if saved.get(k) != current.get(k)]
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -144,7 +150,8 @@ class Checkpointer:
 
     ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings: arrays come back
     in exactly those shardings. Raises CheckpointError when the checkpoint does not match
-    ``abstract_state`` or the structural fields of ``config``; nothing is restored then.
+    ``abstract_state``, or the structural or data-stream fields of ``config``; nothing is
+    restored then.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -161,6 +168,11 @@ class Checkpointer:
       if diffs:
         raise CheckpointError(f"checkpoint {where} was made by a different run: "
                               + "; ".join(diffs))
+      diffs = config_diff(saved_config, config, STREAM_KEYS)
+      if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} holds a position in another data stream: " + "; ".join(diffs)
+            + ". Resume with the run's own flags: --config RUN_DIR/config.json --resume")
     current = signature(abstract_state)
     if meta["signature"] != current:
       raise CheckpointError(f"checkpoint {where} does not match this model/optimizer: "

@@ -353,7 +353,8 @@ def evaluate(setup: Setup, params: Any, eval_ds: Any, num_batches: int) -> dict:
 def _save_run_files(run_dir: str, cfg: TrainConfig, tokenizer) -> None:
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json() + "\n")
+    # the run's flags, to repeat it (`--config`); whether this start resumed is not one of them
+    f.write(cfg.replace(resume=False).to_json() + "\n")
   dst = os.path.join(run_dir, "tokenizer.model")
   if not os.path.exists(dst):
     with open(dst, "wb") as f:
@@ -391,35 +392,14 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
   run_dir = cfg.run_dir or _default_run_dir(cfg)
   cfg = cfg.replace(run_dir=run_dir)
   ckpt_dir = epath.Path(cfg.ckpt_dir or os.path.join(run_dir, "checkpoints"))
-  has_checkpoints = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
-  if cfg.auto_resume:
-    cfg = cfg.replace(resume=has_checkpoints)
-  if cfg.resume and not has_checkpoints:
-    raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
-  if not cfg.resume and has_checkpoints:
-    raise ConfigError(f"{ckpt_dir} already holds checkpoints; add --resume to continue that run "
-                      f"or choose a new --run-dir")
-
-  tokenizer = tokenizer or load_tokenizer(cfg)
-  try:
-    setup = build(cfg, tokenizer.vocab_size, devices=devices)
-  except ValueError as e:  # e.g. the optimizer rejecting a flag value
-    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
-  train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
   checkpointer = ckpt_lib.Checkpointer(str(ckpt_dir), keep=cfg.keep_checkpoints,
                                        async_save=cfg.async_checkpoint)
-  train_it: Iterator = iter(train_ds)
-  if cfg.resume:
-    state, data_state, _ = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
-    start = int(state.step)
-    if data_state is not None:
-      train_it.set_state(data_state)
-    else:  # no saved position: replay the stream up to the step
-      for _ in range(start):
-        next(train_it)
-  else:
-    state = setup.init_state()
-    start = 0
+  try:
+    cfg, setup, state, start, train_it, eval_ds, tokenizer = _start(
+        cfg, checkpointer, tokenizer, devices)
+  except BaseException:
+    checkpointer.close()
+    raise
   if primary:
     _save_run_files(run_dir, cfg, tokenizer)
     # a resumed run keeps the records up to its checkpoint; a fresh start (also the restart of a
@@ -523,6 +503,45 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
                      final_eval=final_eval, initial_eval=initial_eval, preempted=preempted,
                      wall_time_s=time.time() - t_start)
 
+
+
+def _start(cfg: TrainConfig, checkpointer: ckpt_lib.Checkpointer, tokenizer: Any, devices: Any):
+  """Builds the model, optimizer and data and restores the latest checkpoint when resuming.
+
+  Returns ``(cfg, setup, state, start_step, train_iterator, eval_dataset, tokenizer)``.
+  """
+  # committed steps only: a save cut short (a temporary directory, an uncommitted GCS step) is
+  # not a checkpoint to resume from
+  has_checkpoints = bool(checkpointer.all_steps())
+  if cfg.auto_resume:
+    cfg = cfg.replace(resume=has_checkpoints)
+  if cfg.resume and not has_checkpoints:
+    raise ConfigError(f"--resume: no checkpoints in {checkpointer.directory}")
+  if not cfg.resume and has_checkpoints:
+    raise ConfigError(f"{checkpointer.directory} already holds checkpoints; add --resume (or "
+                      f"--auto-resume) to continue that run or choose a new --run-dir")
+
+  tokenizer = tokenizer or load_tokenizer(cfg)
+  try:
+    setup = build(cfg, tokenizer.vocab_size, devices=devices)
+  except ValueError as e:  # e.g. the optimizer rejecting a flag value
+    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+  train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
+  train_it: Iterator = iter(train_ds)
+  if not cfg.resume:
+    return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer
+  state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
+  changed = ckpt_lib.config_diff(saved, cfg.to_dict(), ckpt_lib.SCHEDULE_KEYS)
+  if changed and jax.process_index() == 0:
+    log.warning("resuming with changed settings (the run continues under the new ones): %s",
+                "; ".join(changed))
+  start = int(state.step)
+  if data_state is not None:
+    train_it.set_state(data_state)
+  else:  # no saved position: replay the stream up to the step
+    for _ in range(start):
+      next(train_it)
+  return cfg, setup, state, start, train_it, eval_ds, tokenizer
 
 def _iter_state(it: Any) -> Any:
   return it.get_state() if hasattr(it, "get_state") else None
