@@ -132,3 +132,23 @@ def test_train_step_pins_activations_to_the_mesh(monkeypatch):
   assert specs[("batch", "length", "heads", None)] == P(("data", "fsdp"), None, "tensor")
   assert specs[("batch", "length", "vocab")] == P(("data", "fsdp"), None, "tensor")
   assert specs[("batch", "length", "activation_embed")] == P(("data", "fsdp"))
+
+
+def test_devices_interleaving_processes_along_the_batch_are_put_in_process_order():
+  """A topology-aware order that gives a process non-contiguous batch rows (as some pod slices
+  do) is replaced by a process-major order that keeps each process's own device order."""
+  from types import SimpleNamespace
+  def dev(i, proc):
+    return SimpleNamespace(id=i, process_index=proc)
+  # (data=2, fsdp=2, tensor=2); process 0 holds batch groups {0, 2}, process 1 {1, 3}
+  order = [dev(0, 0), dev(1, 0), dev(4, 1), dev(5, 1), dev(2, 0), dev(3, 0), dev(6, 1), dev(7, 1)]
+  array = np.asarray(order, dtype=object).reshape(2, 2, 2)
+  assert not shd.batch_rows_contiguous(array)
+  fixed = shd.process_major(array)
+  assert shd.batch_rows_contiguous(fixed)
+  assert [d.id for d in fixed.reshape(-1)] == [0, 1, 2, 3, 4, 5, 6, 7]
+  # tensor groups spanning two processes share rows: still contiguous, left alone
+  shared = np.asarray([dev(i, i % 2) for i in range(8)], dtype=object).reshape(2, 2, 2)
+  assert shd.batch_rows_contiguous(shared)
+  # one process: always contiguous
+  assert shd.batch_rows_contiguous(np.asarray([dev(i, 0) for i in range(8)]).reshape(2, 2, 2))

@@ -97,7 +97,34 @@ def make_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = None
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # unusual topologies: fall back to the given order
     device_array = np.asarray(devices, dtype=object).reshape(shape)
+  if not batch_rows_contiguous(device_array):
+    log.warning("--mesh %s: the topology-aware device order interleaves processes along the "
+                "batch; ordering devices by process instead", spec)
+    device_array = process_major(device_array)
   return Mesh(device_array, MESH_AXES)
+
+
+def _batch_groups_by_process(device_array: np.ndarray) -> dict[int, set[int]]:
+  """Process index -> the (data, fsdp) positions, flattened, that its devices hold."""
+  groups: dict[int, set[int]] = {}
+  n_tensor = device_array.shape[-1]
+  for flat, device in enumerate(device_array.reshape(-1)):
+    groups.setdefault(device.process_index, set()).add(flat // n_tensor)
+  return groups
+
+
+def batch_rows_contiguous(device_array: np.ndarray) -> bool:
+  """True when every process's devices hold one contiguous block of batch rows, which is how
+  each process reads its part of a global batch (:func:`process_batch_rows`)."""
+  return all(max(g) - min(g) + 1 == len(g)
+             for g in _batch_groups_by_process(device_array).values())
+
+
+def process_major(device_array: np.ndarray) -> np.ndarray:
+  """The same devices, reordered so that each process's devices are consecutive (a stable sort
+  by process, so the topology-aware order within a process is kept)."""
+  flat = sorted(device_array.reshape(-1), key=lambda d: d.process_index)
+  return np.asarray(flat, dtype=object).reshape(device_array.shape)
 
 
 def _axis_size(mesh: Mesh, axes: Any) -> int:
