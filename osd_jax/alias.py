@@ -45,6 +45,7 @@ def _projector_rule(
 ):
   """Online-PCA rule with the alias defaults (paper) or the reference-code variant."""
   if reference_code:
+    projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
     orthogonality_weight = 0.0
     if projector_weight_decay is None:
       projector_weight_decay = 0.01
@@ -104,6 +105,11 @@ def osd_adamw(
 
   with P₀ the top-r singular vectors of G'₀ and no projector step at t = 0.  Other leaves
   (vectors, ``rank >= min(m, n)``, or mapped to None) get plain AdamW.
+
+  Under ``optax.inject_hyperparams`` every numeric argument may be an (array) hyperparameter;
+  ``rank`` sets shapes and goes in ``static_args``, as does any callable that is not a schedule
+  (``mu_dtype``, a callable ``weight_dimension_numbers`` or ``mask``).  The same holds for
+  :func:`osd_lion` and :func:`galore_adamw`.
 
   Args:
     learning_rate: lr(t), a float or an optax schedule.
@@ -292,6 +298,7 @@ def galore_adamw(
     ICML 2024.
   """
   _check_learning_rate(learning_rate)
+  projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
   return optax.chain(
       scale_by_subspace_descent(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),

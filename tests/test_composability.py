@@ -128,6 +128,54 @@ def test_inject_hyperparams_with_static_rank():
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
 
 
+INJECT_CASES = {
+    "osd_adamw": (osd_jax.osd_adamw, dict(
+        learning_rate=1e-2, rank=3, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.1, scale=0.7,
+        orthogonality_weight=0.2, projector_lr_ratio=2.0, projector_weight_decay=0.05)),
+    "osd_adamw_reference_code": (osd_jax.osd_adamw, dict(
+        learning_rate=1e-2, rank=3, reference_code=True, peak_learning_rate=2e-2,
+        update_proj_gap=5)),
+    "osd_lion": (osd_jax.osd_lion, dict(
+        learning_rate=1e-3, rank=3, b1=0.8, b2=0.95, weight_decay=0.1, scale=0.5,
+        orthogonality_weight=0.2, projector_lr_ratio=20.0)),
+    "galore_adamw": (osd_jax.galore_adamw, dict(
+        learning_rate=1e-2, rank=3, update_proj_gap=2, scale=0.3, b1=0.8, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECT_CASES))
+def test_inject_hyperparams_matches_plain_alias_over_steps(name):
+  """Every numeric argument but rank may be an array hyperparameter; P moves or refreshes."""
+  alias, kwargs = INJECT_CASES[name]
+  params = _params()
+  tx = optax.inject_hyperparams(alias, static_args=("rank",))(**kwargs)
+  ref = alias(**kwargs)
+  state, ref_state = tx.init(params), ref.init(params)
+  update = jax.jit(tx.update)
+  projectors_seen = []
+  for t in range(4):
+    u, state = update(_grads(params, t), state, params)
+    ref_u, ref_state = ref.update(_grads(params, t), ref_state, params)
+    chex.assert_trees_all_close(u, ref_u, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(state.inner_state, ref_state, rtol=1e-5, atol=1e-7)
+    projectors_seen.append(np.asarray(osd_jax.projectors_of(state)[0]))
+  assert not np.allclose(projectors_seen[0], projectors_seen[-1])  # the subspace has moved
+
+
+def test_refresh_period_accepts_integer_arrays_and_names_the_argument():
+  for every in (3, np.int64(3), jnp.asarray(3)):
+    projectors.svd(every=every)
+    projectors.random(every=every)
+    osd_jax.galore_adamw(1e-2, rank=2, update_proj_gap=every)
+  for bad in (0, -1, 2.0, True, np.int32(0), jnp.asarray(2.0), jnp.asarray([2])):
+    with pytest.raises(ValueError, match="update_proj_gap must be a positive int"):
+      osd_jax.galore_adamw(1e-2, rank=2, update_proj_gap=bad)
+    with pytest.raises(ValueError, match="every must be a positive int"):
+      projectors.svd(every=bad)
+  with pytest.raises(ValueError, match="update_proj_gap must be a positive int"):
+    osd_jax.osd_adamw(1e-2, rank=2, reference_code=True, update_proj_gap=0)
+
+
 def test_apply_if_finite_skips_nan_steps():
   params = _params()
   tx = optax.apply_if_finite(osd_jax.osd_adamw(1e-2, rank=3), max_consecutive_errors=3)
