@@ -99,6 +99,31 @@ def test_chain_and_partition():
   assert np.linalg.matrix_rank(np.asarray(outs[0]["dense"]["kernel"]), tol=1e-6) <= 3
 
 
+def test_partition_with_pytree_dimension_numbers():
+  """Inside optax.partition the params hold MaskedNode for the other group's leaves; a spec for
+  the full tree still matches and its entries there are ignored."""
+  params = _params()
+  params["emb"] = jax.random.normal(jax.random.key(5), (30, 8))
+  labels = {"dense": {"kernel": "osd", "bias": "adam"}, "out": "osd", "scale": "adam",
+            "emb": "adam"}
+  dn = osd_jax.DimensionNumbers()
+  spec = {"dense": {"kernel": dn, "bias": None}, "out": None, "scale": None, "emb": dn}
+  tx = optax.partition(
+      {"osd": osd_jax.osd_adamw(1e-2, rank=3, weight_dimension_numbers=spec),
+       "adam": optax.adamw(1e-2, weight_decay=0.0)}, labels)
+  new_params, state, _ = _run(tx, params)
+  osd_state = state.inner_states["osd"].inner_state[0]
+  is_node = lambda x: isinstance(x, (osd_jax.ProjectedLeafState, optax.MaskedNode))  # noqa: E731
+  kinds = jax.tree.map(lambda x: type(x).__name__, osd_state.projector_state, is_leaf=is_node)
+  assert kinds == {"dense": {"kernel": "ProjectedLeafState", "bias": "MaskedNode"},
+                   "out": "MaskedNode", "scale": "MaskedNode", "emb": "MaskedNode"}
+  # same as one osd_adamw whose spec leaves the "adam" leaves unprojected (they get AdamW)
+  whole_spec = dict(spec, emb=None)
+  ref_params, _, _ = _run(osd_jax.osd_adamw(1e-2, rank=3, weight_dimension_numbers=whole_spec),
+                          params)
+  chex.assert_trees_all_close(new_params, ref_params, rtol=1e-5, atol=1e-6)
+
+
 def test_multisteps_accumulates():
   params = _params()
   tx = optax.MultiSteps(osd_jax.osd_adamw(1e-2, rank=3), every_k_schedule=2)
