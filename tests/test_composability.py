@@ -9,6 +9,7 @@ import pytest
 
 import osd_jax
 from osd_jax import projectors
+from tests import numpy_reference as ref
 
 
 def _params(dtype=jnp.float32):
@@ -303,6 +304,64 @@ def test_transport_state_rotates_first_moment():
                              rotation @ np.asarray(s_plain.inner_state.mu["w"]),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(s_moved.inner_state.nu["w"], s_plain.inner_state.nu["w"])
+
+
+@pytest.mark.parametrize("rule_name", ["svd", "random"])
+def test_transport_state_with_periodic_rules(rule_name):
+  """svd/random replace P inside update: at a refresh t, M ← b1·(PₜᵀPₜ₋₁)·M + (1−b1)·Ĝ.
+
+  Checked against a float64 NumPy Adam over the P the rule used (and, for svd, P is checked
+  to be the top-r singular vectors of G'ₜ at every refresh); a wide and a tall leaf.
+  """
+  b1, b2, eps, rank, steps = 0.9, 0.999, 1e-8, 3, 5
+  shapes = {"wide": (8, 12), "tall": (12, 8)}
+  rng = np.random.default_rng(0)
+  grads = [{k: rng.normal(size=shp) * (1 + 0.5 * t) for k, shp in shapes.items()}
+           for t in range(steps)]
+  rule = projectors.svd(every=2) if rule_name == "svd" else projectors.random(every=2, seed=1)
+  with jax.enable_x64(True):
+    def run(transport):
+      tx = osd_jax.scale_by_subspace_descent(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank, rule, transport_state=transport,
+          projector_dtype=jnp.float64)
+      state = tx.init({k: jnp.zeros(shp, jnp.float64) for k, shp in shapes.items()})
+      update = jax.jit(tx.update)
+      out = []
+      for g in grads:
+        u, state = update(jax.tree.map(jnp.asarray, g), state)
+        out.append(dict(
+            u=jax.tree.map(np.asarray, u), mu=jax.tree.map(np.asarray, state.inner_state.mu),
+            p={k: np.asarray(state.projector_state[k].state.p) for k in shapes}))
+      return out
+
+    moved, kept = run(True), run(False)
+
+  for k, shp in shapes.items():
+    transpose = shp[0] >= shp[1]  # G' = Gᵀ for the tall leaf
+    mu = nu = p_prev = None
+    for t in range(steps):
+      gp = grads[t][k].T if transpose else grads[t][k]
+      p_t = moved[t]["p"][k]  # periodic rules store Pₜ₊₁ = Pₜ
+      if t % 2 == 0 and rule_name == "svd":
+        np.testing.assert_allclose(p_t, ref.top_left_singular(gp, rank), atol=1e-10)
+      if t % 2:
+        np.testing.assert_array_equal(p_t, p_prev)  # no refresh: P is kept
+      g_hat = p_t.T @ gp  # Ĝ = PₜᵀG'
+      if t == 0:
+        mu, nu = np.zeros_like(g_hat), np.zeros_like(g_hat)
+      elif t % 2 == 0:
+        mu = (p_t.T @ p_prev) @ mu  # M ← (PₜᵀPₜ₋₁) M at the refresh
+      mu = b1 * mu + (1 - b1) * g_hat
+      nu = b2 * nu + (1 - b2) * g_hat**2
+      n = (mu / (1 - b1 ** (t + 1))) / (np.sqrt(nu / (1 - b2 ** (t + 1))) + eps)
+      u = p_t @ n
+      np.testing.assert_allclose(moved[t]["mu"][k], mu, rtol=1e-9, atol=1e-12)
+      np.testing.assert_allclose(moved[t]["u"][k], u.T if transpose else u, rtol=1e-9,
+                                 atol=1e-12)
+      p_prev = p_t
+    for t in range(steps):  # identical until the first refresh after t = 0 (t = 2), then not
+      same = np.array_equal(moved[t]["u"][k], kept[t]["u"][k])
+      assert same == (t < 2), (k, t)
 
 
 def test_side_auto_and_larger():
