@@ -126,9 +126,11 @@ def osd_adamw(
     weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
     projector_dtype: dtype of P and its optimizer state (None = float32).
     side, transport_state, seed: see :func:`osd_jax.scale_by_subspace_descent`.
-    reference_code: the official code's choices instead of the paper's: λ = 0, AdamW on P
-      with weight decay 0.01, projector step lr(t)/lr_max/``update_proj_gap``
-      (``peak_learning_rate`` = lr_max is needed for schedules).
+    reference_code: the official code's choices instead of the paper's: λ = 0 (whatever
+      ``orthogonality_weight`` is), AdamW on P with weight decay 0.01 (unless
+      ``projector_weight_decay`` is given), projector step lr(t)/lr_max/``update_proj_gap``
+      (unless ``projector_learning_rate`` is given; ``peak_learning_rate`` = lr_max is
+      needed for schedules).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, osd_jax
@@ -222,8 +224,9 @@ def osd_lion(
 
   with P moved as in :func:`osd_adamw`.  ``sign_after_projection=True`` (implied by
   ``reference_code=True``) takes the sign of the back-projected update instead,
-  U = sign(Pₜ((1−b1)Ĝ + b1M)), as the official code does.  Other arguments as
-  :func:`osd_adamw`.
+  U = sign(scale·Pₜ((1−b1)Ĝ + b1M)), as the official code does; then ``scale`` (> 0) has
+  no effect.  Other arguments as :func:`osd_adamw` (``reference_code=True`` also sets λ = 0
+  whatever ``orthogonality_weight`` is).
 
   Example:
     >>> import jax.numpy as jnp, osd_jax

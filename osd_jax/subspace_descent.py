@@ -42,6 +42,10 @@ class SubspaceDescentState(NamedTuple):
   projector_state: Any  # params-shaped: ProjectedLeafState or optax.MaskedNode()
 
 
+# Part of optax's message when a transformation that needs params gets None.
+_NO_PARAMS_HINT = "not passing `params`"
+
+
 def _is_projected(x) -> bool:
   return isinstance(x, ProjectedLeafState)
 
@@ -239,10 +243,21 @@ def scale_by_subspace_descent(
           for proj in projections
       ]
       inner_state = _transport_first_moment(inner_state, rotations, treedef)
-    inner_updates, new_inner_state = inner.update(
-        treedef.unflatten(inner_in), inner_state,
-        treedef.unflatten(inner_params) if project_params else None, **extra_args
-    )
+    try:
+      inner_updates, new_inner_state = inner.update(
+          treedef.unflatten(inner_in), inner_state,
+          treedef.unflatten(inner_params) if project_params else None, **extra_args
+      )
+    except ValueError as e:  # optax's "you are not passing `params`" (e.g. inner=optax.adamw)
+      if project_params or _NO_PARAMS_HINT not in str(e):
+        raise
+      raise ValueError(
+          "The inner transformation of scale_by_subspace_descent reads params, but it gets "
+          "none unless project_params=True (then it gets Pₜᵀ W' for projected leaves). For "
+          "weight decay, apply it outside instead: optax.chain(scale_by_subspace_descent("
+          "optax.scale_by_adam(), ...), optax.add_decayed_weights(wd), "
+          "optax.scale_by_learning_rate(lr)), as osd_jax.osd_adamw does."
+      ) from e
     n_leaves = treedef.flatten_up_to(inner_updates)
     out = []
     for g, n, proj, ps in zip(leaves, n_leaves, projections, projector_leaves):

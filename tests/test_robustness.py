@@ -103,6 +103,19 @@ def test_bad_arguments(make, match):
     make()
 
 
+def test_inner_that_reads_params_points_at_project_params():
+  """inner=optax.adamw(weight_decay=...) needs params, which inner gets only with project_params."""
+  params = {"w": jnp.ones((6, 10)), "b": jnp.ones(10)}
+  rule = osd_jax.projectors.online_pca(1e-2)
+  tx = osd_jax.scale_by_subspace_descent(optax.adamw(1e-2, weight_decay=0.1), 2, rule)
+  with pytest.raises(ValueError, match="project_params=True.*add_decayed_weights"):
+    tx.update(params, tx.init(params), params)
+  tx = osd_jax.scale_by_subspace_descent(optax.adamw(1e-2, weight_decay=0.1), 2, rule,
+                                         project_params=True)
+  u, _ = tx.update(params, tx.init(params), params)
+  chex.assert_tree_all_finite(u)
+
+
 def test_shape_change_after_init_is_reported():
   tx = osd_jax.osd_adamw(1e-2, rank=2)
   state = tx.init({"w": jnp.ones((6, 10))})
