@@ -45,6 +45,7 @@ def _projector_rule(
 ):
   """Online-PCA rule with the alias defaults (paper) or the reference-code variant."""
   if reference_code:
+    projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
     orthogonality_weight = 0.0
     if projector_weight_decay is None:
       projector_weight_decay = 0.01
@@ -105,6 +106,11 @@ def osd_adamw(
   with P₀ the top-r singular vectors of G'₀ and no projector step at t = 0.  Other leaves
   (vectors, ``rank >= min(m, n)``, or mapped to None) get plain AdamW.
 
+  Under ``optax.inject_hyperparams`` every numeric argument may be an (array) hyperparameter;
+  ``rank`` sets shapes and goes in ``static_args``, as does any callable that is not a schedule
+  (``mu_dtype``, a callable ``weight_dimension_numbers`` or ``mask``).  The same holds for
+  :func:`osd_lion` and :func:`galore_adamw`.
+
   Args:
     learning_rate: lr(t), a float or an optax schedule.
     rank: r.
@@ -120,9 +126,11 @@ def osd_adamw(
     weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
     projector_dtype: dtype of P and its optimizer state (None = float32).
     side, transport_state, seed: see :func:`osd_jax.scale_by_subspace_descent`.
-    reference_code: the official code's choices instead of the paper's: λ = 0, AdamW on P
-      with weight decay 0.01, projector step lr(t)/lr_max/``update_proj_gap``
-      (``peak_learning_rate`` = lr_max is needed for schedules).
+    reference_code: the official code's choices instead of the paper's: λ = 0 (whatever
+      ``orthogonality_weight`` is), AdamW on P with weight decay 0.01 (unless
+      ``projector_weight_decay`` is given), projector step lr(t)/lr_max/``update_proj_gap``
+      (unless ``projector_learning_rate`` is given; ``peak_learning_rate`` = lr_max is
+      needed for schedules).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, osd_jax
@@ -216,8 +224,9 @@ def osd_lion(
 
   with P moved as in :func:`osd_adamw`.  ``sign_after_projection=True`` (implied by
   ``reference_code=True``) takes the sign of the back-projected update instead,
-  U = sign(Pₜ((1−b1)Ĝ + b1M)), as the official code does.  Other arguments as
-  :func:`osd_adamw`.
+  U = sign(scale·Pₜ((1−b1)Ĝ + b1M)), as the official code does; then ``scale`` (> 0) has
+  no effect.  Other arguments as :func:`osd_adamw` (``reference_code=True`` also sets λ = 0
+  whatever ``orthogonality_weight`` is).
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
@@ -292,6 +301,7 @@ def galore_adamw(
     ICML 2024.
   """
   _check_learning_rate(learning_rate)
+  projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
   return optax.chain(
       scale_by_subspace_descent(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class DimensionNumbers(NamedTuple):
@@ -198,6 +199,10 @@ def _path_str(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
 def resolve_layouts(
     params: Any,
     weight_dimension_numbers: WeightDimensionNumbers,
@@ -210,10 +215,16 @@ def resolve_layouts(
   ``weight_dimension_numbers`` is None (project every 2-D leaf as ``DimensionNumbers(0, 1)``),
   one :class:`DimensionNumbers` (applied to every leaf with ndim ≥ 2), a pytree of
   ``DimensionNumbers | None`` matching params, or a callable ``params -> such a pytree``.
+  Inside ``optax.partition`` / ``optax.masked`` the params hold ``optax.MaskedNode()`` where
+  other groups' leaves are; a pytree spec for the full params still matches, and whatever it
+  holds at those positions is ignored.
   """
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_path_str(p) for p, _ in path_leaves]
-  shapes = [tuple(jnp.shape(x)) for _, x in path_leaves]
+  # MaskedNode positions count as leaves here so that a full-tree spec lines up with them.
+  path_leaves, full_treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+  treedef = jax.tree.structure(params)
+  kept = [not _is_masked(x) for _, x in path_leaves]
+  paths = [_path_str(p) for (p, x), k in zip(path_leaves, kept) if k]
+  shapes = [tuple(jnp.shape(x)) for (_, x), k in zip(path_leaves, kept) if k]
   wdn = weight_dimension_numbers
   if callable(wdn) and not isinstance(wdn, DimensionNumbers):
     wdn = wdn(params)
@@ -223,13 +234,14 @@ def resolve_layouts(
     specs = [wdn if len(s) >= 2 else None for s in shapes]
   else:
     try:
-      specs = treedef.flatten_up_to(wdn)
+      full_specs = full_treedef.flatten_up_to(wdn)
     except (ValueError, TypeError) as e:
       raise ValueError(
           "weight_dimension_numbers must be None, one osd_jax.DimensionNumbers, a pytree of "
           "DimensionNumbers/None with the same structure as the params, or a callable "
           f"returning one. The given pytree does not match the params: {e}"
       ) from None
+    specs = [spec for spec, k in zip(full_specs, kept) if k]
   return [
       None if spec is None else make_layout(shape, spec, rank, side, path, cost)
       for shape, spec, path in zip(shapes, specs, paths)

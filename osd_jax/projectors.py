@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 INITS = ("svd", "randomized", "random")
@@ -144,9 +145,21 @@ def _check_init(init: str) -> None:
     raise ValueError(f"init must be one of {INITS}, got {init!r}.")
 
 
-def _check_every(every) -> None:
-  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-    raise ValueError(f"every must be a positive int (steps between refreshes), got {every!r}.")
+def _check_every(every, name: str = "every") -> None:
+  """Validates a refresh period T: a positive int, NumPy int or integer array scalar.
+
+  Traced values (e.g. from ``optax.inject_hyperparams`` under ``jit``) are used as they are:
+  ``count % T == 0`` works on them.
+  """
+  if isinstance(every, jax.core.Tracer):
+    return
+  if isinstance(every, (jax.Array, np.ndarray, np.generic)) and not isinstance(every, np.bool_):
+    value = np.asarray(every)
+    if value.ndim == 0 and np.issubdtype(value.dtype, np.integer) and value >= 1:
+      return
+  elif not isinstance(every, bool) and isinstance(every, int) and every >= 1:
+    return
+  raise ValueError(f"{name} must be a positive int (steps between refreshes), got {every!r}.")
 
 
 # --------------------------------------------------------------------------- online PCA

@@ -42,6 +42,10 @@ class SubspaceDescentState(NamedTuple):
   projector_state: Any  # params-shaped: ProjectedLeafState or optax.MaskedNode()
 
 
+# Part of optax's message when a transformation that needs params gets None.
+_NO_PARAMS_HINT = "not passing `params`"
+
+
 def _is_projected(x) -> bool:
   return isinstance(x, ProjectedLeafState)
 
@@ -98,9 +102,17 @@ def scale_by_subspace_descent(
       Pₜ₊₁ = projector(Gₜ, Pₜ)
 
   Leaves that are not projected (ndim < 2, mapped to None, or ``rank >= min(m, n)``) get
-  ``inner`` at full rank.  Inner state is kept when P moves (the paper's choice), unless
-  ``transport_state=True``, which rotates the inner first moment ``mu`` into the new basis,
-  M ← (Pₜ₊₁ᵀ Pₜ) M (as LDAdam).
+  ``inner`` at full rank.  Inner state is kept when P changes (the paper's choice), unless
+  ``transport_state=True``, which keeps the inner first moment M (every ``mu`` field of the
+  inner state) in the basis of the stored P, as LDAdam, for any rule:
+
+      M ← (Pₜᵀ P_stored) M   before ``inner``, where the rule replaced P inside ``update``
+                              (``svd``/``random`` at a refresh; nothing at t = 0)
+      M ← (Pₜ₊₁ᵀ Pₜ) M       after ``inner``, where the rule moved P for step t + 1
+                              (``online_pca`` every step t ≥ 1)
+
+  A P that did not change gives exactly I (not PᵀP, which is only ≈ I for online PCA's P).
+  Second moments are not rotated.
 
   Args:
     inner: an optax transformation that needs no params, e.g. ``optax.scale_by_adam()``.
@@ -112,10 +124,12 @@ def scale_by_subspace_descent(
     projector_dtype: dtype of P and its optimizer state (None = float32).
     side: ``"smaller"`` (P spans min(m, n), DESIGN §2), ``"larger"`` or ``"auto"`` (the side
       with fewer state bytes for this inner optimizer and projector rule).
-    transport_state: rotate the inner first moment when P moves.
+    transport_state: rotate the inner first moment into the new basis when P changes.
     project_params: give ``inner`` the params in its own coordinates (Pₜᵀ W' for projected
       leaves, one more rank-r matmul each) instead of None; needed by inner transforms that
-      read params, e.g. ``optax.scale_by_factored_rms``.
+      read params, e.g. ``optax.scale_by_factored_rms``.  Without it ``inner`` gets no
+      params, so weight decay belongs outside (``optax.add_decayed_weights`` after this
+      transformation, as the aliases do), not in ``inner`` (e.g. ``optax.adamw``).
     seed: seeds the randomized/random projector inits (a key per leaf and step).
 
   Returns:
@@ -219,28 +233,46 @@ def scale_by_subspace_descent(
         w = param_leaves[i]
         w_hat = jnp.matmul(jnp.swapaxes(p_t, -1, -2), to_matrix(w, layout).astype(p_t.dtype))
         inner_params.append(w_hat.astype(w.dtype))
-      projections.append((p_t, new_rule_state.p))
+      projections.append((ps.state.p, p_t, new_rule_state.p))  # stored P, Pₜ, Pₜ₊₁
       new_projector_leaves.append(ProjectedLeafState(state=new_rule_state, layout=layout))
 
-    inner_updates, new_inner_state = inner.update(
-        treedef.unflatten(inner_in), state.inner_state,
-        treedef.unflatten(inner_params) if project_params else None, **extra_args
-    )
+    inner_state = state.inner_state
+    if transport_state:  # M ← (Pₜᵀ P_stored) M where the rule replaced P inside update
+      rotations = [
+          None if proj is None else _change_of_basis(proj[1], proj[0], count == 0)
+          for proj in projections
+      ]
+      inner_state = _transport_first_moment(inner_state, rotations, treedef)
+    try:
+      inner_updates, new_inner_state = inner.update(
+          treedef.unflatten(inner_in), inner_state,
+          treedef.unflatten(inner_params) if project_params else None, **extra_args
+      )
+    except ValueError as e:  # optax's "you are not passing `params`" (e.g. inner=optax.adamw)
+      if project_params or _NO_PARAMS_HINT not in str(e):
+        raise
+      raise ValueError(
+          "The inner transformation of scale_by_subspace_descent reads params, but it gets "
+          "none unless project_params=True (then it gets Pₜᵀ W' for projected leaves). For "
+          "weight decay, apply it outside instead: optax.chain(scale_by_subspace_descent("
+          "optax.scale_by_adam(), ...), optax.add_decayed_weights(wd), "
+          "optax.scale_by_learning_rate(lr)), as osd_jax.osd_adamw does."
+      ) from e
     n_leaves = treedef.flatten_up_to(inner_updates)
     out = []
     for g, n, proj, ps in zip(leaves, n_leaves, projections, projector_leaves):
       if proj is None:
         out.append(n)
         continue
-      p_t = proj[0]
+      p_t = proj[1]
       u = scale * jnp.matmul(p_t, n.astype(p_t.dtype))  # U' = scale · Pₜ N
       out.append(from_matrix(u, ps.layout).astype(g.dtype))
 
-    if transport_state:
+    if transport_state:  # M ← (Pₜ₊₁ᵀ Pₜ) M where the rule moves P for the next step
       rotations = [
-          None if proj is None else jnp.matmul(jnp.swapaxes(proj[1], -1, -2), proj[0])
+          None if proj is None else _change_of_basis(proj[2], proj[1], False)
           for proj in projections
-      ]  # Pₜ₊₁ᵀ Pₜ
+      ]
       new_inner_state = _transport_first_moment(new_inner_state, rotations, treedef)
 
     new_state = SubspaceDescentState(
@@ -251,6 +283,17 @@ def scale_by_subspace_descent(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _change_of_basis(p_new: jax.Array, p_old: jax.Array, skip) -> jax.Array:
+  """R = P_newᵀ P_old (r×r, batched), or exactly I where P_new == P_old or ``skip``.
+
+  A basis that did not change needs no rotation; PᵀP is only ≈ I for a P that is not
+  orthonormal (online PCA), so it is not applied then.
+  """
+  eye = jnp.eye(p_new.shape[-1], dtype=p_new.dtype)
+  same = jnp.all(p_new == p_old, axis=(-2, -1), keepdims=True) | skip
+  return jnp.where(same, eye, jnp.matmul(jnp.swapaxes(p_new, -1, -2), p_old))
 
 
 def _has_first_moment(x) -> bool:

@@ -1,12 +1,15 @@
 """Shared pytest setup.
 
 Eight fake CPU devices are requested *before* jax is imported anywhere, so sharding tests can build
-meshes such as data=2,fsdp=4 on a laptop or CI runner.  A value already set in the environment wins.
+meshes such as data=2,fsdp=4 on a laptop or CI runner.  The flag is appended to any XLA_FLAGS
+already set; a device count already given there wins.
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
 
 # The trainer tests build many identical small programs (same model, optimizer and mesh in
 # different tests): a per-session persistent compilation cache compiles each once.

@@ -9,6 +9,7 @@ import pytest
 
 import osd_jax
 from osd_jax import projectors
+from tests import numpy_reference as ref
 
 
 def _params(dtype=jnp.float32):
@@ -99,6 +100,31 @@ def test_chain_and_partition():
   assert np.linalg.matrix_rank(np.asarray(outs[0]["dense"]["kernel"]), tol=1e-6) <= 3
 
 
+def test_partition_with_pytree_dimension_numbers():
+  """Inside optax.partition the params hold MaskedNode for the other group's leaves; a spec for
+  the full tree still matches and its entries there are ignored."""
+  params = _params()
+  params["emb"] = jax.random.normal(jax.random.key(5), (30, 8))
+  labels = {"dense": {"kernel": "osd", "bias": "adam"}, "out": "osd", "scale": "adam",
+            "emb": "adam"}
+  dn = osd_jax.DimensionNumbers()
+  spec = {"dense": {"kernel": dn, "bias": None}, "out": None, "scale": None, "emb": dn}
+  tx = optax.partition(
+      {"osd": osd_jax.osd_adamw(1e-2, rank=3, weight_dimension_numbers=spec),
+       "adam": optax.adamw(1e-2, weight_decay=0.0)}, labels)
+  new_params, state, _ = _run(tx, params)
+  osd_state = state.inner_states["osd"].inner_state[0]
+  is_node = lambda x: isinstance(x, (osd_jax.ProjectedLeafState, optax.MaskedNode))  # noqa: E731
+  kinds = jax.tree.map(lambda x: type(x).__name__, osd_state.projector_state, is_leaf=is_node)
+  assert kinds == {"dense": {"kernel": "ProjectedLeafState", "bias": "MaskedNode"},
+                   "out": "MaskedNode", "scale": "MaskedNode", "emb": "MaskedNode"}
+  # same as one osd_adamw whose spec leaves the "adam" leaves unprojected (they get AdamW)
+  whole_spec = dict(spec, emb=None)
+  ref_params, _, _ = _run(osd_jax.osd_adamw(1e-2, rank=3, weight_dimension_numbers=whole_spec),
+                          params)
+  chex.assert_trees_all_close(new_params, ref_params, rtol=1e-5, atol=1e-6)
+
+
 def test_multisteps_accumulates():
   params = _params()
   tx = optax.MultiSteps(osd_jax.osd_adamw(1e-2, rank=3), every_k_schedule=2)
@@ -126,6 +152,54 @@ def test_inject_hyperparams_with_static_rank():
   state.hyperparams["learning_rate"] = jnp.asarray(0.0)
   u, _ = jax.jit(tx.update)(_grads(params, 1), state, params)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
+
+
+INJECT_CASES = {
+    "osd_adamw": (osd_jax.osd_adamw, dict(
+        learning_rate=1e-2, rank=3, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.1, scale=0.7,
+        orthogonality_weight=0.2, projector_lr_ratio=2.0, projector_weight_decay=0.05)),
+    "osd_adamw_reference_code": (osd_jax.osd_adamw, dict(
+        learning_rate=1e-2, rank=3, reference_code=True, peak_learning_rate=2e-2,
+        update_proj_gap=5)),
+    "osd_lion": (osd_jax.osd_lion, dict(
+        learning_rate=1e-3, rank=3, b1=0.8, b2=0.95, weight_decay=0.1, scale=0.5,
+        orthogonality_weight=0.2, projector_lr_ratio=20.0)),
+    "galore_adamw": (osd_jax.galore_adamw, dict(
+        learning_rate=1e-2, rank=3, update_proj_gap=2, scale=0.3, b1=0.8, weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECT_CASES))
+def test_inject_hyperparams_matches_plain_alias_over_steps(name):
+  """Every numeric argument but rank may be an array hyperparameter; P moves or refreshes."""
+  alias, kwargs = INJECT_CASES[name]
+  params = _params()
+  tx = optax.inject_hyperparams(alias, static_args=("rank",))(**kwargs)
+  ref = alias(**kwargs)
+  state, ref_state = tx.init(params), ref.init(params)
+  update = jax.jit(tx.update)
+  projectors_seen = []
+  for t in range(4):
+    u, state = update(_grads(params, t), state, params)
+    ref_u, ref_state = ref.update(_grads(params, t), ref_state, params)
+    chex.assert_trees_all_close(u, ref_u, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(state.inner_state, ref_state, rtol=1e-5, atol=1e-7)
+    projectors_seen.append(np.asarray(osd_jax.projectors_of(state)[0]))
+  assert not np.allclose(projectors_seen[0], projectors_seen[-1])  # the subspace has moved
+
+
+def test_refresh_period_accepts_integer_arrays_and_names_the_argument():
+  for every in (3, np.int64(3), jnp.asarray(3)):
+    projectors.svd(every=every)
+    projectors.random(every=every)
+    osd_jax.galore_adamw(1e-2, rank=2, update_proj_gap=every)
+  for bad in (0, -1, 2.0, True, np.int32(0), jnp.asarray(2.0), jnp.asarray([2])):
+    with pytest.raises(ValueError, match="update_proj_gap must be a positive int"):
+      osd_jax.galore_adamw(1e-2, rank=2, update_proj_gap=bad)
+    with pytest.raises(ValueError, match="every must be a positive int"):
+      projectors.svd(every=bad)
+  with pytest.raises(ValueError, match="update_proj_gap must be a positive int"):
+    osd_jax.osd_adamw(1e-2, rank=2, reference_code=True, update_proj_gap=0)
 
 
 def test_apply_if_finite_skips_nan_steps():
@@ -230,6 +304,64 @@ def test_transport_state_rotates_first_moment():
                              rotation @ np.asarray(s_plain.inner_state.mu["w"]),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(s_moved.inner_state.nu["w"], s_plain.inner_state.nu["w"])
+
+
+@pytest.mark.parametrize("rule_name", ["svd", "random"])
+def test_transport_state_with_periodic_rules(rule_name):
+  """svd/random replace P inside update: at a refresh t, M ← b1·(PₜᵀPₜ₋₁)·M + (1−b1)·Ĝ.
+
+  Checked against a float64 NumPy Adam over the P the rule used (and, for svd, P is checked
+  to be the top-r singular vectors of G'ₜ at every refresh); a wide and a tall leaf.
+  """
+  b1, b2, eps, rank, steps = 0.9, 0.999, 1e-8, 3, 5
+  shapes = {"wide": (8, 12), "tall": (12, 8)}
+  rng = np.random.default_rng(0)
+  grads = [{k: rng.normal(size=shp) * (1 + 0.5 * t) for k, shp in shapes.items()}
+           for t in range(steps)]
+  rule = projectors.svd(every=2) if rule_name == "svd" else projectors.random(every=2, seed=1)
+  with jax.enable_x64(True):
+    def run(transport):
+      tx = osd_jax.scale_by_subspace_descent(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps), rank, rule, transport_state=transport,
+          projector_dtype=jnp.float64)
+      state = tx.init({k: jnp.zeros(shp, jnp.float64) for k, shp in shapes.items()})
+      update = jax.jit(tx.update)
+      out = []
+      for g in grads:
+        u, state = update(jax.tree.map(jnp.asarray, g), state)
+        out.append(dict(
+            u=jax.tree.map(np.asarray, u), mu=jax.tree.map(np.asarray, state.inner_state.mu),
+            p={k: np.asarray(state.projector_state[k].state.p) for k in shapes}))
+      return out
+
+    moved, kept = run(True), run(False)
+
+  for k, shp in shapes.items():
+    transpose = shp[0] >= shp[1]  # G' = Gᵀ for the tall leaf
+    mu = nu = p_prev = None
+    for t in range(steps):
+      gp = grads[t][k].T if transpose else grads[t][k]
+      p_t = moved[t]["p"][k]  # periodic rules store Pₜ₊₁ = Pₜ
+      if t % 2 == 0 and rule_name == "svd":
+        np.testing.assert_allclose(p_t, ref.top_left_singular(gp, rank), atol=1e-10)
+      if t % 2:
+        np.testing.assert_array_equal(p_t, p_prev)  # no refresh: P is kept
+      g_hat = p_t.T @ gp  # Ĝ = PₜᵀG'
+      if t == 0:
+        mu, nu = np.zeros_like(g_hat), np.zeros_like(g_hat)
+      elif t % 2 == 0:
+        mu = (p_t.T @ p_prev) @ mu  # M ← (PₜᵀPₜ₋₁) M at the refresh
+      mu = b1 * mu + (1 - b1) * g_hat
+      nu = b2 * nu + (1 - b2) * g_hat**2
+      n = (mu / (1 - b1 ** (t + 1))) / (np.sqrt(nu / (1 - b2 ** (t + 1))) + eps)
+      u = p_t @ n
+      np.testing.assert_allclose(moved[t]["mu"][k], mu, rtol=1e-9, atol=1e-12)
+      np.testing.assert_allclose(moved[t]["u"][k], u.T if transpose else u, rtol=1e-9,
+                                 atol=1e-12)
+      p_prev = p_t
+    for t in range(steps):  # identical until the first refresh after t = 0 (t = 2), then not
+      same = np.array_equal(moved[t]["u"][k], kept[t]["u"][k])
+      assert same == (t < 2), (k, t)
 
 
 def test_side_auto_and_larger():

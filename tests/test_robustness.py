@@ -91,7 +91,8 @@ def test_bad_dimension_numbers(wdn, err, match):
     (lambda: osd_jax.osd_adamw(1e-2, 2, projector_init="qr"), "init"),
     (lambda: osd_jax.osd_adamw(1e-2, 2, side="left"), "side"),
     (lambda: osd_jax.osd_adamw(None, 2), "learning_rate"),
-    (lambda: osd_jax.galore_adamw(1e-2, 2, update_proj_gap=0), "every"),
+    (lambda: osd_jax.galore_adamw(1e-2, 2, update_proj_gap=0), "update_proj_gap"),
+    (lambda: osd_jax.projectors.svd(every=0), "every"),
     (lambda: osd_jax.scale_by_subspace_descent(optax.scale_by_adam(), 2, projector="svd"),
      "ProjectorRule"),
     (lambda: osd_jax.osd_adamw(optax.linear_schedule(1e-3, 0, 10), 2, reference_code=True),
@@ -100,6 +101,19 @@ def test_bad_dimension_numbers(wdn, err, match):
 def test_bad_arguments(make, match):
   with pytest.raises((ValueError, TypeError), match=match):
     make()
+
+
+def test_inner_that_reads_params_points_at_project_params():
+  """inner=optax.adamw(weight_decay=...) needs params, which inner gets only with project_params."""
+  params = {"w": jnp.ones((6, 10)), "b": jnp.ones(10)}
+  rule = osd_jax.projectors.online_pca(1e-2)
+  tx = osd_jax.scale_by_subspace_descent(optax.adamw(1e-2, weight_decay=0.1), 2, rule)
+  with pytest.raises(ValueError, match="project_params=True.*add_decayed_weights"):
+    tx.update(params, tx.init(params), params)
+  tx = osd_jax.scale_by_subspace_descent(optax.adamw(1e-2, weight_decay=0.1), 2, rule,
+                                         project_params=True)
+  u, _ = tx.update(params, tx.init(params), params)
+  chex.assert_tree_all_finite(u)
 
 
 def test_shape_change_after_init_is_reported():
