@@ -99,6 +99,27 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
+def test_eval_runs_in_the_train_steps_micro_batches():
+  """--grad-accum k: eval runs the batch as the same k micro-batches as training (same loss sum and
+  token count as one pass, to float tolerance), so its compiled program needs less temp memory."""
+  batch = random_batch(0, 16, 32, VOCAB)
+  batch["targets"][:3, 20:] = -1  # some padding: the token count must add up too
+  devices = jax.devices()[:2]
+  out, temp = {}, {}
+  for k in (1, 4):
+    setup = trainer.build(small_config(optimizer="adamw", batch_size=16, grad_accum=k), VOCAB,
+                          devices=devices)
+    params = setup.init_state().params
+    b = {name: jax.device_put(v, shd.batch_sharding(setup.mesh)) for name, v in batch.items()}
+    out[k] = [float(x) for x in setup.eval_step(params, b)]
+    memory = setup.eval_step.lower(params, b).compile().memory_analysis()
+    temp[k] = None if memory is None else memory.temp_size_in_bytes
+  assert out[4][1] == out[1][1] == float(np.sum(batch["targets"] >= 0))
+  np.testing.assert_allclose(out[4][0], out[1][0], rtol=1e-5)
+  if temp[1] is not None:
+    assert temp[4] < temp[1], temp
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "osd_adamw"])
 def test_non_finite_step_is_skipped_and_counted(optimizer):
   """A NaN weight that a batch touches makes loss and gradients NaN: that step changes nothing."""

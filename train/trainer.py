@@ -184,7 +184,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
       loss_spike_factor=cfg.loss_spike_factor,
       subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
       last_step=cfg.steps)
-  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings)
+  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum)
   return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,
                float(model_lib.flops_per_token(mcfg, cfg.seq_len)))
