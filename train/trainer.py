@@ -78,7 +78,12 @@ def maybe_initialize_distributed(cfg: TrainConfig) -> None:
     kwargs["coordinator_address"] = cfg.coordinator_address
   if cfg.num_processes is not None:
     kwargs.update(num_processes=cfg.num_processes, process_id=cfg.process_id)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f"jax.distributed.initialize failed (check --coordinator-address, "
+                      f"--num-processes, --process-id or the launcher's environment): {e}"
+                      ) from None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -202,15 +207,22 @@ def load_tokenizer(cfg: TrainConfig):
       return tok_lib.load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as e:
       raise ConfigError(f"--tokenizer: {e}") from None
-  vocab = cfg.vocab_size or tok_lib.DEFAULT_VOCAB_SIZE
+  vocab = tok_lib.DEFAULT_VOCAB_SIZE if cfg.vocab_size is None else cfg.vocab_size
   cache = cfg.cache_dir or default_cache_dir()
-  if jax.process_count() > 1:  # process 0 trains (or finds) it, the others wait and load it
-    from jax.experimental import multihost_utils
+  try:
+    if jax.process_count() > 1:  # process 0 trains (or finds) it, the others wait and load it
+      from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0:
-      tok_lib.default_tokenizer(cache, vocab)
-    multihost_utils.sync_global_devices("osd_jax:tokenizer")
-  return tok_lib.default_tokenizer(cache, vocab)
+      if jax.process_index() == 0:
+        tok_lib.default_tokenizer(cache, vocab)
+      multihost_utils.sync_global_devices("osd_jax:tokenizer")
+    return tok_lib.default_tokenizer(cache, vocab)
+  except OSError as e:
+    raise ConfigError(f"--cache-dir {cache}: cannot write or read the default tokenizer there "
+                      f"({e})") from None
+  except ValueError as e:
+    raise ConfigError(f"default tokenizer (--vocab-size {vocab}, --cache-dir {cache}): {e}"
+                      ) from None
 
 
 def make_datasets(cfg: TrainConfig, tokenizer,
