@@ -31,6 +31,10 @@ def test_help_documents_every_flag():
     flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
     assert flag in out.stdout, flag
   assert "examples:" in out.stdout
+  from train import tokenizer as tok_lib
+
+  vocab_help = {f.name: f for f in dataclasses.fields(TrainConfig)}["vocab_size"].metadata["help"]
+  assert f"default: {tok_lib.DEFAULT_VOCAB_SIZE}," in vocab_help  # what load_tokenizer uses
 
 
 def test_flags_map_onto_the_config(tmp_path):

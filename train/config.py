@@ -104,8 +104,10 @@ class TrainConfig:
   tokenizer: str | None = _f(None, "SentencePiece .model file (default: one trained on the "
                              "embedded "
                              "corpus and cached).", group="data")
-  vocab_size: int | None = _f(None, "Vocabulary size of the trained default tokenizer "
-                              "(default: the preset's).", group="data")
+  vocab_size: int | None = _f(None, "Vocabulary size of the default tokenizer, the one trained on "
+                              "the embedded corpus when no --tokenizer is given (default: 4096, "
+                              "for every preset). Ignored with --tokenizer: the model's vocabulary "
+                              "is always the tokenizer's.", group="data")
   cache_dir: str | None = _f(None, "Cache for the default tokenizer (default: ~/.cache/osd_jax).",
                              group="data")
 
