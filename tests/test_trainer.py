@@ -57,6 +57,53 @@ def test_run_dir_and_result_api(tmp_path, train_tokenizer):
   assert logits.shape == (1, 8, train_tokenizer.vocab_size)
 
 
+def _tensorboard_scalars(directory) -> dict:
+  """{tag: {step: value}} as TensorBoard shows an event directory: files in name order, and a
+  ``SessionLog.START`` event at step s hides the events read so far at steps >= s."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  seen = {}
+  for path in sorted(directory.iterdir()):
+    data, i = path.read_bytes(), 0
+    while i < len(data):  # TFRecords: length, crc, payload, crc
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        seen = {tag: {k: v for k, v in steps.items() if k < event.step}
+                for tag, steps in seen.items()}
+      for value in event.summary.value:
+        seen.setdefault(value.tag, {})[event.step] = value.simple_value
+  return seen
+
+
+def test_tensorboard_events_after_the_resume_step_are_purged(tmp_path):
+  """Like metrics.jsonl, TensorBoard keeps the events up to the checkpoint a run resumes from and
+  hides the ones a killed run wrote after it; a fresh start hides all earlier ones."""
+  import time
+
+  from train import metrics as metrics_lib
+
+  def run(purge_step, steps, value, eval_at=()):
+    writer = metrics_lib.MetricsWriter(str(tmp_path), purge_step=purge_step)
+    for step in steps:
+      writer.write(step, {"loss": value})
+      if step in eval_at:
+        writer.write(step, {"eval_loss": value})
+    writer.close()
+    time.sleep(1.1)  # tensorboardX names event files by the second
+
+  run(0, range(1, 6), 1.0, eval_at=(2, 5))  # checkpoint at step 3, killed after step 5
+  run(4, range(4, 7), 2.0)  # resumed from step 3 (the next eval comes later)
+  scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+  assert scalars["loss"] == {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0, 5: 2.0, 6: 2.0}
+  assert scalars["eval_loss"] == {2: 1.0}  # not the killed run's eval at step 5
+  run(0, [1], 3.0)  # a fresh start in the same run dir
+  assert _tensorboard_scalars(tmp_path / "tensorboard") == {"loss": {1: 3.0}, "eval_loss": {}}
+
+
 def test_projection_rule_follows_the_paper():
   setup = trainer.build(small_config(), VOCAB)
   dims = optimizers.projection_rule(setup.abstract_state.params, "attn_mlp")

@@ -437,7 +437,8 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     # a resumed run keeps the records up to its checkpoint; a fresh start (also the restart of a
     # run stopped before its first checkpoint) begins the file again
     _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start if cfg.resume else -1)
-  writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.tensorboard)
+  writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.tensorboard,
+                                     purge_step=start + 1 if cfg.resume else 0)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   if primary:
     log.info("%s: %.2fM params, optimizer %s, mesh %s, %d devices, run dir %s", cfg.preset,
