@@ -276,3 +276,29 @@ def test_too_many_skipped_steps_in_a_row_save_and_stop(tmp_path, train_tokenizer
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
              .splitlines() if '"loss"' in line]
   assert [r["skipped"] for r in records] == [0, 1, 1] and records[-1]["skipped_total"] == 2
+
+
+def test_a_streak_of_skips_that_ends_between_log_steps_still_stops(tmp_path, train_tokenizer,
+                                                                   monkeypatch):
+  """--max-consecutive-skips is checked at log steps over every step since the previous one (no
+  host sync per step): a streak of 2 skipped steps (steps 2-3) that has ended by the log step 4
+  stops the run there. The train step's bad_streak metric is scripted."""
+  build = trainer.build
+
+  def scripted_build(*args, **kwargs):
+    setup = build(*args, **kwargs)
+    step_fn, script = setup.train_step, iter([0, 1, 2, 0, 0, 0])
+
+    def train_step(state, batch):
+      state, metrics = step_fn(state, batch)
+      return state, {**metrics, "bad_streak": jnp.asarray(next(script), jnp.int32)}
+
+    setup.train_step = train_step
+    return setup
+
+  monkeypatch.setattr(trainer, "build", scripted_build)
+  cfg = small_config(tmp_path / "run", optimizer="adamw", steps=6, log_every=4,
+                     max_consecutive_skips=2)
+  with pytest.raises(FloatingPointError, match="2 steps in a row .* stopped at step 4"):
+    trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
+

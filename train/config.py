@@ -83,8 +83,10 @@ class TrainConfig:
   loss_spike_factor: float = _f(0.0, "Skip a step whose loss exceeds this multiple of the running "
                                 "mean loss (0 disables; NaN/inf steps are always skipped).",
                                 group="optimizer")
-  max_consecutive_skips: int = _f(25, "Stop with an error after this many skipped steps in a row.",
-                                  group="optimizer")
+  max_consecutive_skips: int = _f(25, "Stop with an error (checkpoint saved, exit status 3) after "
+                                  "this many skipped steps in a row; checked at each --log-every "
+                                  "step over every step since the previous one, so the run stops "
+                                  "at the next log step.", group="optimizer")
 
   # --- training
   steps: int = _f(1000, "Number of optimizer steps.", group="training")

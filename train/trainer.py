@@ -471,6 +471,7 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
   # a resumed run does not re-evaluate at its first step (the original run logged that)
   initial_eval = final_eval = {} if cfg.resume else run_eval(start)
   last_metrics, last_skipped = None, int(state.skipped)
+  streaks = []  # every step's bad_streak since the last log step (device scalars: no sync per step)
   t_log, steps_since_log, paused = None, 0, 0.0  # paused: eval/save time, not step time
   # stopped while starting up: the state is the checkpoint at `start` (or step 0 of a fresh run,
   # which the same command rebuilds exactly), so there is nothing new to save
@@ -482,6 +483,7 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     while step < cfg.steps and not preempted:
       batch = _global_batch(next(train_it), batch_sharding, cfg.batch_size)
       state, last_metrics = setup.train_step(state, batch)
+      streaks.append(last_metrics["bad_streak"])
       step += 1
       steps_since_log += 1
       bar.update(1)
@@ -507,10 +509,12 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
           say(f"step {step}: skipped {int(record['skipped_total']) - last_skipped} step(s) with "
               f"non-finite or spiking loss/gradients ({int(record['skipped_total'])} in total)")
           last_skipped = int(record["skipped_total"])
-        if record["bad_streak"] >= cfg.max_consecutive_skips:
+        # the longest streak of skipped steps since the last log step, also one that has ended
+        worst, streaks = int(np.max(jax.device_get(streaks))), []
+        if worst >= cfg.max_consecutive_skips:
           save(step, wait=True)
           raise FloatingPointError(
-              f"{int(record['bad_streak'])} steps in a row had non-finite or spiking loss; "
+              f"{worst} steps in a row had non-finite or spiking loss; "
               f"stopped at step {step} (checkpoint saved). Lower --lr or check the data.")
       t_pause = time.time()
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
