@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -12,8 +13,13 @@ from train.__main__ import build_parser, main, parse_config
 from train.config import TrainConfig
 
 
+_LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                      "JAX_PROCESS_ID", "TPU_WORKER_")
+
+
 def _run(*args, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True,
                         text=True, timeout=300)
 
@@ -25,6 +31,10 @@ def test_help_documents_every_flag():
     flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
     assert flag in out.stdout, flag
   assert "examples:" in out.stdout
+  from train import tokenizer as tok_lib
+
+  vocab_help = {f.name: f for f in dataclasses.fields(TrainConfig)}["vocab_size"].metadata["help"]
+  assert f"default: {tok_lib.DEFAULT_VOCAB_SIZE}," in vocab_help  # what load_tokenizer uses
 
 
 def test_flags_map_onto_the_config(tmp_path):
@@ -68,6 +78,24 @@ def test_bad_input_is_one_error_line(extra, message, tmp_path, capsys, train_tok
   assert "Traceback" not in err
 
 
+def test_bad_default_tokenizer_flags_are_one_error_line(tmp_path, capsys):
+  """The default tokenizer (trained on the embedded corpus): a --vocab-size below what the corpus
+  needs (its characters, besides the special and byte pieces) and a --cache-dir that cannot be
+  created are one error line naming the flag, before anything is compiled."""
+  not_a_dir = tmp_path / "a-file"
+  not_a_dir.write_text("")
+  for extra, message in (
+      (["--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")],
+       r"--vocab-size 300.*too small for this corpus: it needs at least \d+ pieces"),
+      (["--cache-dir", str(not_a_dir)], f"--cache-dir {not_a_dir}: cannot write")):
+    rc = main(["--run-dir", str(tmp_path / "run"), "--no-progress", "--no-tensorboard", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), err
+  assert not (tmp_path / "run").exists()
+
+
 def test_missing_tokenizer_file(capsys):
   rc = main(["--tokenizer", "/nonexistent/t5.model"])
   assert rc == 2
@@ -79,6 +107,14 @@ def test_missing_tokenizer_file(capsys):
     (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--steps", "many"], "invalid int value: 'many'"),
+    (["--vocab-size", "100"], "--vocab-size must be at least 261"),
+    (["--vocab-size", "0"], "--vocab-size must be at least 261"),
+    (["--num-processes", "2", "--process-id", "0"], "need --coordinator-address"),
+    (["--num-processes", "2", "--process-id", "5", "--coordinator-address", "127.0.0.1:1234"],
+     "--process-id must be in [0, --num-processes=2), got 5"),
+    (["--coordinator-address", "localhost"], "--coordinator-address must be HOST:PORT"),
+    # no launcher in the environment: jax.distributed.initialize has no coordinator
+    (["--distributed"], "jax.distributed.initialize failed"),
 ])
 def test_subprocess_bad_input_prints_exactly_one_line(args, message):
   out = _run(*args)

@@ -12,6 +12,12 @@ from train import model as M
 
 SMALL = M.LlamaConfig(vocab_size=97, dim=32, hidden_dim=48, n_layers=2, n_heads=4, max_seq_len=16)
 NOMINAL = {"60m": 60e6, "130m": 130e6, "350m": 350e6, "1b": 1e9, "7b": 7e9}
+# The LLaMA configs of the GaLore paper (Zhao et al. 2024, appendix table "Hyperparameters of LLaMA
+# models for evaluation"; configs/llama_*.json in jiaweizzhao/GaLore):
+# (dim, hidden_dim, n_layers, n_heads); vocab 32000, one key/value head per query head.
+GALORE_SHAPES = {"60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12),
+                 "350m": (1024, 2736, 24, 16), "1b": (2048, 5461, 24, 32),
+                 "7b": (4096, 11008, 32, 32)}
 
 
 def _flat_params(model_or_state):
@@ -161,8 +167,11 @@ def test_param_count_of_every_preset_without_allocation(capsys):
     assert n == M.param_count(cfg), name
     rows.append(f"{name:>5}: {n:>14,d} params, {M.flops_per_token(cfg, 256):.3e} FLOPs/token")
     if name in NOMINAL:
+      assert (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads) == GALORE_SHAPES[name], name
+      assert cfg.num_kv_heads == cfg.n_heads, name
       assert cfg.vocab_size == 32000
       assert 0.8 * NOMINAL[name] <= n <= 1.4 * NOMINAL[name], (name, n)
+  assert set(NOMINAL) == set(GALORE_SHAPES) == set(M.PRESETS) - {"tiny"}
   with capsys.disabled():
     print("\n" + "\n".join(rows))
 

@@ -18,6 +18,8 @@ SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
+#: The smallest --vocab-size of a trained tokenizer: 4 special + 256 byte pieces + >= 1 character.
+MIN_VOCAB_SIZE = 261
 
 
 class ConfigError(ValueError):
@@ -81,8 +83,10 @@ class TrainConfig:
   loss_spike_factor: float = _f(0.0, "Skip a step whose loss exceeds this multiple of the running "
                                 "mean loss (0 disables; NaN/inf steps are always skipped).",
                                 group="optimizer")
-  max_consecutive_skips: int = _f(25, "Stop with an error after this many skipped steps in a row.",
-                                  group="optimizer")
+  max_consecutive_skips: int = _f(25, "Stop with an error (checkpoint saved, exit status 3) after "
+                                  "this many skipped steps in a row; checked at each --log-every "
+                                  "step over every step since the previous one, so the run stops "
+                                  "at the next log step.", group="optimizer")
 
   # --- training
   steps: int = _f(1000, "Number of optimizer steps.", group="training")
@@ -102,8 +106,10 @@ class TrainConfig:
   tokenizer: str | None = _f(None, "SentencePiece .model file (default: one trained on the "
                              "embedded "
                              "corpus and cached).", group="data")
-  vocab_size: int | None = _f(None, "Vocabulary size of the trained default tokenizer "
-                              "(default: the preset's).", group="data")
+  vocab_size: int | None = _f(None, "Vocabulary size of the default tokenizer, the one trained on "
+                              "the embedded corpus when no --tokenizer is given (default: 4096, "
+                              "for every preset). Ignored with --tokenizer: the model's vocabulary "
+                              "is always the tokenizer's.", group="data")
   cache_dir: str | None = _f(None, "Cache for the default tokenizer (default: ~/.cache/osd_jax).",
                              group="data")
 
@@ -214,5 +220,23 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.run_dir is not None and "://" in cfg.run_dir:
     raise ConfigError("--run-dir must be a local directory (metrics are written by process 0); "
                       "put checkpoints on cloud storage with --ckpt-dir gs://...")
+  if cfg.vocab_size is not None and cfg.vocab_size < MIN_VOCAB_SIZE:
+    raise ConfigError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (4 special and 256 byte "
+                      f"pieces, plus one per character of the corpus: about 350 for the embedded "
+                      f"corpus), got {cfg.vocab_size}")
   if (cfg.num_processes is None) != (cfg.process_id is None):
     raise ConfigError("give --num-processes and --process-id together")
+  if cfg.num_processes is not None:
+    if cfg.num_processes < 1:
+      raise ConfigError(f"--num-processes must be positive, got {cfg.num_processes}")
+    if not 0 <= cfg.process_id < cfg.num_processes:
+      raise ConfigError(f"--process-id must be in [0, --num-processes={cfg.num_processes}), got "
+                        f"{cfg.process_id}")
+    if cfg.coordinator_address is None:
+      raise ConfigError("--num-processes/--process-id need --coordinator-address HOST:PORT (the "
+                        "address of process 0)")
+  if cfg.coordinator_address is not None:
+    host, colon, port = cfg.coordinator_address.rpartition(":")
+    if not (colon and host and port.isdigit()):
+      raise ConfigError(f"--coordinator-address must be HOST:PORT, got "
+                        f"{cfg.coordinator_address!r}")

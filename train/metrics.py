@@ -75,9 +75,16 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends metrics to ``RUN_DIR/metrics.jsonl`` and TensorBoard; a no-op when not ``enabled``."""
+  """Appends metrics to ``RUN_DIR/metrics.jsonl`` and TensorBoard; a no-op when not ``enabled``.
 
-  def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+  ``purge_step``: TensorBoard hides the events that earlier writers of ``RUN_DIR/tensorboard``
+  wrote at steps ``>= purge_step`` (tensorboardX writes a ``SessionLog.START`` event at that step),
+  as ``metrics.jsonl`` is truncated on resume. The trainer passes the checkpoint step + 1 when it
+  resumes (keeping what was logged up to the checkpoint) and 0 on a fresh start.
+  """
+
+  def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True,
+               purge_step: int | None = None):
     self.enabled = enabled
     self.history: list[dict] = []
     self._file = None
@@ -89,7 +96,7 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, metrics: dict[str, Any]) -> dict:
     """Records ``metrics`` at ``step``; returns the cleaned record (also kept in ``history``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -179,6 +180,12 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, model_path: str |
         minloglevel=2,
     )
   except RuntimeError as e:
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+    if needed:  # one piece per special, byte and (covered) character of the corpus
+      n = int(needed.group(1))
+      raise ValueError(f"vocab_size={vocab_size} is too small for this corpus: it needs at least "
+                       f"{n} pieces ({_NUM_SPECIAL} special, {_NUM_BYTES} byte and "
+                       f"{n - _NUM_SPECIAL - _NUM_BYTES} character pieces)") from e
     raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size} on "
                      f"{len(sentences)} chunks (is the vocabulary too large for the corpus?): {e}"
                      ) from e
@@ -225,5 +232,6 @@ def default_tokenizer(cache_dir: str | os.PathLike,
   path = os.path.join(os.fspath(cache_dir), f"embedded-{vocab_size}.model")
   if os.path.isfile(path):
     return load_tokenizer(path)
+  os.makedirs(os.fspath(cache_dir), exist_ok=True)  # an unusable cache dir fails before training
   docs = corpus.split_documents(corpus.embedded_documents(), "train")
   return train_tokenizer(docs, vocab_size, path)

@@ -166,12 +166,32 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any) -> Callable:
-  """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted."""
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, *,
+                   grad_accum: int = 1) -> Callable:
+  """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted.
+
+  The batch runs in the same ``grad_accum`` micro-batches as the train step (``lax.scan`` summing
+  loss and token count), so evaluation needs no more activation memory than training.
+  """
+
+  pin_activations = shd.activation_constraint(mesh)
+
+  def micro_loss(params, mb):
+    with model_lib.activation_sharding(pin_activations):
+      return token_loss(graphdef, params, mb)
 
   def eval_fn(params, batch):
-    with model_lib.activation_sharding(shd.activation_constraint(mesh)):
-      return token_loss(graphdef, params, batch)
+    if grad_accum == 1:
+      return micro_loss(params, batch)
+    micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
+
+    def body(carry, mb):
+      loss_i, count_i = micro_loss(params, mb)
+      return (carry[0] + loss_i, carry[1] + count_i), None
+
+    zero = jnp.zeros([], jnp.float32)
+    (loss_sum, count), _ = jax.lax.scan(body, (zero, zero), micro)
+    return loss_sum, count
 
   rep = NamedSharding(mesh, P())
   return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),

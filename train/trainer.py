@@ -78,7 +78,12 @@ def maybe_initialize_distributed(cfg: TrainConfig) -> None:
     kwargs["coordinator_address"] = cfg.coordinator_address
   if cfg.num_processes is not None:
     kwargs.update(num_processes=cfg.num_processes, process_id=cfg.process_id)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f"jax.distributed.initialize failed (check --coordinator-address, "
+                      f"--num-processes, --process-id or the launcher's environment): {e}"
+                      ) from None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -184,7 +189,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
       loss_spike_factor=cfg.loss_spike_factor,
       subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
       last_step=cfg.steps)
-  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings)
+  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum)
   return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,
                float(model_lib.flops_per_token(mcfg, cfg.seq_len)))
@@ -202,15 +207,22 @@ def load_tokenizer(cfg: TrainConfig):
       return tok_lib.load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as e:
       raise ConfigError(f"--tokenizer: {e}") from None
-  vocab = cfg.vocab_size or tok_lib.DEFAULT_VOCAB_SIZE
+  vocab = tok_lib.DEFAULT_VOCAB_SIZE if cfg.vocab_size is None else cfg.vocab_size
   cache = cfg.cache_dir or default_cache_dir()
-  if jax.process_count() > 1:  # process 0 trains (or finds) it, the others wait and load it
-    from jax.experimental import multihost_utils
+  try:
+    if jax.process_count() > 1:  # process 0 trains (or finds) it, the others wait and load it
+      from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0:
-      tok_lib.default_tokenizer(cache, vocab)
-    multihost_utils.sync_global_devices("osd_jax:tokenizer")
-  return tok_lib.default_tokenizer(cache, vocab)
+      if jax.process_index() == 0:
+        tok_lib.default_tokenizer(cache, vocab)
+      multihost_utils.sync_global_devices("osd_jax:tokenizer")
+    return tok_lib.default_tokenizer(cache, vocab)
+  except OSError as e:
+    raise ConfigError(f"--cache-dir {cache}: cannot write or read the default tokenizer there "
+                      f"({e})") from None
+  except ValueError as e:
+    raise ConfigError(f"default tokenizer (--vocab-size {vocab}, --cache-dir {cache}): {e}"
+                      ) from None
 
 
 def make_datasets(cfg: TrainConfig, tokenizer,
@@ -405,7 +417,8 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     # a resumed run keeps the records up to its checkpoint; a fresh start (also the restart of a
     # run stopped before its first checkpoint) begins the file again
     _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start if cfg.resume else -1)
-  writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.tensorboard)
+  writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.tensorboard,
+                                     purge_step=start + 1 if cfg.resume else 0)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   if primary:
     log.info("%s: %.2fM params, optimizer %s, mesh %s, %d devices, run dir %s", cfg.preset,
@@ -438,6 +451,7 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
   # a resumed run does not re-evaluate at its first step (the original run logged that)
   initial_eval = final_eval = {} if cfg.resume else run_eval(start)
   last_metrics, last_skipped = None, int(state.skipped)
+  streaks = []  # every step's bad_streak since the last log step (device scalars: no sync per step)
   t_log, steps_since_log, paused = None, 0, 0.0  # paused: eval/save time, not step time
   # stopped while starting up: the state is the checkpoint at `start` (or step 0 of a fresh run,
   # which the same command rebuilds exactly), so there is nothing new to save
@@ -449,6 +463,7 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     while step < cfg.steps and not preempted:
       batch = _global_batch(next(train_it), batch_sharding, cfg.batch_size)
       state, last_metrics = setup.train_step(state, batch)
+      streaks.append(last_metrics["bad_streak"])
       step += 1
       steps_since_log += 1
       bar.update(1)
@@ -474,10 +489,12 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
           say(f"step {step}: skipped {int(record['skipped_total']) - last_skipped} step(s) with "
               f"non-finite or spiking loss/gradients ({int(record['skipped_total'])} in total)")
           last_skipped = int(record["skipped_total"])
-        if record["bad_streak"] >= cfg.max_consecutive_skips:
+        # the longest streak of skipped steps since the last log step, also one that has ended
+        worst, streaks = int(np.max(jax.device_get(streaks))), []
+        if worst >= cfg.max_consecutive_skips:
           save(step, wait=True)
           raise FloatingPointError(
-              f"{int(record['bad_streak'])} steps in a row had non-finite or spiking loss; "
+              f"{worst} steps in a row had non-finite or spiking loss; "
               f"stopped at step {step} (checkpoint saved). Lower --lr or check the data.")
       t_pause = time.time()
       if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
