@@ -404,14 +404,8 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
   run_dir = cfg.run_dir or _default_run_dir(cfg)
   cfg = cfg.replace(run_dir=run_dir)
   ckpt_dir = epath.Path(cfg.ckpt_dir or os.path.join(run_dir, "checkpoints"))
-  checkpointer = ckpt_lib.Checkpointer(str(ckpt_dir), keep=cfg.keep_checkpoints,
-                                       async_save=cfg.async_checkpoint)
-  try:
-    cfg, setup, state, start, train_it, eval_ds, tokenizer = _start(
-        cfg, checkpointer, tokenizer, devices)
-  except BaseException:
-    checkpointer.close()
-    raise
+  cfg, setup, state, start, train_it, eval_ds, tokenizer, checkpointer = _start(
+      cfg, str(ckpt_dir), tokenizer, devices)
   if primary:
     _save_run_files(run_dir, cfg, tokenizer)
     # a resumed run keeps the records up to its checkpoint; a fresh start (also the restart of a
@@ -522,21 +516,34 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
 
 
 
-def _start(cfg: TrainConfig, checkpointer: ckpt_lib.Checkpointer, tokenizer: Any, devices: Any):
+def _committed_steps(cfg: TrainConfig, ckpt_dir: str) -> list[int]:
+  """Steps with a complete checkpoint in ``ckpt_dir`` (which is not created when missing).
+
+  A save cut short (orbax's temporary directory, an uncommitted GCS step) is not one.
+  """
+  if not epath.Path(ckpt_dir).exists():
+    return []
+  probe = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=False)
+  try:
+    return probe.all_steps()
+  finally:
+    probe.close()
+
+
+def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
   """Builds the model, optimizer and data and restores the latest checkpoint when resuming.
 
-  Returns ``(cfg, setup, state, start_step, train_iterator, eval_dataset, tokenizer)``.
+  Bad flags or data raise before anything is written. Returns ``(cfg, setup, state,
+  start_step, train_iterator, eval_dataset, tokenizer, checkpointer)``.
   """
-  # committed steps only: a save cut short (a temporary directory, an uncommitted GCS step) is
-  # not a checkpoint to resume from
-  has_checkpoints = bool(checkpointer.all_steps())
+  has_checkpoints = bool(_committed_steps(cfg, ckpt_dir))
   if cfg.auto_resume:
     cfg = cfg.replace(resume=has_checkpoints)
   if cfg.resume and not has_checkpoints:
-    raise ConfigError(f"--resume: no checkpoints in {checkpointer.directory}")
+    raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
   if not cfg.resume and has_checkpoints:
-    raise ConfigError(f"{checkpointer.directory} already holds checkpoints; add --resume (or "
-                      f"--auto-resume) to continue that run or choose a new --run-dir")
+    raise ConfigError(f"{ckpt_dir} already holds checkpoints; add --resume (or --auto-resume) "
+                      f"to continue that run or choose a new --run-dir")
 
   tokenizer = tokenizer or load_tokenizer(cfg)
   try:
@@ -545,9 +552,15 @@ def _start(cfg: TrainConfig, checkpointer: ckpt_lib.Checkpointer, tokenizer: Any
     raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
   train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
   train_it: Iterator = iter(train_ds)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
+                                       async_save=cfg.async_checkpoint)
   if not cfg.resume:
-    return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer
-  state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
+    return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer, checkpointer
+  try:
+    state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
+  except BaseException:
+    checkpointer.close()
+    raise
   changed = ckpt_lib.config_diff(saved, cfg.to_dict(), ckpt_lib.SCHEDULE_KEYS)
   if changed and jax.process_index() == 0:
     log.warning("resuming with changed settings (the run continues under the new ones): %s",
@@ -558,7 +571,8 @@ def _start(cfg: TrainConfig, checkpointer: ckpt_lib.Checkpointer, tokenizer: Any
   else:  # no saved position: replay the stream up to the step
     for _ in range(start):
       next(train_it)
-  return cfg, setup, state, start, train_it, eval_ds, tokenizer
+  return cfg, setup, state, start, train_it, eval_ds, tokenizer, checkpointer
+
 
 def _iter_state(it: Any) -> Any:
   return it.get_state() if hasattr(it, "get_state") else None
