@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import osd_jax
-from tests.train_utils import (assert_trees_equal, cli_args, host, one_device, random_batch,
+from tests.train_utils import (assert_trees_equal, cli_args, committed_steps, host, one_device,
+                               random_batch,
                                small_config)
 from train import checkpoint as ckpt_lib
 from train import sharding as shd
@@ -47,8 +48,8 @@ def test_round_trip_into_fresh_sharded_state(tmp_path):
   ck.close()
 
   fresh = trainer.build(cfg, VOCAB)  # a new setup: nothing shared but the config
-  restored, data_state, saved_cfg = ckpt_lib.Checkpointer(str(tmp_path / "ck")).restore(
-      fresh.abstract_state, config=cfg.to_dict())
+  with ckpt_lib.Checkpointer(str(tmp_path / "ck")) as ck:
+    restored, data_state, saved_cfg = ck.restore(fresh.abstract_state, config=cfg.to_dict())
   assert data_state == {"pos": 3} and saved_cfg["rank"] == 4
   assert_trees_equal(restored, saved)
   assert len(osd_jax.projectors_of(restored.opt_state)) == 2 * 7  # 7 matrices per layer
@@ -80,13 +81,14 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=r"\['embed'\]\['embedding'\]: checkpoint "
                      r"\(256, 32\) float32 vs this run \(320, 32\) float32"):
     ck.restore(trainer.build(cfg, VOCAB + 64).abstract_state, config=cfg.to_dict())
+  ck.close()
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
   cfg = small_config(optimizer="adamw")
   setup, state = _trained_state(cfg, steps=1)
-  ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
-  ck.save(1, state, config=cfg.to_dict(), wait=True)
+  with ckpt_lib.Checkpointer(str(tmp_path / "ck")) as ck:
+    ck.save(1, state, config=cfg.to_dict(), wait=True)
   # truncate every array-data file (which ones orbax reads depends on how it merged them)
   for d, _, names in os.walk(tmp_path / "ck" / "1" / "state"):
     if os.path.basename(d) == "d":
@@ -95,7 +97,8 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         with open(path, "r+b") as f:
           f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
-    ckpt_lib.Checkpointer(str(tmp_path / "ck")).restore(setup.abstract_state)
+    with ckpt_lib.Checkpointer(str(tmp_path / "ck")) as ck:
+      ck.restore(setup.abstract_state)
 
 
 def test_partial_save_is_ignored_and_cleaned(tmp_path):
@@ -111,6 +114,7 @@ def test_partial_save_is_ignored_and_cleaned(tmp_path):
   ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"))
   assert ck.latest_step() == 1 and ck.all_steps() == [1]
   restored, _, _ = ck.restore(setup.abstract_state)
+  ck.close()
   assert_trees_equal(restored, host(state))
   assert not partial.exists()
 
@@ -167,7 +171,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, train_tokenizer):
   out, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err
   assert "stopped at step" in out
-  steps = ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps()
+  steps = committed_steps(str(run_dir / "checkpoints"))
   assert len(steps) == 1 and steps[0] >= 3
   stopped = steps[0]
   done = subprocess.run(args + ["--steps", str(stopped + 2), "--resume"], env=env,
@@ -198,10 +202,10 @@ def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, train_tok
   proc.wait(timeout=30)
   setup = trainer.build(small_config(optimizer="osd_adamw"), train_tokenizer.vocab_size,
                         devices=one_device())
-  ck = ckpt_lib.Checkpointer(str(ckpt_dir))
-  latest = ck.latest_step()
-  assert latest is not None and latest >= 2
-  state, data_state, _ = ck.restore(setup.abstract_state)
+  with ckpt_lib.Checkpointer(str(ckpt_dir)) as ck:
+    latest = ck.latest_step()
+    assert latest is not None and latest >= 2
+    state, data_state, _ = ck.restore(setup.abstract_state)
   assert int(state.step) == latest and data_state is not None
   assert not [d for d in os.listdir(ckpt_dir) if "tmp" in d]  # partial saves were cleaned
   done = subprocess.run(args + ["--steps", str(latest + 1), "--resume"], env=env,
@@ -254,14 +258,14 @@ def test_soak_two_kills_then_resume_ends_with_the_uninterrupted_params(tmp_path,
   rc, _, err = interrupt(signal.SIGKILL, int(rng.integers(60, 120)), resume=False)
   assert rc == -signal.SIGKILL, err[-2000:]
   killed_at = _last_logged_step(run_dir)
-  latest = ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).latest_step()
+  latest = max(committed_steps(str(run_dir / "checkpoints")), default=None)
   assert latest is not None and 25 <= latest <= killed_at + 10 and latest % 25 == 0
 
   rc, out, err = interrupt(signal.SIGTERM, int(rng.integers(170, 230)), resume=True)
   assert rc == 0 and "stopped at step" in out, err[-2000:]
   stopped = int(out.split("stopped at step")[1].split(";")[0])
   assert stopped < steps
-  assert stopped in ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps()
+  assert stopped in committed_steps(str(run_dir / "checkpoints"))
   print(f"SIGKILL after logged step {killed_at} (resumed from {latest}); SIGTERM at {stopped}")
 
   done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True,
@@ -270,9 +274,9 @@ def test_soak_two_kills_then_resume_ends_with_the_uninterrupted_params(tmp_path,
 
   assert _train_losses(run_dir) == _train_losses(tmp_path / "reference")
   assert [s for s, _ in _train_losses(run_dir)] == list(range(10, steps + 1, 10))
-  ck = ckpt_lib.Checkpointer(str(run_dir / "checkpoints"))
-  assert ck.latest_step() == steps
-  restored, _, _ = ck.restore(reference.setup.abstract_state)
+  with ckpt_lib.Checkpointer(str(run_dir / "checkpoints")) as ck:
+    assert ck.latest_step() == steps
+    restored, _, _ = ck.restore(reference.setup.abstract_state)
   assert_trees_equal(restored, reference.state)
 
 
@@ -362,7 +366,7 @@ def test_two_processes_match_one_process_save_and_resume(tmp_path, train_tokeniz
   outs, first = launch("first", "--steps", "2")
   assert "done: 2 steps" in outs[0] and "done:" not in outs[1]  # only process 0 reports
   _, second = launch("second", "--steps", "4", "--resume")
-  assert ckpt_lib.Checkpointer(str(run_dir / "checkpoints")).all_steps() == [2, 4]
+  assert committed_steps(str(run_dir / "checkpoints")) == [2, 4]
   multi = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
   # one process, the same global batch and mesh (4 of this test process's fake devices)
@@ -440,7 +444,7 @@ def test_sigterm_while_starting_up_stops_before_the_first_step(tmp_path, train_t
   monkeypatch.setattr(trainer, "make_datasets", make_datasets_then_sigterm)
   stopped = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
   assert stopped.preempted and int(stopped.state.step) == 0
-  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == []
+  assert committed_steps(str(tmp_path / "run" / "checkpoints")) == []
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
   monkeypatch.undo()
   done = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
@@ -463,7 +467,7 @@ def test_a_save_cut_short_before_any_checkpoint_is_not_resumed(tmp_path, train_t
                   tokenizer=train_tokenizer)
   done = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
   assert not done.preempted and int(done.state.step) == 2
-  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+  assert committed_steps(str(tmp_path / "run" / "checkpoints")) == [2]
 
 
 def test_resume_refuses_another_data_stream_and_reports_schedule_changes(tmp_path, train_tokenizer,

@@ -70,3 +70,11 @@ def assert_trees_equal(a, b) -> None:
   assert ta == tb, "tree structures differ"
   for x, y in zip(fa, fb):
     np.testing.assert_array_equal(x, y)
+
+
+def committed_steps(ckpt_dir) -> list[int]:
+  """The steps with a complete checkpoint in ``ckpt_dir`` (the checkpointer is closed again)."""
+  from train import checkpoint as ckpt_lib
+
+  with ckpt_lib.Checkpointer(str(ckpt_dir)) as ck:
+    return ck.all_steps()

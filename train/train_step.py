@@ -55,10 +55,16 @@ def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> Tra
   return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep)
 
 
-def token_loss(graphdef: nnx.GraphDef, params: Any, batch: dict) -> tuple:
-  """Sum of next-token cross-entropy over valid targets (``target >= 0``) and their count."""
+def token_loss(graphdef: nnx.GraphDef, params: Any, batch: dict,
+               pin_activations: Callable | None = None) -> tuple:
+  """Sum of next-token cross-entropy over valid targets (``target >= 0``) and their count.
+
+  ``pin_activations`` (e.g. :func:`train.sharding.activation_constraint`) is applied to the
+  model's named activations (:func:`train.model.activation_sharding`).
+  """
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"]).astype(jnp.float32)
+  with model_lib.activation_sharding(pin_activations):
+    logits = model(batch["inputs"]).astype(jnp.float32)
   targets = batch["targets"]
   valid = targets >= 0
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
@@ -91,8 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
 
     def loss_fn(params, mb):
-      with model_lib.activation_sharding(pin_activations):
-        loss_sum, _ = token_loss(graphdef, params, mb)
+      loss_sum, _ = token_loss(graphdef, params, mb, pin_activations)
       return loss_sum / n_tokens
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -176,17 +181,13 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, *,
 
   pin_activations = shd.activation_constraint(mesh)
 
-  def micro_loss(params, mb):
-    with model_lib.activation_sharding(pin_activations):
-      return token_loss(graphdef, params, mb)
-
   def eval_fn(params, batch):
     if grad_accum == 1:
-      return micro_loss(params, batch)
+      return token_loss(graphdef, params, batch, pin_activations)
     micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
 
     def body(carry, mb):
-      loss_i, count_i = micro_loss(params, mb)
+      loss_i, count_i = token_loss(graphdef, params, mb, pin_activations)
       return (carry[0] + loss_i, carry[1] + count_i), None
 
     zero = jnp.zeros([], jnp.float32)
