@@ -10,8 +10,9 @@ Parameters carry *logical* axis names (``vocab``, ``embed``, ``heads``, ``kv``, 
 and so do the model's activations (``batch``, ``length``, ``activation_embed``, ``heads``, ``kv``,
 ``mlp``, ``vocab``; see :func:`activation_constraint`); :data:`LOGICAL_RULES` maps each to a mesh
 axis (or none). Activations are split over ``data`` and ``fsdp`` along the batch and over
-``tensor`` along heads, MLP units and the vocabulary; their model width stays whole. A dimension that the mapped mesh axis
-does not divide is replicated instead, so odd-shaped small models still run on any mesh.
+``tensor`` along heads, MLP units and the vocabulary; their model width stays whole. A dimension
+that the mapped mesh axis does not divide is replicated instead, so odd-shaped small models still
+run on any mesh.
 """
 
 from __future__ import annotations

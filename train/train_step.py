@@ -5,7 +5,8 @@ orbax checkpoints all see the same structure. One train step:
 
 1. splits the global batch ``[B, T]`` into ``grad_accum`` micro-batches (each spread over every
    data-parallel device; the model's activations are pinned to the mesh by the logical-axis rules
-   of :mod:`train.sharding`) and accumulates float32 gradients of the mean token loss with ``lax.scan``;
+   of :mod:`train.sharding`) and accumulates float32 gradients of the mean token loss with
+   ``lax.scan``;
 2. applies ``tx`` (gradient clipping + optimizer);
 3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the
    loss or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its

@@ -515,62 +515,55 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
                      wall_time_s=time.time() - t_start)
 
 
-
-def _committed_steps(cfg: TrainConfig, ckpt_dir: str) -> list[int]:
-  """Steps with a complete checkpoint in ``ckpt_dir`` (which is not created when missing).
-
-  A save cut short (orbax's temporary directory, an uncommitted GCS step) is not one.
-  """
-  if not epath.Path(ckpt_dir).exists():
-    return []
-  probe = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=False)
-  try:
-    return probe.all_steps()
-  finally:
-    probe.close()
-
-
 def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
   """Builds the model, optimizer and data and restores the latest checkpoint when resuming.
 
-  Bad flags or data raise before anything is written. Returns ``(cfg, setup, state,
-  start_step, train_iterator, eval_dataset, tokenizer, checkpointer)``.
+  Bad flags or data raise before anything is written (a missing checkpoint directory is only
+  created once the run starts). Returns ``(cfg, setup, state, start_step, train_iterator,
+  eval_dataset, tokenizer, checkpointer)``.
   """
-  has_checkpoints = bool(_committed_steps(cfg, ckpt_dir))
-  if cfg.auto_resume:
-    cfg = cfg.replace(resume=has_checkpoints)
-  if cfg.resume and not has_checkpoints:
-    raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
-  if not cfg.resume and has_checkpoints:
-    raise ConfigError(f"{ckpt_dir} already holds checkpoints; add --resume (or --auto-resume) "
-                      f"to continue that run or choose a new --run-dir")
+  def open_checkpointer():
+    return ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
+                                 async_save=cfg.async_checkpoint)
 
-  tokenizer = tokenizer or load_tokenizer(cfg)
+  checkpointer = open_checkpointer() if epath.Path(ckpt_dir).exists() else None
   try:
-    setup = build(cfg, tokenizer.vocab_size, devices=devices)
-  except ValueError as e:  # e.g. the optimizer rejecting a flag value
-    raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
-  train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
-  train_it: Iterator = iter(train_ds)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
-                                       async_save=cfg.async_checkpoint)
-  if not cfg.resume:
-    return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer, checkpointer
-  try:
+    # committed steps only: a save cut short (orbax's temporary directory, an uncommitted GCS
+    # step) is not a checkpoint to resume from
+    has_checkpoints = checkpointer is not None and bool(checkpointer.all_steps())
+    if cfg.auto_resume:
+      cfg = cfg.replace(resume=has_checkpoints)
+    if cfg.resume and not has_checkpoints:
+      raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
+    if not cfg.resume and has_checkpoints:
+      raise ConfigError(f"{ckpt_dir} already holds checkpoints; add --resume (or --auto-resume) "
+                        f"to continue that run or choose a new --run-dir")
+
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    try:
+      setup = build(cfg, tokenizer.vocab_size, devices=devices)
+    except ValueError as e:  # e.g. the optimizer rejecting a flag value
+      raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+    train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
+    train_it: Iterator = iter(train_ds)
+    checkpointer = checkpointer or open_checkpointer()
+    if not cfg.resume:
+      return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer, checkpointer
     state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
+    start = int(state.step)
+    if data_state is not None:
+      train_it.set_state(data_state)
+    else:  # no saved position: replay the stream up to the step
+      for _ in range(start):
+        next(train_it)
   except BaseException:
-    checkpointer.close()
+    if checkpointer is not None:
+      checkpointer.close()
     raise
   changed = ckpt_lib.config_diff(saved, cfg.to_dict(), ckpt_lib.SCHEDULE_KEYS)
   if changed and jax.process_index() == 0:
     log.warning("resuming with changed settings (the run continues under the new ones): %s",
                 "; ".join(changed))
-  start = int(state.step)
-  if data_state is not None:
-    train_it.set_state(data_state)
-  else:  # no saved position: replay the stream up to the step
-    for _ in range(start):
-      next(train_it)
   return cfg, setup, state, start, train_it, eval_ds, tokenizer, checkpointer
 
 
