@@ -113,6 +113,12 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "data", "config", "signature"))
+    # Orbax removes what interrupted saves left behind in a background thread, which close()
+    # does not wait for. Finish it here, so that two checkpointers opened one after the other
+    # (a failed start, then a restart) never delete the same directory at once.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state: Any, *, data_state: Any = None, config: dict | None = None,
