@@ -158,15 +158,16 @@ def test_online_pca_takes_no_step_at_t0_and_moves_after():
   assert int(state.opt_state.count) == 1 and not np.allclose(state.p, p0)
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: projectors.online_pca(1e-3, init="qr"),
-    lambda: projectors.svd(every=0),
-    lambda: projectors.random(every=1.5),
-    lambda: projectors.frozen(init="bogus"),
-    lambda: projectors.svd(every=5, method="eig"),
+@pytest.mark.parametrize("bad, message", [
+    (lambda: projectors.online_pca(1e-3, init="qr"), r"init must be one of .*'qr'"),
+    (lambda: projectors.svd(every=0), r"every must be a positive int.*got 0"),
+    (lambda: projectors.random(every=1.5), r"every must be a positive int.*got 1\.5"),
+    (lambda: projectors.frozen(init="bogus"), r"init must be one of .*'bogus'"),
+    (lambda: projectors.svd(every=5, method="eig"), r"method must be 'svd' or 'randomized'.*'eig'"),
 ])
-def test_bad_rule_arguments(bad):
-  with pytest.raises(ValueError):
+def test_bad_rule_arguments(bad, message):
+  """Each bad argument gets one ValueError that names the parameter and the value given."""
+  with pytest.raises(ValueError, match=message):
     bad()
 
 
