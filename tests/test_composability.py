@@ -230,7 +230,7 @@ def test_bf16_params_give_bf16_updates():
   params = _params(jnp.bfloat16)
   for name, make in TXS.items():
     _, state, outs = _run(make(), params, steps=2)
-    for u, p in zip(jax.tree.leaves(outs[-1]), jax.tree.leaves(params)):
+    for u in jax.tree.leaves(outs[-1]):
       assert u.dtype == jnp.bfloat16, name
     for p in osd_jax.projectors_of(state):
       assert p.dtype == jnp.float32  # projectors stay float32 (projector_dtype)
@@ -286,8 +286,9 @@ def test_callable_and_pytree_dimension_numbers_select_leaves():
     assert kinds["out"] is True and kinds["dense"]["kernel"] is False
 
 
-@pytest.mark.parametrize("rule", [projectors.svd(every=2), projectors.random(every=2),
-                                  projectors.frozen(), projectors.online_pca(1e-2, init="randomized")])
+@pytest.mark.parametrize("rule", [
+    projectors.svd(every=2), projectors.random(every=2), projectors.frozen(),
+    projectors.online_pca(1e-2, init="randomized")])
 def test_any_rule_with_any_inner(rule):
   for inner in (optax.scale_by_adam(), optax.scale_by_lion(), optax.scale_by_factored_rms()):
     tx = optax.chain(osd_jax.scale_by_subspace_descent(inner, 3, rule, project_params=True),
