@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k subspace"`.
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff with the rule set in pyproject.toml ([tool.ruff.lint]); `make lint LINT_ARGS=--fix` fixes
+# what it can.
+LINT_ARGS ?=
+lint: install
+	$(PY) -m ruff check $(LINT_ARGS) .
 
 # A short Online Subspace Descent pretraining of the tiny LLaMA on the embedded corpus (about three
 # minutes on 2 CPU cores; the first run also trains and caches the tokenizer). Extra flags:

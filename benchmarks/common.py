@@ -317,7 +317,10 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
   """A Markdown table (also readable as plain text)."""
   cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+  def line(r):
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
   sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 

@@ -12,7 +12,8 @@ Usage::
   python notebooks/_make_notebooks.py --execute 02_subspace_tracking  # one notebook
 
 The committed notebooks are the executed ones, so GitHub shows the plots without running anything.
-``tests/test_notebooks.py`` executes a copy of each committed notebook and checks that it still runs.
+``tests/test_notebooks.py`` executes a copy of each committed notebook and checks that it still
+runs.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def parse_cells(source: str) -> list[nbformat.NotebookNode]:
 
 
 def build(name: str) -> nbformat.NotebookNode:
-  """The notebook ``name`` (e.g. ``"01_quickstart"``) built from ``_cells/<name>.py``, no outputs."""
+  """The notebook ``name`` (e.g. ``"01_quickstart"``) built from ``_cells/<name>.py``, unrun."""
   with open(os.path.join(CELLS, name + ".py"), encoding="utf-8") as f:
     cells = parse_cells(f.read())
   nb = nbformat.v4.new_notebook(cells=cells)
@@ -83,7 +84,8 @@ def execute(nb: nbformat.NotebookNode, timeout: int = CELL_TIMEOUT_S) -> nbforma
   os.environ.pop("XLA_FLAGS", None)  # one CPU device, as a user would have
   # the repo root first on the kernel's path, so the notebooks use this checkout's osd_jax/train
   os.environ["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+      [os.path.dirname(HERE)]
+      + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
   NotebookClient(nb, timeout=timeout, kernel_name="python3",
                  resources={"metadata": {"path": HERE}}).execute()
   return nb

@@ -53,7 +53,7 @@ def _projector_rule(
       projector_learning_rate = reference_projector_learning_rate(
           learning_rate, peak_learning_rate, update_proj_gap)
   if projector_weight_decay is None:
-    projector_weight_decay = weight_decay  # wd_P = wd (DESIGN §2)
+    projector_weight_decay = weight_decay  # wd_P = wd (docs/design.md §2)
   if projector_learning_rate is None:  # η(t) = α · lr(t)
     if callable(learning_rate):
       projector_learning_rate = lambda count: projector_lr_ratio * learning_rate(count)  # noqa: E731
@@ -225,8 +225,36 @@ def osd_lion(
   with P moved as in :func:`osd_adamw`.  ``sign_after_projection=True`` (implied by
   ``reference_code=True``) takes the sign of the back-projected update instead,
   U = sign(scale·Pₜ((1−b1)Ĝ + b1M)), as the official code does; then ``scale`` (> 0) has
-  no effect.  Other arguments as :func:`osd_adamw` (``reference_code=True`` also sets λ = 0
-  whatever ``orthogonality_weight`` is).
+  no effect.
+
+  Args:
+    learning_rate: lr(t), a float or an optax schedule (Lion wants a smaller lr than AdamW,
+      e.g. 3–10× smaller).
+    rank: r.
+    b1: Lion's interpolation weight for the update direction.
+    b2: Lion's decay rate of the momentum M.
+    weight_decay: decoupled weight decay; ``mask`` selects the leaves it applies to.
+    scale: multiplies the back-projected update (no effect with ``sign_after_projection``).
+    orthogonality_weight: λ.
+    projector_lr_ratio: α; the projector's step is α·lr(t).
+    projector_learning_rate: overrides α·lr(t) with any float or schedule.
+    projector_weight_decay: wd_P; defaults to ``weight_decay``.
+    projector_init: ``"svd"``, ``"randomized"`` (range finder, no full SVD) or ``"random"``.
+    projector_optimizer: default ``optax.scale_by_adam(0.9, 0.999, 1e-8)``.
+    weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
+    mask: the leaves weight decay applies to (as ``optax.add_decayed_weights``).
+    mu_dtype: dtype of the momentum M (None = the gradient's dtype).
+    projector_dtype: dtype of P and its optimizer state (None = float32).
+    side, transport_state, seed: see :func:`osd_jax.scale_by_subspace_descent`.
+    sign_after_projection: take the sign of the back-projected update (the official code's
+      choice) instead of Lion's sign in the r×L coordinates.
+    reference_code: the official code's choices instead of the paper's: λ = 0 (whatever
+      ``orthogonality_weight`` is), AdamW on P with weight decay 0.01 (unless
+      ``projector_weight_decay`` is given), projector step lr(t)/lr_max/``update_proj_gap``
+      (unless ``projector_learning_rate`` is given), and ``sign_after_projection=True``.
+    peak_learning_rate: lr_max for ``reference_code`` with a schedule.
+    update_proj_gap: the reference code's projector step divisor (only with
+      ``reference_code``).
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
@@ -290,6 +318,18 @@ def galore_adamw(
 
   P spans the smaller side of each matrix (the GaLore code's orientation); Adam's state
   is kept across refreshes.  ``svd_method="randomized"`` swaps the SVD for a range finder.
+
+  Args:
+    learning_rate: lr(t), a float or an optax schedule.
+    rank: r.
+    update_proj_gap: T, the steps between SVD refreshes of P (a positive int).
+    scale: multiplies the back-projected update (GaLore's α; 0.25 in the GaLore paper).
+    b1, b2, eps, mu_dtype: the inner ``optax.scale_by_adam``.
+    weight_decay: decoupled weight decay; ``mask`` selects the leaves it applies to.
+    svd_method: ``"svd"`` (full thin SVD) or ``"randomized"`` (range finder, no full SVD).
+    weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
+    projector_dtype: dtype of P (None = float32).
+    side, seed: see :func:`osd_jax.scale_by_subspace_descent`.
 
   Example:
     >>> import jax.numpy as jnp, osd_jax

@@ -8,8 +8,8 @@ The projector P spans one side of G. Internally every projected gradient is writ
 
     G' = G     (s = m)   or   G' = Gᵀ   (s = n),        G' ∈ ℝ^{s × L},
 
-with P ∈ ℝ^{s × r}; which side is chosen by ``side`` (DESIGN §2: the smaller one, ties
-project the columns).  A matrix is left unprojected when ``rank >= min(m, n)``.
+with P ∈ ℝ^{s × r}; which side is chosen by ``side`` (docs/design.md §3: the smaller one,
+ties project the columns).  A matrix is left unprojected when ``rank >= min(m, n)``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _normalize_axes(axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
 def choose_transpose(m: int, n: int, side: str, cost: Callable[[bool], int] | None = None) -> bool:
   """Whether G' = Gᵀ (P spans n) for a matrix G of shape (m, n).
 
-  ``"smaller"`` (DESIGN §2): P spans min(m, n), ties project the columns (transpose).
+  ``"smaller"`` (docs/design.md §3): P spans min(m, n), ties project the columns (transpose).
   ``"larger"``: P spans max(m, n), ties transpose.  ``"auto"``: the orientation whose state
   bytes ``cost(transpose)`` are smallest, ties fall back to ``"smaller"``.
   """

@@ -1,6 +1,6 @@
 """Optimizer-state shardings from parameter shardings.
 
-Rules (DESIGN §3), per projected weight with param PartitionSpec ``spec``:
+Rules (docs/design.md §8), per projected weight with param PartitionSpec ``spec``:
 
 * projector P ``(*batch, s, r)``: batch axes as the param's, s as the param shards the axes
   that make up s, r replicated;

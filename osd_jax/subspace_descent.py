@@ -122,7 +122,7 @@ def scale_by_subspace_descent(
     weight_dimension_numbers: which leaves/axes are projected; see
       :func:`osd_jax.dimension_numbers.resolve_layouts`. Default: every 2-D leaf.
     projector_dtype: dtype of P and its optimizer state (None = float32).
-    side: ``"smaller"`` (P spans min(m, n), DESIGN §2), ``"larger"`` or ``"auto"`` (the side
+    side: ``"smaller"`` (P spans min(m, n), docs/design.md §3), ``"larger"`` or ``"auto"`` (the side
       with fewer state bytes for this inner optimizer and projector rule).
     transport_state: rotate the inner first moment into the new basis when P changes.
     project_params: give ``inner`` the params in its own coordinates (Pₜᵀ W' for projected

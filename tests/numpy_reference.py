@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of DESIGN.md §2 (Online Subspace Descent and GaLore).
+"""An independent float64 NumPy transcription of docs/design.md §2 (OSD and GaLore).
 
 Written from the equations, not from the library: the online-PCA gradient uses the direct
 formula with the residual R materialised, Adam/Lion are spelled out, and every matrix is

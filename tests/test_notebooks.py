@@ -1,9 +1,9 @@
-"""The example notebooks run top to bottom, and the committed ones match their sources and hold their plots.
+"""The example notebooks run top to bottom; the committed ones match their sources and hold plots.
 
-Each notebook is executed from a copy in memory (the committed file, with its outputs, is never rewritten) in a
-``python3`` kernel of this interpreter, with the repository root on its path, a single CPU device (the fake
-8-device ``XLA_FLAGS`` of conftest.py is removed) and temporary files under pytest's ``tmp_path``.  All three
-together take a few minutes on two CPU cores.
+Each notebook is executed from a copy in memory (the committed file, with its outputs, is never
+rewritten) in a ``python3`` kernel of this interpreter, with the repository root on its path, a
+single CPU device (the fake 8-device ``XLA_FLAGS`` of conftest.py is removed) and temporary files
+under pytest's ``tmp_path``.  All three together take a few minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def test_committed_notebook_matches_its_source_and_has_plots(path):
   built = _builder().build(_name(path))
   assert [(c.cell_type, c.source) for c in committed.cells] == \
          [(c.cell_type, c.source) for c in built.cells], (
-             f"{os.path.basename(path)} is out of date: run python notebooks/_make_notebooks.py --execute "
-             f"{_name(path)}")
+             f"{os.path.basename(path)} is out of date: run python "
+             f"notebooks/_make_notebooks.py --execute {_name(path)}")
   code = [c for c in committed.cells if c.cell_type == "code"]
   assert all(c.execution_count is not None for c in code), "commit the notebook executed"
   errors = [o for c in code for o in c.outputs if o.output_type == "error"]
@@ -66,7 +66,8 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
     if cell.cell_type == "code":
       cell.outputs, cell.execution_count = [], None
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as a user has
-  monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+  monkeypatch.setenv("PATH",
+                     os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # run directories of 03 and other temporary files

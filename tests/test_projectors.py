@@ -125,7 +125,7 @@ def _rule_trace(rule, steps, s=10, L=16, r=2):  # noqa: N803
   return ps
 
 
-def test_svd_rule_refreshes_every_T():
+def test_svd_rule_refreshes_every_period():
   ps = _rule_trace(projectors.svd(every=3), 7)
   assert np.array_equal(ps[0], ps[1]) and np.array_equal(ps[1], ps[2])
   assert not np.allclose(ps[2], ps[3])
@@ -158,15 +158,16 @@ def test_online_pca_takes_no_step_at_t0_and_moves_after():
   assert int(state.opt_state.count) == 1 and not np.allclose(state.p, p0)
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: projectors.online_pca(1e-3, init="qr"),
-    lambda: projectors.svd(every=0),
-    lambda: projectors.random(every=1.5),
-    lambda: projectors.frozen(init="bogus"),
-    lambda: projectors.svd(every=5, method="eig"),
+@pytest.mark.parametrize("bad, message", [
+    (lambda: projectors.online_pca(1e-3, init="qr"), r"init must be one of .*'qr'"),
+    (lambda: projectors.svd(every=0), r"every must be a positive int.*got 0"),
+    (lambda: projectors.random(every=1.5), r"every must be a positive int.*got 1\.5"),
+    (lambda: projectors.frozen(init="bogus"), r"init must be one of .*'bogus'"),
+    (lambda: projectors.svd(every=5, method="eig"), r"method must be 'svd' or .*'eig'"),
 ])
-def test_bad_rule_arguments(bad):
-  with pytest.raises(ValueError):
+def test_bad_rule_arguments(bad, message):
+  """Each bad argument gets one ValueError that names the parameter and the value given."""
+  with pytest.raises(ValueError, match=message):
     bad()
 
 
@@ -179,7 +180,8 @@ def test_custom_rule_plugs_in():
   def update(g, state, count, key):
     return state.p, state.p.T @ g.astype(state.p.dtype), state
 
-  tx = osd_jax.scale_by_subspace_descent(optax.identity(), 2, projectors.ProjectorRule(init, update))
+  tx = osd_jax.scale_by_subspace_descent(optax.identity(), 2,
+                                         projectors.ProjectorRule(init, update))
   g = {"w": jnp.arange(12.0).reshape(3, 4)}
   u, _ = tx.update(g, tx.init(g))
   expected = np.asarray(g["w"]).copy()

@@ -1,4 +1,7 @@
-"""osd_adamw / osd_lion / galore_adamw against the float64 NumPy transcription of DESIGN §2."""
+"""osd_adamw / osd_lion / galore_adamw against a float64 NumPy transcription of the update.
+
+The transcription (tests/numpy_reference.py) follows docs/design.md §2.
+"""
 
 import functools
 

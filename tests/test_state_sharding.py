@@ -1,4 +1,7 @@
-"""optimizer_state_sharding on 8 fake CPU devices: specs follow DESIGN §3, results match unsharded."""
+"""optimizer_state_sharding on 8 fake CPU devices.
+
+The specs follow docs/design.md §8, and sharded results match unsharded ones.
+"""
 
 import chex
 import jax
