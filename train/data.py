@@ -479,6 +479,8 @@ class _JsonlStream:
 
     try:
       record = json.loads(raw)
+      if not isinstance(record, dict):
+        raise TypeError(f"a JSON {type(record).__name__}, not an object")
       text = record[self.field]
       if not isinstance(text, str):
         raise TypeError(f"field {self.field!r} is {type(text).__name__}, not a string")
