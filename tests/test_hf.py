@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.train_utils import SMALL_MODEL, assert_trees_equal, host, make_tokenizer, one_device
-from tests.train_utils import small_config
+from tests.train_utils import (
+  SMALL_MODEL,
+  assert_trees_equal,
+  host,
+  make_tokenizer,
+  one_device,
+  small_config,
+)
 from train import export as export_cli
-from train import hf
-from train import trainer
+from train import hf, trainer
 from train.config import ConfigError
 from train.model import Llama, LlamaConfig
 
@@ -209,8 +214,8 @@ def test_scanned_layout_maps_to_the_same_tensors(trained):
   a = dict(hf.to_hf_tensors(params, config))
   b = dict(hf.to_hf_tensors(scanned, config))
   assert list(a) == list(b)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
+  for k, x in a.items():
+    np.testing.assert_array_equal(x, b[k])
   back = hf.from_hf_tensors(b, config, layout="scanned")
   assert_trees_equal(back, scanned)
   # load_params follows the layout of the tree it is given

@@ -100,7 +100,7 @@ def test_shuffle_is_deterministic_and_a_permutation(tmp_path, tok, docs):
   ds = data.make_jsonl_dataset(str(tmp_path / "one"), tok, seq_len=SEQ, batch_size=4, seed=0,
                                num_epochs=1, block_windows=16)
   got, ref = _windows(_all(iter(ds))), _reference_windows(single, tok, "train")
-  bag = lambda w: collections.Counter(map(bytes, w.astype(np.int32)))  # noqa: E731
+  bag = lambda w: collections.Counter(map(bytes, w.astype(np.int32)))
   assert len(got) == len(ref) // 4 * 4 and not bag(got) - bag(ref)
   assert not np.array_equal(got, ref[:len(got)])
   # the second epoch reads the files in another order
@@ -113,7 +113,7 @@ def test_shuffle_is_deterministic_and_a_permutation(tmp_path, tok, docs):
 def test_process_rows_stack_to_the_one_process_batches(tmp_path, tok, docs):
   _write_shards(tmp_path, docs)
   spec = f"jsonl:{tmp_path}/*.json.gz"
-  common = dict(seq_len=SEQ, seed=3, num_epochs=1)
+  common = {"seq_len": SEQ, "seed": 3, "num_epochs": 1}
   one = _all(iter(data.make_dataset(spec, tok, batch_size=6, **common)))
   parts = [_all(iter(data.make_dataset(spec, tok, batch_size=2, process_index=p,
                                        process_count=3, **common))) for p in range(3)]
@@ -170,11 +170,10 @@ def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs):
   with gzip.open(bad, "wt") as f:
     f.write("not json\n{}\n" + json.dumps({"content": "x"}) + "\n")
   with pytest.raises(ConfigError, match=r"c4-train\.zzz\.json\.gz has no readable line.*"
-                                        r"--text-field") as e:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      _all(iter(data.make_jsonl_dataset(str(tmp_path / "ok"), tok, seq_len=SEQ, batch_size=1,
-                                        shuffle=False, num_epochs=1)))
+                                        r"--text-field") as e, warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _all(iter(data.make_jsonl_dataset(str(tmp_path / "ok"), tok, seq_len=SEQ, batch_size=1,
+                                      shuffle=False, num_epochs=1)))
   assert "\n" not in str(e.value)
   # the text lives in another field: --text-field reads it
   _, order = _write_shards(tmp_path / "content", docs[:30], field="content")
@@ -187,8 +186,10 @@ def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs):
   # a truncated gzip file
   trunc = tmp_path / "trunc"
   paths, _ = _write_shards(trunc, docs[:30], n_files=1)
-  raw = open(paths[0], "rb").read()
-  open(paths[0], "wb").write(raw[: len(raw) // 2])
+  with open(paths[0], "rb") as f:
+    raw = f.read()
+  with open(paths[0], "wb") as f:
+    f.write(raw[: len(raw) // 2])
   with pytest.raises(ConfigError, match="cannot read"):
     _all(iter(data.make_jsonl_dataset(str(trunc), tok, seq_len=SEQ, batch_size=1,
                                       shuffle=False, num_epochs=1)))

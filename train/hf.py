@@ -56,9 +56,10 @@ from train.model import LlamaConfig
 __all__ = [
   "BLOCK_NAMES",
   "DEFAULT_MAX_SHARD_SIZE",
-  "HFError",
   "TOP_NAMES",
+  "HFError",
   "export",
+  "from_hf_tensors",
   "hf_config",
   "hf_tensor_specs",
   "llama_config_from_hf",
@@ -69,9 +70,8 @@ __all__ = [
   "read_hf_config",
   "read_hf_tensors",
   "resolve_init_from",
-  "tokenizer_files",
   "to_hf_tensors",
-  "from_hf_tensors",
+  "tokenizer_files",
 ]
 
 #: HF's default shard size (``save_pretrained(max_shard_size="5GB")``), in bytes.
@@ -380,7 +380,7 @@ def read_hf_tensors(hf_dir: str) -> dict[str, Any]:
       raise HFError(f"{index}: not a safetensors index with a weight_map ({e})") from None
   elif os.path.isfile(single):
     with safe_open(single, framework="np") as f:
-      weight_map = {k: _SAFE for k in f.keys()}
+      weight_map = dict.fromkeys(f.keys(), _SAFE)
   else:
     raise HFError(f"{hf_dir} has neither {_SAFE} nor {_INDEX} (PyTorch .bin weights are not "
                   "supported: re-save the model with safe_serialization=True)")
@@ -450,8 +450,8 @@ def tokenizer_files(tokenizer: Any, max_len: int) -> dict[str, dict]:
     proto = pb.ModelProto()
     proto.ParseFromString(tokenizer.serialized_model())
     add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
-  except Exception:  # noqa: BLE001  (protobuf missing: keep SentencePiece's default)
-    pass
+  except (ImportError, ValueError, AttributeError):  # no protobuf: SentencePiece's default
+    add_prefix = True
   config = {
       "tokenizer_class": "LlamaTokenizer",
       # the trainer appends EOS after each document and adds no BOS
@@ -645,7 +645,7 @@ def restore_params(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-  except Exception as e:  # noqa: BLE001  (orbax raises many types)
+  except Exception as e:
     raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
   return out["params"], step
