@@ -335,7 +335,7 @@ def test_export_errors_are_one_line(trained, tmp_path, capsys):
   assert export_cli.main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
   assert capsys.readouterr().err.count("\n") == 1
   assert export_cli.main([trained.run_dir, str(tmp_path / "o2"), "--step", "7"]) == 2
-  assert "--step 7" in capsys.readouterr().err
+  assert "step 7" in capsys.readouterr().err
   assert export_cli.main([trained.run_dir, str(tmp_path / "o3"), "--max-shard-size", "lots"]) == 2
   assert "--max-shard-size" in capsys.readouterr().err
 

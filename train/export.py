@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -44,35 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_run(run_dir: str, step: int | None = None):
-  """(params, LlamaConfig, tokenizer path, step) of a run directory's checkpoint."""
+  """(params, LlamaConfig, tokenizer path) of a run directory's checkpoint (default: latest)."""
   from train import checkpoint as ckpt_lib
-  from train import hf
-  from train import tokenizer as tok_lib
-  from train.config import ConfigError, TrainConfig
-  from train.trainer import model_config
 
-  path = os.path.join(run_dir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      cfg = TrainConfig.from_dict(json.load(f))
-  except (OSError, ValueError, TypeError) as e:
-    raise ConfigError(f"{path}: not a run's config ({e})") from None
   tokenizer_path = os.path.join(run_dir, "tokenizer.model")
-  try:
-    tokenizer = tok_lib.load_tokenizer(tokenizer_path)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{run_dir}: {e}") from None
-  mcfg = model_config(cfg, tokenizer.vocab_size)
-  ckpt_dir = cfg.ckpt_dir or os.path.join(run_dir, "checkpoints")
-  if "://" in ckpt_dir:
-    raise ConfigError(f"the run's checkpoints are in {ckpt_dir}; copy them to a local directory "
-                      "and point --ckpt-dir in RUN_DIR/config.json at it")
-  load = getattr(ckpt_lib, "load_params", None)
-  if load is not None:  # the checkpoint module's own params-only restore, when it has one
-    params, step = load(run_dir, step=step)
-  else:
-    params, step = hf.restore_params(ckpt_dir, step)
-  return params, mcfg, tokenizer_path, step
+  mcfg = ckpt_lib.load_model_config(run_dir, step)
+  params = ckpt_lib.load_params(run_dir, step)  # the params alone, whatever saved them
+  if not os.path.isfile(tokenizer_path):
+    raise ckpt_lib.CheckpointError(f"{run_dir} has no tokenizer.model (the run's SentencePiece "
+                                   "model, written when it started)")
+  return params, mcfg, tokenizer_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: --max-shard-size: {e}", file=sys.stderr)
     return 2
   try:
-    params, mcfg, tokenizer_path, step = load_run(args.run_dir, args.step)
+    params, mcfg, tokenizer_path = load_run(args.run_dir, args.step)
     files = hf.export(params, mcfg, tokenizer_path, args.out_dir, dtype=args.dtype,
                       max_shard_size=max_shard)
   except (ConfigError, CheckpointError, hf.HFError, FileExistsError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"exported step {step} of {args.run_dir} ({args.dtype}) to {args.out_dir}: "
+  which = "the latest checkpoint" if args.step is None else f"step {args.step}"
+  print(f"exported {which} of {args.run_dir} ({args.dtype}) to {args.out_dir}: "
         f"{', '.join(files)}")
   return 0
 
