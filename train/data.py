@@ -1,5 +1,6 @@
 """Input pipelines (grain): fixed-length next-token batches from the embedded corpus, local text
-files or a tensorflow-datasets dataset such as C4.
+files, JSON-lines files (``.jsonl``, ``.json.gz`` such as the C4 shards) or a tensorflow-datasets
+dataset such as C4.
 
 Every pipeline yields numpy batches ``{"inputs": int32[B, T], "targets": int32[B, T]}`` where B is
 the per-process batch and ``targets`` are ``inputs`` shifted left by one (both cut from one window
@@ -16,6 +17,10 @@ Sequences:
   ``[i * B, (i + 1) * B)`` of every global batch. The processes' batches are therefore disjoint, and
   stacked in process order they are exactly the batches of a single process reading with batch
   ``B * process_count`` (a multi-process run sees the same data as a one-process run).
+* ``jsonl:``: the same windows of the same kind of stream, but read file by file and line by line
+  (never a whole file in memory) and shuffled by file order per epoch and within blocks of windows;
+  every process reads the global stream and takes its rows, as above. The iterator state is the
+  position in the files (see :class:`_JsonlStream`).
 * ``tfds:``: each process takes every ``process_count``-th document, shuffles the documents per
   epoch, tokenizes them on the fly (EOS appended) and concatenates them into windows of T + 1
   tokens with grain's concat-then-split packer; the padded tail of a finite stream is dropped.
@@ -24,7 +29,7 @@ Sequences:
 
 Splits: ``"train"`` and ``"eval"``. For ``embedded``/``text:`` eval is the held-out documents (one in
 20 by content hash, see :mod:`train.corpus`; with too few documents to split, one window in 20
-instead); for ``tfds:`` it is the dataset's ``validation`` split (any other tfds split string is
+instead; ``jsonl:`` always splits by document); for ``tfds:`` it is the dataset's ``validation`` split (any other tfds split string is
 passed through). Eval is not shuffled.
 
 Example::

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -66,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: --max-shard-size: {e}", file=sys.stderr)
     return 2
+  if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+    print(f"error: {args.out_dir} is not empty; export into a new or empty directory",
+          file=sys.stderr)
+    return 2
+  from train.__main__ import _quiet_libraries
+
+  _quiet_libraries()
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on the read-only checkpoints
   try:
     params, mcfg, tokenizer_path = load_run(args.run_dir, args.step)
     files = hf.export(params, mcfg, tokenizer_path, args.out_dir, dtype=args.dtype,
