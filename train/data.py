@@ -403,6 +403,7 @@ def _make_tfds_dataset(name: str, tokenizer: Tokenizer, *, seq_len: int, batch_s
 
 #: Windows per shuffle block of ``jsonl:`` training data (about 256k tokens at seq_len 256).
 JSONL_SHUFFLE_WINDOWS = 1024
+_JSONL_WARNED: set[tuple[str, str]] = set()  # (spec, split) whose first malformed line was logged
 
 
 def jsonl_files(pattern: str) -> list[str]:
@@ -446,7 +447,6 @@ class _JsonlStream:
     self.split, self.seed, self.shuffle, self.field = split, seed, shuffle, field
     self.num_epochs, self.block_windows, self.what = num_epochs, block_windows, what
     self.malformed = 0  # malformed lines seen by this stream (warned about once)
-    self._warned = False
     self._open: tuple[str, int, Any] | None = None  # (path, lines read, handle) between blocks
 
   def _reader(self, path: str, line: int):
@@ -492,11 +492,12 @@ class _JsonlStream:
       return text
     except (ValueError, TypeError, KeyError, IndexError) as e:
       self.malformed += 1
-      if not self._warned:
-        self._warned = True
+      key = (self.what, self.split)
+      if key not in _JSONL_WARNED:  # once per process and split, not once per iterator
+        _JSONL_WARNED.add(key)
         reason = f"no field {self.field!r}" if isinstance(e, KeyError) else str(e)[:120]
-        warnings.warn(f"--data {self.what}: skipping malformed line {path}:{lineno} ({reason}); "
-                      "further malformed lines are skipped and counted silently", stacklevel=2)
+        log.warning("--data %s: skipping malformed line %s:%d (%s); further malformed lines "
+                    "are skipped and counted silently", self.what, path, lineno, reason)
       return None
 
   def block(self, pos: dict) -> tuple[np.ndarray, dict | None]:
