@@ -204,6 +204,10 @@ def test_export_import_is_bitwise_and_bfloat16_rounds(trained, exported, tmp_pat
   for name, x in expected.items():
     assert tensors[name].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(tensors[name], x.astype(ml_dtypes.bfloat16))
+  # importing bfloat16 weights gives their exact float32 values
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
+                         host(trained.params))
+  assert_trees_equal(hf.load_params(out, like), rounded)
 
 
 def test_scanned_layout_maps_to_the_same_tensors(trained):
