@@ -65,18 +65,22 @@ def _hf_shapes(c: LlamaConfig) -> dict:
   return out
 
 
-def _leaf(params, path: str):
+def _leaf(params, template: str, i=None) -> np.ndarray:
+  """The leaf ``template`` (with ``{i}`` for the layer) of an unrolled or a scanned tree."""
+  layers = params.get("layers", {})
+  scanned = i is not None and "attention" in layers
+  path = template.replace("{i}/", "") if scanned else template.format(i=i)
   x = params
   for k in path.split("/"):
     x = x[int(k)] if k.isdigit() and int(k) in x else x[k]
-  return np.asarray(x)
+  return np.asarray(x)[i] if scanned else np.asarray(x)
 
 
 def _expected_hf(params, c: LlamaConfig) -> dict:
   out = {}
   for ours, name, t in DOCUMENTED:
     for i in range(c.n_layers) if "{i}" in ours else [None]:
-      x = _leaf(params, ours.format(i=i))
+      x = _leaf(params, ours, i)
       out[name.format(i=i)] = x.T if t else x
   return out
 
@@ -112,6 +116,15 @@ def _scanned(params) -> dict:
   layers = [params["layers"][i] for i in sorted(params["layers"])]
   out = {k: v for k, v in params.items() if k != "layers"}
   out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+  return out
+
+
+def _unrolled(params) -> dict:
+  """The unrolled layout of a scanned tree: one subtree per layer."""
+  n = len(jax.tree.leaves(params["layers"])[0])
+  out = {k: v for k, v in params.items() if k != "layers"}
+  out["layers"] = {i: jax.tree.map(lambda x, i=i: np.asarray(x)[i], params["layers"])
+                   for i in range(n)}
   return out
 
 
@@ -153,7 +166,7 @@ def test_export_reads_back_to_identical_logits(trained, exported):
     index = json.load(f)
   assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
   # mapped back into the model: the same logits, bitwise
-  params = hf.from_hf_tensors(tensors, config)
+  params = hf.from_hf_tensors(tensors, config, layout=hf.param_layout(trained.params))
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16), dtype=np.int32)
   np.testing.assert_array_equal(_logits(config, params, tokens),
                                 _logits(config, host(trained.params), tokens))
@@ -213,6 +226,8 @@ def test_export_import_is_bitwise_and_bfloat16_rounds(trained, exported, tmp_pat
 def test_scanned_layout_maps_to_the_same_tensors(trained):
   config = trained.setup.model_config
   params = host(trained.params)
+  if hf.param_layout(params) == "scanned":  # the trainer's default layout with --scan-layers
+    params = _unrolled(params)
   scanned = _scanned(params)
   assert hf.param_layout(params) == "unrolled" and hf.param_layout(scanned) == "scanned"
   a = dict(hf.to_hf_tensors(params, config))
@@ -313,7 +328,7 @@ def test_init_from_a_hand_made_hf_dir(tmp_path, tokenizer):
   for ours, name, t in DOCUMENTED:
     for i in range(2) if "{i}" in ours else [None]:
       x = tensors[name.format(i=i)]
-      np.testing.assert_array_equal(_leaf(params, ours.format(i=i)), x.T if t else x)
+      np.testing.assert_array_equal(_leaf(params, ours, i), x.T if t else x)
   # an override that contradicts the HF config is refused, naming both
   bad = small_config(tmp_path / "run2", init_from=hf_dir, model_overrides={"n_layers": 3})
   with pytest.raises(ConfigError, match="n_layers=3"):
