@@ -10,6 +10,12 @@ A checkpoint ``RUN_DIR/checkpoints/<step>/`` holds four items:
 - ``signature``: ``{leaf path: "shape dtype"}`` of the state, to explain mismatches before
   restoring.
 
+The step's orbax metadata (``_CHECKPOINT_METADATA``, ``custom_metadata``) holds
+:func:`checkpoint_metadata`: the format version (:data:`FORMAT_VERSION`; a checkpoint without one
+is version 1) and the topology that wrote it (mesh shape, device and process count).
+:func:`load_params` reads the params alone (no optimizer state, no optimizer) onto any mesh, in
+either parameter layout (one entry per layer, or the layers stacked on a leading axis).
+
 Orbax writes each step to a temporary directory and renames it when complete, so a process killed
 mid-save leaves the previous checkpoints intact and the partial one is never listed (and is removed
 at the next start).
@@ -38,8 +44,38 @@ SCHEDULE_KEYS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", 
                  "update_proj_gap")
 
 
+#: Version of the checkpoint format this code writes. 1: no version field (up to the first
+#: release); 2: ``format_version`` and the writing topology in the step's custom metadata.
+FORMAT_VERSION = 2
+#: The oldest format this code reads.
+MIN_FORMAT_VERSION = 1
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into this run; the message says what differs."""
+
+
+def checkpoint_metadata(mesh: jax.sharding.Mesh | None = None) -> dict:
+  """The step metadata written with every checkpoint: format version and topology."""
+  meta: dict[str, Any] = {"format_version": FORMAT_VERSION,
+                          "process_count": jax.process_count()}
+  if mesh is not None:
+    meta.update(mesh={k: int(v) for k, v in mesh.shape.items()}, device_count=int(mesh.size))
+  return meta
+
+
+def check_format_version(meta: dict | None, where: str) -> int:
+  """The format version in a step's metadata (1 when absent); raises CheckpointError for a
+  format this code cannot read."""
+  version = (meta or {}).get("format_version", 1)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise CheckpointError(
+        f"checkpoint {where} has format version {version!r}, newer than this code reads "
+        f"(versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); update osd_jax to restore it")
+  if version < MIN_FORMAT_VERSION:
+    raise CheckpointError(f"checkpoint {where} has format version {version}, older than this "
+                          f"code reads (versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION})")
+  return version
 
 
 def signature(tree: Any) -> dict[str, str]:
@@ -99,6 +135,25 @@ def _unreadable(where: str, e: Exception) -> CheckpointError:
                          f"delete it to resume from an earlier one")
 
 
+def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
+  """The mesh of the first NamedSharding-sharded array of ``tree``."""
+  for x in jax.tree.leaves(tree):
+    mesh = getattr(getattr(x, "sharding", None), "mesh", None)
+    if isinstance(mesh, jax.sharding.Mesh):
+      return mesh
+  return None
+
+
+def describe_topology(meta: dict) -> str:
+  """``"mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices, 1 process)"`` from
+  :func:`checkpoint_metadata` (a version-1 checkpoint did not record it)."""
+  if "mesh" not in meta:
+    return "an unrecorded mesh (format version 1)"
+  n = meta.get("process_count", 1)
+  return (f"mesh {meta['mesh']} ({meta.get('device_count')} devices, {n} "
+          f"process{'es' if n != 1 else ''})")
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under ``directory``."""
 
@@ -122,19 +177,27 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ save
   def save(self, step: int, state: Any, *, data_state: Any = None, config: dict | None = None,
-           wait: bool = False) -> bool:
+           wait: bool = False, data_rows: tuple[int, int] | None = None) -> bool:
     """Starts saving ``state`` at ``step`` (all processes must call it). Returns False if that
-    step already exists."""
+    step already exists.
+
+    ``data_rows``: the rows ``[start, stop)`` of every global batch that this process's data
+    iterator reads; a resume whose processes read other rows repositions the data by step.
+    """
     if step in self.manager.all_steps():
       return False
     data_states = _gather_json(encode_data_state(data_state))
+    data = {"process_count": jax.process_count(), "states": data_states}
+    if data_rows is not None:
+      data["rows"] = _gather_json([int(r) for r in data_rows])
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"process_count": jax.process_count(), "states": data_states}),
+        data=ocp.args.JsonSave(data),
         config=ocp.args.JsonSave(config or {}),
         signature=ocp.args.JsonSave(signature(state)),
     )
-    saved = self.manager.save(step, args=args, force=True)
+    saved = self.manager.save(step, args=args, force=True,
+                              custom_metadata=checkpoint_metadata(_mesh_of(state)))
     if wait:
       self.wait()
     return saved
@@ -150,19 +213,33 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def metadata(self, step: int) -> dict:
+    """The step's custom metadata (:func:`checkpoint_metadata`; ``{}`` for format version 1)."""
+    try:
+      return dict(self.manager.metadata(step).custom_metadata or {})
+    except Exception as e:
+      raise _unreadable(os.path.join(self.directory, str(step)), e) from e
+
   def restore(self, abstract_state: Any, *, config: dict | None = None,
-              step: int | None = None) -> tuple[Any, Any, dict]:
+              step: int | None = None,
+              data_rows: tuple[int, int] | None = None) -> tuple[Any, Any, dict]:
     """Restores ``(state, data_state, saved_config)`` at ``step`` (default: latest).
 
     ``abstract_state`` is a tree of ``jax.ShapeDtypeStruct`` with shardings: arrays come back
-    in exactly those shardings. Raises CheckpointError when the checkpoint does not match
-    ``abstract_state``, or the structural or data-stream fields of ``config``; nothing is
-    restored then.
+    in exactly those shardings, whatever mesh, device or process count wrote them (orbax reads
+    each target shard from the saved ones). Raises CheckpointError when the checkpoint's format
+    is newer than this code, or it does not match ``abstract_state``, or the structural or
+    data-stream fields of ``config``; nothing is restored then.
+
+    ``data_state`` is this process's saved iterator state, or None when it cannot be used: the
+    checkpoint was written by another number of processes, or this process now reads other rows
+    ``data_rows`` of each global batch than it did (the caller repositions the data by step).
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint found in {self.directory}")
     where = os.path.join(self.directory, str(step))
+    check_format_version(self.metadata(step), where)
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), signature=ocp.args.JsonRestore()))
@@ -190,10 +267,10 @@ class Checkpointer:
       raise _unreadable(where, e) from e
     data = out["data"] or {}
     states = data.get("states") or [None]
-    if data.get("process_count", 1) != jax.process_count():
-      log.warning("checkpoint was written by %s processes, now %s: the data iterator "
-                  "restarts from its position by step count", data.get("process_count"),
-                  jax.process_count())
+    rows = data.get("rows")  # absent before format version 2: the rows follow from the count
+    if data.get("process_count", 1) != jax.process_count() or not (
+        data_rows is None or rows is None
+        or list(rows[jax.process_index()]) == [int(r) for r in data_rows]):
       data_state = None
     else:
       data_state = decode_data_state(states[jax.process_index()])
@@ -208,3 +285,243 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+# ----------------------------------------------------------------------------- params only
+
+_ITEM_HANDLERS = ("state", "data", "config", "signature")
+
+
+def load_run_config(run_dir: str):
+  """The :class:`train.config.TrainConfig` of the run in ``run_dir`` (its ``config.json``)."""
+  from train.config import TrainConfig
+
+  path = os.path.join(run_dir, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return TrainConfig.from_dict(json.load(f))
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read the run's config ({e}); is {run_dir} a run "
+                          f"directory of python -m train?") from None
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: not a config of this version of train ({e})") from None
+
+
+def _open_read_only(run_dir: str):
+  """``(config, checkpoint dir, read-only CheckpointManager)`` of a run: nothing is created,
+  cleaned up or deleted, so a live run's saves are safe."""
+  cfg = load_run_config(run_dir)
+  ckpt_dir = cfg.ckpt_dir or os.path.join(run_dir, "checkpoints")
+  if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"no checkpoint directory {ckpt_dir}")
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler(), "signature": ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+  return cfg, ckpt_dir, manager
+
+
+def _pick_step(manager, ckpt_dir: str, step: int | None) -> int:
+  steps = list(manager.all_steps())
+  if not steps:
+    raise CheckpointError(f"no committed checkpoint in {ckpt_dir}")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint of step {step} in {ckpt_dir}; it holds steps "
+                          f"{sorted(steps)}")
+  return step
+
+
+def _layers_unrolled(layers: Any) -> bool:
+  """True for the layout with one subtree per layer (keys 0, 1, ...), False for the scanned one
+  (each leaf stacked over layers on a leading axis)."""
+  return isinstance(layers, dict) and bool(layers) and all(str(k).isdigit() for k in layers)
+
+
+def params_layout(params: Any) -> str:
+  """``"unrolled"`` (``layers/<i>/...``) or ``"scanned"`` (``layers/...`` with a leading layer
+  axis) for a params tree (arrays, ShapeDtypeStructs or orbax metadata)."""
+  layers = params.get("layers") if isinstance(params, dict) else None
+  return "unrolled" if layers is None or _layers_unrolled(layers) else "scanned"
+
+
+def _spec_of(x: Any) -> jax.sharding.PartitionSpec:
+  return getattr(x.sharding, "spec", jax.sharding.PartitionSpec())
+
+
+def _abstract(shape, dtype, mesh, spec) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), dtype,
+                              sharding=jax.sharding.NamedSharding(mesh, spec))
+
+
+def _as_saved_layout(target: Any, saved_layout: str, mesh) -> Any:
+  """``target`` (abstract params with shardings) rewritten into ``saved_layout``: the unrolled
+  layer ``i`` is slice ``i`` of the scanned leaves; a scanned leaf is its layers stacked (the
+  stacked axis unsharded)."""
+  if params_layout(target) == saved_layout:
+    return target
+  P = jax.sharding.PartitionSpec
+  out = dict(target)
+  layers = target["layers"]
+  if saved_layout == "scanned":  # target unrolled
+    subs = [layers[k] for k in sorted(layers, key=int)]
+    out["layers"] = jax.tree.map(
+        lambda x, *_: _abstract((len(subs),) + tuple(x.shape), x.dtype, mesh,
+                                P(None, *_spec_of(x))), *subs)
+  else:  # target scanned, saved unrolled
+    n = jax.tree.leaves(layers)[0].shape[0]
+    one = jax.tree.map(lambda x: _abstract(x.shape[1:], x.dtype, mesh, P(*_spec_of(x)[1:])),
+                       layers)
+    out["layers"] = {i: one for i in range(n)}
+  return out
+
+
+def _to_target_layout(params: Any, target: Any) -> Any:
+  """Restored ``params`` in ``target``'s layout and shardings (a jitted stack or unstack)."""
+  if params_layout(params) == params_layout(target):
+    return params
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+
+  def convert(p):
+    out = dict(p)
+    layers = p["layers"]
+    if _layers_unrolled(layers):
+      subs = [layers[k] for k in sorted(layers, key=lambda k: int(k))]
+      out["layers"] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *subs)
+    else:
+      n = jax.tree.leaves(layers)[0].shape[0]
+      out["layers"] = {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
+    return out
+
+  return jax.jit(convert, out_shardings=shardings)(params)
+
+
+def _keys_as_target(tree: Any, target: Any) -> Any:
+  """``tree`` (orbax metadata: string keys) with ``target``'s dict keys (e.g. int layer keys)."""
+  if not isinstance(target, dict):
+    return tree
+  by_str = {str(k): k for k in target}
+  return {by_str.get(str(k), k): _keys_as_target(v, target.get(by_str.get(str(k), k)))
+          for k, v in tree.items()}
+
+
+def load_model_config(run_dir: str, step: int | None = None):
+  """The :class:`train.model.LlamaConfig` of a run's checkpoint (its vocabulary from the saved
+  embedding, so no tokenizer is needed)."""
+  _, ckpt_dir, manager = _open_read_only(run_dir)
+  try:
+    step = _pick_step(manager, ckpt_dir, step)
+    saved_cfg, saved_params = _saved_config_and_params(manager, ckpt_dir, step)
+  finally:
+    manager.close()
+  return _model_config(saved_cfg, saved_params)
+
+
+def _saved_config_and_params(manager, ckpt_dir: str, step: int):
+  from train.config import TrainConfig
+
+  where = os.path.join(ckpt_dir, str(step))
+  try:
+    meta = dict(manager.metadata(step).custom_metadata or {})
+  except Exception as e:
+    raise _unreadable(where, e) from e
+  check_format_version(meta, where)
+  try:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    tree = manager.item_metadata(step)["state"]
+    tree = tree.tree if hasattr(tree, "tree") else tree
+  except Exception as e:
+    raise _unreadable(where, e) from e
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise CheckpointError(f"checkpoint {where} holds no params")
+  try:
+    cfg = TrainConfig.from_dict(dict(saved["config"] or {}))
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"checkpoint {where}: its config is not one of this version of train "
+                          f"({e})") from None
+  return cfg, tree["params"]
+
+
+def _model_config(cfg, saved_params: Any):
+  from train import trainer
+
+  vocab = int(saved_params["embed"]["embedding"].shape[0])
+  return trainer.model_config(cfg, vocab)
+
+
+def abstract_params(model_config, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """``(graphdef, params)`` of ``Llama(model_config)``: params as a pure dict of
+  ShapeDtypeStructs sharded on ``mesh`` by the trainer's logical-axis rules."""
+  from flax import nnx
+
+  from train import model as model_lib
+  from train import sharding as shd
+
+  abstract_model = nnx.eval_shape(lambda: model_lib.Llama(model_config, rngs=nnx.Rngs(0)))
+  graphdef, abs_params = nnx.split(abstract_model, nnx.Param)
+  shardings = shd.named(mesh, shd.param_specs(abs_params, mesh))
+  abs_params = nnx.to_pure_dict(abs_params)
+  return graphdef, jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                abs_params, shardings)
+
+
+def load_params(run_dir: str, step: int | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> Any:
+  """The params of a run's checkpoint, alone: no optimizer state is read, no optimizer built.
+
+  Args:
+    run_dir: a run directory of ``python -m train`` (its ``config.json`` names the checkpoint
+      directory).
+    step: the checkpoint's step (default: the latest committed one).
+    mesh: where to put them (default: every device on the ``fsdp`` axis); they are sharded by
+      the trainer's logical-axis rules on it, whatever mesh, device or process count saved them.
+      Multi-process, every process calls this.
+
+  Returns:
+    The params as the trainer holds them (``TrainState.params``): a pure dict in the layout of
+    the model that the run's config builds now. A checkpoint in the other layout (one subtree per
+    layer vs. the layers stacked on a leading axis) is read in its own layout and converted.
+
+  Raises:
+    CheckpointError: no such run or step, a format newer than this code, or params that do not
+      fit the run's model.
+
+  Example::
+
+    params = load_params("runs/my-run")
+    graphdef, _ = abstract_params(load_model_config("runs/my-run"), mesh)
+    model = flax.nnx.merge(graphdef, params)
+  """
+  from train import sharding as shd
+
+  _, ckpt_dir, manager = _open_read_only(run_dir)
+  try:
+    step = _pick_step(manager, ckpt_dir, step)
+    where = os.path.join(ckpt_dir, str(step))
+    saved_cfg, saved_params = _saved_config_and_params(manager, ckpt_dir, step)
+    mesh = mesh if mesh is not None else shd.make_mesh("fsdp=-1")
+    _, target = abstract_params(_model_config(saved_cfg, saved_params), mesh)
+    return _restore_params(manager, step, where, saved_params, target, mesh)
+  finally:
+    manager.close()
+
+
+def _restore_params(manager, step: int, where: str, saved_params: Any, target: Any,
+                    mesh: jax.sharding.Mesh) -> Any:
+  """Reads the params of ``step`` into ``target``'s layout and shardings (partial restore)."""
+  read = _as_saved_layout(target, params_layout(saved_params), mesh)
+  saved_sig = signature(_keys_as_target(saved_params, read))
+  if saved_sig != signature(read):
+    raise CheckpointError(f"checkpoint {where} does not match the run's model: "
+                          + _describe_diff(saved_sig, signature(read)))
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      read)
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": read}, restore_args={"params": restore_args}, partial_restore=True)))
+  except Exception as e:
+    raise _unreadable(where, e) from e
+  params = _keys_as_target(out["state"]["params"], read)
+  return _to_target_layout(params, target)

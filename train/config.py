@@ -47,6 +47,10 @@ class TrainConfig:
   param_dtype: str = _f("float32", "Dtype of the master weights and optimizer state.",
                         choices=DTYPES,
                         group="model")
+  init_from: str | None = _f(None, "Start from a LLaMA-architecture Hugging Face directory "
+                             "(config.json + safetensors, e.g. one written by python -m "
+                             "train.export): its architecture replaces the preset's and its "
+                             "tokenizer.model is the default --tokenizer.", group="model")
 
   # --- optimizer
   optimizer: str = _f("osd_adamw", "Optimizer: adamw, lion, osd_adamw, osd_lion, galore_adamw.",
@@ -99,8 +103,11 @@ class TrainConfig:
 
   # --- data
   data: str = _f("embedded", "Training data: embedded (offline corpus: Python docs and stdlib), "
-                 "tfds:NAME[:VERSION] (e.g. tfds:c4/en:3.1.0) or text:GLOB (local .txt files).",
+                 "tfds:NAME[:VERSION] (e.g. tfds:c4/en:3.1.0), text:GLOB (local .txt files) or "
+                 "jsonl:GLOB (.jsonl / .json.gz files, e.g. the c4-train.*.json.gz shards).",
                  group="data")
+  text_field: str = _f("text", "--data jsonl: the JSON field holding each document's text.",
+                       group="data")
   tfds_data_dir: str | None = _f(None, "tensorflow-datasets data dir (local path or gs://...).",
                                  group="data")
   tokenizer: str | None = _f(None, "SentencePiece .model file (default: one trained on the "
@@ -205,9 +212,16 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--resume needs --run-dir (the run to continue)")
   if cfg.auto_resume and not cfg.run_dir:
     raise ConfigError("--auto-resume needs --run-dir (the same directory on every restart)")
-  kind, _, rest = cfg.data.partition(":")
-  if kind not in ("embedded", "tfds", "text") or (kind == "embedded") == bool(rest):
-    raise ConfigError(f"bad --data {cfg.data!r}; use embedded, tfds:NAME[:VERSION] or text:GLOB")
+  from train.data import parse_spec  # the one parser of the --data grammar
+
+  try:
+    kind, _ = parse_spec(cfg.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if kind == "jsonl" and not cfg.text_field:
+    raise ConfigError("--text-field must name the JSON field holding the text, e.g. text")
+  if cfg.init_from is not None and not os.path.isdir(cfg.init_from):
+    raise ConfigError(f"--init-from must be a Hugging Face model directory, got {cfg.init_from}")
   if kind == "tfds" and cfg.tokenizer is None:
     raise ConfigError("--data tfds:... needs --tokenizer PATH.model (e.g. the T5 SentencePiece "
                       "model for C4)")

@@ -136,11 +136,16 @@ class Setup:
   eval_step: Any
   flops_per_token: float
 
-  def init_state(self) -> step_lib.TrainState:
-    """Fresh params (seeded by ``cfg.seed``) and optimizer state, created directly sharded."""
+  def init_state(self, params: Any = None) -> step_lib.TrainState:
+    """Fresh params (seeded by ``cfg.seed``) and optimizer state, created directly sharded; with
+    ``params`` (host arrays shaped like ``abstract_state.params``) the optimizer starts there."""
     from train import model as model_lib
 
     mcfg, tx, seed = self.model_config, self.tx, self.cfg.seed
+    if params is not None:
+      params = jax.device_put(params, self.param_shardings)
+      return jax.jit(lambda p: step_lib.init_state(p, tx.init(p)),
+                     out_shardings=self.state_shardings)(params)
 
     def init():
       model = model_lib.Llama(mcfg, rngs=nnx.Rngs(seed))
@@ -248,7 +253,7 @@ def make_datasets(cfg: TrainConfig, tokenizer,
     rows = stop - start
   common = {"seq_len": cfg.seq_len, "batch_size": rows, "seed": cfg.seed,
             "process_index": start // rows, "process_count": cfg.batch_size // rows,
-            "tfds_data_dir": cfg.tfds_data_dir}
+            "tfds_data_dir": cfg.tfds_data_dir, "text_field": cfg.text_field}
   try:
     train_ds = data_lib.make_dataset(cfg.data, tokenizer, split="train", **common)
     eval_ds = data_lib.make_dataset(cfg.data, tokenizer, split="eval", **common)
@@ -397,7 +402,10 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
 
 def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: int | None,
            tokenizer: Any) -> TrainResult:
+  from train.hf import resolve_init_from
+
   validate(cfg)
+  cfg = resolve_init_from(cfg)  # the HF directory's architecture and tokenizer
   t_start = time.time()
   maybe_initialize_distributed(cfg)
   primary = jax.process_index() == 0
@@ -548,7 +556,8 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
     train_it: Iterator = iter(train_ds)
     checkpointer = checkpointer or open_checkpointer()
     if not cfg.resume:
-      return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer, checkpointer
+      params = _init_from(cfg, setup) if cfg.init_from else None
+      return cfg, setup, setup.init_state(params), 0, train_it, eval_ds, tokenizer, checkpointer
     state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
     start = int(state.step)
     if data_state is not None:
@@ -565,6 +574,16 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
     log.warning("resuming with changed settings (the run continues under the new ones): %s",
                 "; ".join(changed))
   return cfg, setup, state, start, train_it, eval_ds, tokenizer, checkpointer
+
+
+def _init_from(cfg: TrainConfig, setup: Setup) -> Any:
+  """The params of ``--init-from`` (host arrays in this run's param layout and dtype)."""
+  from train import hf
+
+  try:
+    return hf.load_params(cfg.init_from, setup.abstract_state.params)
+  except (hf.HFError, OSError) as e:
+    raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
 
 
 def _iter_state(it: Any) -> Any:
