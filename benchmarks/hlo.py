@@ -57,6 +57,11 @@ class Instruction:
     return shape_bytes(self.shape)
 
   @property
+  def array_bytes(self) -> list[int]:
+    """Bytes of each array of the result (one entry, or one per element of a tuple result)."""
+    return [shape_bytes(f"{d}[{dims}]") for d, dims in _ARRAY.findall(self.shape) if d in _BYTES]
+
+  @property
   def branches(self) -> tuple[str, ...]:
     """Branch computations of a conditional, in branch-index order (false, true for a pred)."""
     m = re.search(r"branch_computations=\{([^}]*)\}", self.line)

@@ -246,20 +246,28 @@ def online_pca_gradient(
 ) -> jax.Array:
   """∇L(P) of :func:`online_pca_loss` in closed form, O(s·L·r) work.
 
-  With A = PᵀG̃ (r×L), B = G̃Aᵀ (s×r), C = AAᵀ and E = PᵀP − I (r×r), R = PA − G̃:
+  With A = PᵀG̃ (r×L), B = G̃Aᵀ (s×r), C = AAᵀ = PᵀB and E = PᵀP − I (r×r), R = PA − G̃:
 
-      ∇L = 2(R G̃ᵀ P + G̃ Rᵀ P) + 4λ P E = 2(P C − B + B E) + 4λ P E,
+      ∇L = 2(R G̃ᵀ P + G̃ Rᵀ P) + 4λ P E = 2(P C − B + B E) + 4λ P E
+         = 2 [P B] [C + 2λE; E − I],
 
-  since R G̃ᵀ P = P A Aᵀ − G̃ Aᵀ and Rᵀ P = Aᵀ (PᵀP − I).  No s×s, L×L or s×L temporary
-  beyond G̃ itself; pass ``g_hat = Pᵀ G'`` (already computed for the projection) to skip
-  the first matmul.
+  since R G̃ᵀ P = P A Aᵀ − G̃ Aᵀ and Rᵀ P = Aᵀ (PᵀP − I).  Besides the two s×L×r products
+  (A, B) that is one s×r×2r product for [PᵀP, PᵀB] and one for the result: no r×r×L product,
+  and no s×s, L×L or s×L temporary beyond G̃ itself.  With P and G sharded over s, A and
+  [PᵀP, PᵀB] are partial sums (one all-reduce each) and everything else stays local.  Pass
+  ``g_hat = Pᵀ G'`` (already computed for the projection) to skip the first matmul.
   """
   norm = jnp.maximum(frobenius_norm(g), jnp.finfo(g.dtype).tiny)
   a = (project(p, g) if g_hat is None else g_hat) / norm  # A = Pᵀ G̃
   b = gradient_times(g, a) / norm  # B = G̃ Aᵀ
-  c = a @ a.T  # C = A Aᵀ
-  e = p.T @ p - jnp.eye(p.shape[1], dtype=p.dtype)  # E = PᵀP − I
-  return 2.0 * (p @ c - b + b @ e) + (4.0 * orthogonality_weight) * (p @ e)
+  rank = p.shape[-1]
+  eye = jnp.eye(rank, dtype=p.dtype)
+  pb = jnp.concatenate([p, b], axis=-1)  # [P B] (s×2r)
+  gram = p.T @ pb  # [PᵀP, PᵀB] = [E + I, C]
+  e = gram[:, :rank] - eye  # E = PᵀP − I
+  c = gram[:, rank:]  # C = PᵀB = A Aᵀ
+  coeffs = jnp.concatenate([c + (2.0 * orthogonality_weight) * e, e - eye], axis=0)  # 2r×r
+  return 2.0 * (pb @ coeffs)
 
 
 class OnlinePCAState(NamedTuple):
