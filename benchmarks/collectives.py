@@ -160,10 +160,10 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-  rows = ["| program | optimizer | conditionals (steady) | thunks (steady) | SVD/QR/eigh (steady) | "
-          "all-gather n / MiB (steady) | all-reduce n / MiB (steady) | other n (steady) | "
-          "total MiB: all / steady | largest steady all-gather |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+  header = ("| program | optimizer | conditionals (steady) | thunks (steady) | "
+            "SVD/QR/eigh (steady) | all-gather n / MiB (steady) | all-reduce n / MiB (steady) | "
+            "other n (steady) | total MiB: all / steady | largest steady all-gather |")
+  rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
     c, s = r["collectives"], r["collectives_steady"]
     other = sum(c[k]["count"] for k in hlo.COLLECTIVES if k not in ("all-gather", "all-reduce"))
