@@ -111,7 +111,9 @@ def scale_by_subspace_descent(
   steady-state path (the rule's ``step``, ``inner`` and U') runs no SVD/QR/eigh and, with P
   sharded like the side it spans (:func:`osd_jax.optimizer_state_sharding`), communicates only
   rank-r partial sums (Ĝ or B, [PᵀP, PᵀB], ‖G‖).  A rule given only as
-  ``ProjectorRule(init, update)`` keeps whatever branches its ``update`` has.  Inner state is kept when P changes (the paper's choice), unless
+  ``ProjectorRule(init, update)`` keeps whatever branches its ``update`` has.
+
+  Inner state is kept when P changes (the paper's choice), unless
   ``transport_state=True``, which keeps the inner first moment M (every ``mu`` field of the
   inner state) in the basis of the stored P, as LDAdam, for any rule:
 
