@@ -197,3 +197,24 @@ def test_transposed_view_products_match_plain_products(shape):
   for fast, plain in zip(products(True), products(False)):
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(products(False)[0], p.T @ g, rtol=1e-5, atol=1e-6)
+
+
+def test_collectives_smoke(tmp_path):
+  """benchmarks.collectives compiles the sharded update and counts its ops (8 fake devices)."""
+  import jax
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  from benchmarks import collectives
+
+  out = tmp_path / "collectives.json"
+  report = collectives.main(["--preset", "tiny", "--rank", "8", "--optimizers", "adamw,osd_adamw",
+                             "--no-step", *SMALL_MODEL, "--out", str(out), "--quiet"])
+  data = _load(out)
+  rows = {r["optimizer"]: r for r in data["results"]}
+  assert set(rows) == {"adamw", "osd_adamw"} and report["devices"] == 8
+  assert rows["adamw"]["conditionals"] == 0
+  assert rows["osd_adamw"]["conditionals"] == 1
+  assert rows["osd_adamw"]["decompositions"] > 0 == rows["osd_adamw"]["decompositions_steady"]
+  assert rows["osd_adamw"]["collectives_steady"]["all-gather"]["count"] == 0
+  assert rows["osd_adamw"]["thunks_steady"] < rows["osd_adamw"]["thunks"]
