@@ -29,7 +29,8 @@ _GROUPS = (
 
 EXAMPLES = """\
 examples:
-  python -m train --preset tiny --optimizer osd_adamw --steps 300          # CPU demo
+  python -m train --preset tiny --optimizer osd_adamw --steps 300 --batch-size 16 \\
+      --seq-len 128 --lr 3e-3 --projector-lr-ratio 2 --dtype float32      # CPU demo (rank 32)
   python -m train --preset 60m --optimizer osd_adamw --rank 128 --lr 1e-3 --batch-size 512 \\
       --data tfds:c4/en:3.1.0 --tfds-data-dir gs://BUCKET/tfds --tokenizer t5.model
   python -m train --config runs/my-run/config.json --resume                # continue a run

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+import osd_jax
 from train import checkpoint as ckpt_lib
 from train import metrics as metrics_lib
 from train import optimizers
@@ -390,7 +392,10 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   # the run cleanly before its first step instead of killing it.
   preemption = _Preemption()
   try:
-    return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer)
+    with warnings.catch_warnings():
+      # the trainer names the matrices --rank leaves unprojected itself (optimizers.check_rank)
+      warnings.simplefilter("ignore", osd_jax.FullRankWarning)
+      return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer)
   finally:
     preemption.restore()
 
@@ -398,6 +403,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
 def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: int | None,
            tokenizer: Any) -> TrainResult:
   validate(cfg)
+  cfg = cfg.replace(rank=cfg.resolved_rank)  # config.json and checkpoints hold the rank used
   t_start = time.time()
   maybe_initialize_distributed(cfg)
   primary = jax.process_index() == 0
