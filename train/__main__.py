@@ -1,7 +1,10 @@
 """Command line: ``python -m train [flags]`` pretrains a LLaMA; ``--help`` lists every flag.
 
-Bad input ends with one ``error: ...`` line on stderr and exit status 2; a run stopped by SIGTERM
-saves a checkpoint and exits 0; too many non-finite steps in a row exit 3.
+Exit status: 0 when the run ends or is stopped by SIGTERM (a preemption notice); 2 for bad input
+(one ``error: ...`` line on stderr, also a run directory in use by another run); 3 after too many
+non-finite steps in a row; 130 when stopped by SIGINT (Ctrl-C). SIGTERM and SIGINT both stop after
+the current step, save a checkpoint and print the command that continues the run; a second Ctrl-C
+stops at once without saving (exit 130).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+from train import rundir
 from train.config import TrainConfig
 
 _GROUPS = (
@@ -34,8 +38,12 @@ examples:
   python -m train --preset 60m --optimizer osd_adamw --rank 128 --lr 1e-3 --batch-size 512 \\
       --data tfds:c4/en:3.1.0 --tfds-data-dir gs://BUCKET/tfds --tokenizer t5.model
   python -m train --config runs/my-run/config.json --resume                # continue a run
+  python -m train --config runs/my-run/config.json --lr 3e-3   # repeat it (new run dir), new lr
   python -m train ... --run-dir runs/my-run --auto-resume                  # start, or continue
 """
+
+
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C): 128 + the signal number, as shells report it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,9 +115,15 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
       TrainConfig.from_dict(values)
     except (OSError, ValueError, TypeError) as e:
       parser.error(f"--config {args.config}: {e}")
+    explicit_run_dir = args.run_dir
     # the file's values become defaults, so flags given explicitly override them
     parser.set_defaults(**{k: v for k, v in values.items() if k != "model_overrides"})
     args = parser.parse_args(argv)
+    own_dir = rundir.run_dir_of_config(args.config, values)
+    if own_dir is not None and explicit_run_dir is None:
+      # a run's config.json: continuing (--resume/--auto-resume) uses the directory the file is
+      # in now (a copy continues in the copy); otherwise the run is repeated in a new run dir
+      args.run_dir = own_dir if (args.resume or args.auto_resume) else None
   out = {}
   for f in dataclasses.fields(TrainConfig):
     value = getattr(args, f.name)
@@ -119,6 +133,39 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
   return TrainConfig(**out)
 
 
+class _DropClosedLoopTracebacks:
+  """A stderr wrapper that drops whole tracebacks ending in ``RuntimeError: Event loop is closed``
+  (orbax/tensorstore teardown noise after a failed read) and passes everything else through."""
+
+  _END = "RuntimeError: Event loop is closed"
+
+  def __init__(self, stream):
+    self._stream, self._held, self._partial = stream, [], ""
+
+  def write(self, text: str) -> int:
+    self._partial += text
+    *lines, self._partial = self._partial.split("\n")
+    for line in lines:
+      if self._held or line.startswith("Traceback (most recent call last):"):
+        self._held.append(line)
+        if not line.startswith((" ", "Traceback")):  # the exception line ends the traceback
+          if line.strip() != self._END:
+            self._stream.write("\n".join(self._held) + "\n")
+          self._held = []
+      else:
+        self._stream.write(line + "\n")
+    return len(text)
+
+  def flush(self) -> None:
+    if self._partial and not self._held:
+      self._stream.write(self._partial)
+      self._partial = ""
+    self._stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 def _quiet_libraries() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -126,6 +173,10 @@ def _quiet_libraries() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
   # orbax leaves failed read futures unretrieved; the error itself is reported once
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  # ... and tensorstore's callbacks for them then find orbax's event loop closed, printing a
+  # traceback each on sys.stderr
+  if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
+    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
   try:
     import absl.logging
 
@@ -149,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt:  # a second Ctrl-C: nothing saved since the last checkpoint
+    print("interrupted (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+    return EXIT_INTERRUPTED
   import jax
 
   ev = result.final_eval
@@ -160,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
   elif result.preempted and int(result.state.step) == 0:
     print(f"stopped before the first step; nothing saved in {result.run_dir}")
   elif result.preempted:
-    print(f"stopped at step {int(result.state.step)}; checkpoint in {result.run_dir}")
+    by = f" by {result.stop_signal}" if result.stop_signal else ""
+    config = os.path.join(result.run_dir, "config.json")
+    print(f"stopped at step {int(result.state.step)}{by}; checkpoint in {result.run_dir}; "
+          f"continue with: python -m train --config {config} --resume")
+  if result.stop_signal == "SIGINT":
+    return EXIT_INTERRUPTED
   elif ev:
     first = result.initial_eval.get("eval_perplexity")
     start = f"{first:.2f} -> " if first is not None else ""
@@ -169,5 +225,16 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def _exit(code: int) -> None:
+  """Exits with ``code``; after an error without the interpreter's teardown, in which orbax's and
+  tensorstore's background threads print tracebacks about their closed event loop (the error
+  itself has been reported in one line and checkpoints have been waited for)."""
+  if code == 0:
+    sys.exit(0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  _exit(main())

@@ -96,6 +96,11 @@ class TrainConfig:
                                   "this many skipped steps in a row; checked at each --log-every "
                                   "step over every step since the previous one, so the run stops "
                                   "at the next log step.", group="optimizer")
+  stop_on_divergence: bool = _f(False, "Stop (checkpoint saved, exit status 3) when the divergence "
+                                "checks fire: loss not below its first logged value for 5 log "
+                                "steps after warmup, OSD projectors far from orthonormal "
+                                "(||P^T P - I||_F > sqrt(rank)) or collapsed gradients; without "
+                                "it they print one warning each.", group="optimizer")
 
   # --- training
   steps: int = _f(1000, "Number of optimizer steps.", group="training")
@@ -127,7 +132,9 @@ class TrainConfig:
                        "the start and end).", group="logging")
   eval_batches: int = _f(8, "Number of held-out batches per evaluation.", group="logging")
   log_every: int = _f(10, "Write metrics every this many steps.", group="logging")
-  run_dir: str | None = _f(None, "Run directory (default: runs/PRESET-OPTIMIZER-TIMESTAMP).",
+  run_dir: str | None = _f(None, "Run directory, locked while a run writes to it (default: "
+                           "runs/PRESET-OPTIMIZER-TIMESTAMP-PID-RANDOM; with --config "
+                           "RUN_DIR/config.json and --resume/--auto-resume: that RUN_DIR).",
                            group="logging")
   tensorboard: bool = _f(True, "Write TensorBoard event files.", group="logging")
   progress: bool = _f(True, "Show a progress bar.", group="logging")
