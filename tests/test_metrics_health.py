@@ -210,3 +210,25 @@ def test_plot_labels_runs_by_what_differs_and_writes_what_it_says(tmp_path, caps
   assert (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")
   # the smoothed loss: a bias-corrected EMA (the first value is the first point)
   np.testing.assert_allclose(plot.ema([1.0, 0.0], 0.5), [1.0, 0.5 * 0.5 / 0.75])
+
+
+def test_stderr_filter_drops_interleaved_closed_loop_tracebacks_only():
+  import io
+
+  from train.__main__ import _DropClosedLoopTracebacks
+
+  noise = ['Traceback (most recent call last):',
+           '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe',
+           '    self._check_closed()',
+           '  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed',
+           "    raise RuntimeError('Event loop is closed')",
+           'RuntimeError: Event loop is closed']
+  interleaved = [line for pair in zip(noise, noise) for line in pair]  # two threads at once
+  real = ['Traceback (most recent call last):', '  File "/src/train/x.py", line 3, in f',
+          'ValueError: boom']
+  out = io.StringIO()
+  stream = _DropClosedLoopTracebacks(out)
+  for chunk in ("\n".join(interleaved) + "\nerror: one line\n", "\n".join(real) + "\n", "tail"):
+    stream.write(chunk)
+  stream.flush()
+  assert out.getvalue() == "error: one line\n" + "\n".join(real) + "\ntail"

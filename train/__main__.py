@@ -134,30 +134,40 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 class _DropClosedLoopTracebacks:
-  """A stderr wrapper that drops whole tracebacks ending in ``RuntimeError: Event loop is closed``
-  (orbax/tensorstore teardown noise after a failed read) and passes everything else through."""
+  """A stderr wrapper that drops the lines of tracebacks ending in ``RuntimeError: Event loop is
+  closed`` (orbax/tensorstore teardown noise after a failed read, printed by several threads at
+  once, so their lines interleave) and passes everything else through. A ``Traceback`` header is
+  held until the next line shows whether it starts such a traceback."""
 
-  _END = "RuntimeError: Event loop is closed"
+  _NOISE = ("    self._check_closed()", "    raise RuntimeError('Event loop is closed')",
+            "RuntimeError: Event loop is closed")
+  _HEADER = "Traceback (most recent call last):"
 
   def __init__(self, stream):
-    self._stream, self._held, self._partial = stream, [], ""
+    self._stream, self._headers, self._partial = stream, 0, ""
+
+  @classmethod
+  def _is_noise(cls, line: str) -> bool:
+    return line in cls._NOISE or (line.startswith('  File "') and "asyncio/base_events.py" in line
+                                  and line.endswith(("call_soon_threadsafe", "_check_closed")))
 
   def write(self, text: str) -> int:
     self._partial += text
     *lines, self._partial = self._partial.split("\n")
     for line in lines:
-      if self._held or line.startswith("Traceback (most recent call last):"):
-        self._held.append(line)
-        if not line.startswith((" ", "Traceback")):  # the exception line ends the traceback
-          if line.strip() != self._END:
-            self._stream.write("\n".join(self._held) + "\n")
-          self._held = []
-      else:
+      if line == self._HEADER:
+        self._headers += 1
+        continue
+      noise = self._is_noise(line)
+      if not noise:
+        self._stream.write((self._HEADER + "\n") * self._headers)
+      self._headers = 0
+      if not noise:
         self._stream.write(line + "\n")
     return len(text)
 
   def flush(self) -> None:
-    if self._partial and not self._held:
+    if self._partial:
       self._stream.write(self._partial)
       self._partial = ""
     self._stream.flush()
@@ -215,14 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     config = os.path.join(result.run_dir, "config.json")
     print(f"stopped at step {int(result.state.step)}{by}; checkpoint in {result.run_dir}; "
           f"continue with: python -m train --config {config} --resume")
-  if result.stop_signal == "SIGINT":
-    return EXIT_INTERRUPTED
   elif ev:
     first = result.initial_eval.get("eval_perplexity")
     start = f"{first:.2f} -> " if first is not None else ""
     print(f"done: {int(result.state.step)} steps in {result.wall_time_s:.0f} s; eval perplexity "
           f"{start}{ev['eval_perplexity']:.2f}; run dir {result.run_dir}")
-  return 0
+  return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else 0
 
 
 def _exit(code: int) -> None:
