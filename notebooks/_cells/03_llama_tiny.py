@@ -110,8 +110,9 @@ print({k: round(v, 4) if isinstance(v, float) else v for k, v in last_train.item
 # log every step (`log_every=1`, for the per-step loss curves), so every step is a log step, at which the subspace
 # methods also compute their projector metrics (a QR of every projector, skipped at other steps) and the loop reads
 # the metrics back to the host; GaLore's SVD every $T$ steps adds to its median too. At this size (a 128-wide model,
-# 64-token sequences, 2 shared CPU cores) that overhead is a visible part of the step, so OSD's tokens/s here reads
-# well below AdamW's. The train step alone, timed side by side by `benchmarks/step.py` (16 × 128 tokens, steps
+# 64-token sequences, 2 CPU cores shared with other jobs) that overhead is a visible part of the step and the median
+# is noisy: executions of this notebook have shown OSD anywhere from about 0.7× to 1.0× AdamW's tokens/s, so the
+# bars here do not measure OSD's cost. The train step alone, timed side by side by `benchmarks/step.py` (16 × 128 tokens, steps
 # without projector metrics and without a GaLore refresh, no host read per step), costs OSD 1.02–1.04× AdamW's time
 # on the tiny model (benchmarks/RESULTS.md); with the usual `log_every` of 10 or more the metrics' cost is spread
 # over that many steps.
