@@ -103,7 +103,8 @@ def scale_by_subspace_descent(
 
   Leaves that are not projected (ndim < 2, mapped to None, or ``rank >= min(m, n)``) get
   ``inner`` at full rank; ``init`` names the last kind in one :class:`osd_jax.FullRankWarning`
-  (``warnings.simplefilter("ignore", osd_jax.FullRankWarning)`` silences it).  Inner state is kept when P changes (the paper's choice), unless
+  (``warnings.simplefilter("ignore", osd_jax.FullRankWarning)`` silences it).  Inner state is
+  kept when P changes (the paper's choice), unless
   ``transport_state=True``, which keeps the inner first moment M (every ``mu`` field of the
   inner state) in the basis of the stored P, as LDAdam, for any rule:
 

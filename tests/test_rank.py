@@ -70,7 +70,7 @@ def test_library_warns_once_at_init_about_matrices_left_at_full_rank():
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     state = tx.init(params)
-    updates, state = tx.update(params, state, params)  # the update warns nothing
+    _, state = tx.update(params, state, params)  # the update warns nothing
     jax.jit(tx.update)(params, state, params)
   full = [w for w in caught if issubclass(w.category, osd_jax.FullRankWarning)]
   assert len(full) == 1, [str(w.message) for w in caught]

@@ -47,7 +47,7 @@ def _wait_for(predicate, proc, timeout=180):
     if predicate():
       return
     time.sleep(0.1)
-  out, err = proc.communicate(timeout=10) if proc.poll() is not None else ("", "")
+  _, err = proc.communicate(timeout=10) if proc.poll() is not None else ("", "")
   raise AssertionError(f"timed out or exited early ({proc.returncode}): {err[-2000:]}")
 
 
@@ -59,9 +59,10 @@ def test_default_run_dirs_are_unique_and_absolute():
   assert os.path.isabs(name) and os.path.dirname(name) == os.path.abspath("runs")
   assert re.fullmatch(rf"60m-adamw-\d{{8}}-\d{{6}}-{os.getpid()}-[0-9a-f]{{6}}",
                       os.path.basename(name)), name
-  out = subprocess.run([sys.executable, "-c", "import os; from train import rundir, config; "
-                        "print(os.getpid(), rundir.default_run_dir(config.TrainConfig()))"],
-                       env=_env(), capture_output=True, text=True, timeout=60)
+  code = ("import os; from train import rundir, config; "
+          "print(os.getpid(), rundir.default_run_dir(config.TrainConfig()))")
+  out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                       timeout=60, check=True)
   pid, other = out.stdout.split()
   assert pid != str(os.getpid()) and f"-{pid}-" in other and other != name
 

@@ -55,21 +55,21 @@ class DivergenceMonitor:
       else:
         self.streak = 0
       if self.streak >= self.patience:
-        found.append(("loss", f"the training loss {loss:.4g} has stayed at or above its first "
-                              f"logged value {self.initial_loss:.4g} for {self.streak} log steps "
-                              f"after warmup: the run is not learning or is diverging; "
-                              f"{self._knobs()}"))
+        found.append(("loss", (f"the training loss {loss:.4g} has stayed at or above its first "
+                               f"logged value {self.initial_loss:.4g} for {self.streak} log steps "
+                               f"after warmup: the run is not learning or is diverging; "
+                               f"{self._knobs()}")))
       if loss > 0 and isinstance(grad_norm, (int, float)) and grad_norm < COLLAPSED_GRAD_NORM:
-        found.append(("collapse", f"gradient norm {grad_norm:.3g} with loss {loss:.4g}: the "
-                                  f"model's output has collapsed and nothing trains any more "
-                                  f"(usually after a divergence); {self._knobs()}"))
+        found.append(("collapse", (f"gradient norm {grad_norm:.3g} with loss {loss:.4g}: the "
+                                   f"model's output has collapsed and nothing trains any more "
+                                   f"(usually after a divergence); {self._knobs()}")))
     orth = record.get("orthogonality_error")
     if self.osd and self.rank and isinstance(orth, (int, float)) and math.isfinite(orth) \
         and orth > math.sqrt(self.rank):
-      found.append(("projector", f"projector orthogonality error ||P^T P - I||_F = {orth:.3g} > "
-                                 f"sqrt(rank) = {math.sqrt(self.rank):.3g}: the projectors are "
-                                 f"far from orthonormal; {self._knobs()}, or raise "
-                                 f"--orthogonality-weight"))
+      found.append(("projector", (f"projector orthogonality error ||P^T P - I||_F = {orth:.3g} > "
+                                  f"sqrt(rank) = {math.sqrt(self.rank):.3g}: the projectors are "
+                                  f"far from orthonormal; {self._knobs()}, or raise "
+                                  f"--orthogonality-weight")))
     new = [(kind, msg) for kind, msg in found if kind not in self.reported]
     self.reported.update(kind for kind, _ in new)
     return new

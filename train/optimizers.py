@@ -120,9 +120,9 @@ def check_rank(params: Any, cfg: TrainConfig) -> list[str]:
     return []
   names = _grouped(list(full))
   smallest = min(min(s) for s in full.values())
-  return [f"--rank {rank} leaves {len(full)} of {len(shapes)} selected matrices unprojected "
-          f"(full-rank updates, rank >= their smaller side): {', '.join(names)}; use --rank < "
-          f"{smallest} to project them all"]
+  return [(f"--rank {rank} leaves {len(full)} of {len(shapes)} selected matrices unprojected "
+           f"(full-rank updates, rank >= their smaller side): {', '.join(names)}; use --rank < "
+           f"{smallest} to project them all")]
 
 
 def decay_mask(params: Any) -> Any:

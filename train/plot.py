@@ -45,10 +45,12 @@ def labels_for(run_dirs: list[str]) -> list[str]:
   differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
   labels = []
   for d, c in zip(run_dirs, cfgs):
-    extra = [f"{k}={c.get(k)}" for k in differing if not (k == "rank" and "(r=" in base_label(d, c))]
-    labels.append(" ".join([base_label(d, c)] + extra))
+    shown = base_label(d, c)
+    extra = [f"{k}={c.get(k)}" for k in differing if not (k == "rank" and "(r=" in shown)]
+    labels.append(" ".join([shown, *extra]))
   if len(set(labels)) < len(labels):  # identical configs: tell them apart by directory
-    labels = [f"{lab} [{os.path.basename(os.path.normpath(d))}]" for lab, d in zip(labels, run_dirs)]
+    labels = [f"{lab} [{os.path.basename(os.path.normpath(d))}]"
+              for lab, d in zip(labels, run_dirs)]
   return labels
 
 

@@ -20,8 +20,8 @@ LOCK_NAME = ".lock"
 
 
 def default_run_dir(cfg: TrainConfig, root: str = "runs") -> str:
-  """``runs/PRESET-OPTIMIZER-YYYYmmdd-HHMMSS-PID-XXXXXX`` (absolute): the pid and 6 random hex digits
-  keep runs started in the same second apart, also from several hosts sharing ``runs/``."""
+  """``runs/PRESET-OPTIMIZER-YYYYmmdd-HHMMSS-PID-XXXXXX`` (absolute): the pid and 6 random hex
+  digits keep runs started in the same second apart, also from several hosts sharing ``runs/``."""
   stamp = time.strftime("%Y%m%d-%H%M%S")
   name = f"{cfg.preset}-{cfg.optimizer}-{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
   return os.path.abspath(os.path.join(root, name))

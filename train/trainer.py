@@ -32,10 +32,8 @@ from flax import nnx
 
 import osd_jax
 from train import checkpoint as ckpt_lib
-from train import health
+from train import health, optimizers, preflight
 from train import metrics as metrics_lib
-from train import optimizers
-from train import preflight
 from train import rundir as rundir_lib
 from train import sharding as shd
 from train import train_step as step_lib
