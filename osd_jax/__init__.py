@@ -14,7 +14,7 @@ from osd_jax.alias import (
     scale_by_lion_momentum,
 )
 from osd_jax.diagnostics import projector_orthogonality_error, projectors_of, subspace_drift
-from osd_jax.dimension_numbers import DimensionNumbers, MatrixLayout
+from osd_jax.dimension_numbers import DimensionNumbers, FullRankWarning, MatrixLayout
 from osd_jax.memory import expected_state_bytes, state_bytes
 from osd_jax.sharding import optimizer_state_sharding
 from osd_jax.subspace_descent import (
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DimensionNumbers",
+    "FullRankWarning",
     "MatrixLayout",
     "ProjectedLeafState",
     "SubspaceDescentState",

@@ -9,12 +9,15 @@ The projector P spans one side of G. Internally every projected gradient is writ
     G' = G     (s = m)   or   G' = Gᵀ   (s = n),        G' ∈ ℝ^{s × L},
 
 with P ∈ ℝ^{s × r}; which side is chosen by ``side`` (docs/design.md §3: the smaller one,
-ties project the columns).  A matrix is left unprojected when ``rank >= min(m, n)``.
+ties project the columns).  A matrix is left unprojected when ``rank >= min(m, n)``; the
+optimizer's ``init`` then emits one :class:`FullRankWarning` naming such matrices (silence it with
+``warnings.simplefilter("ignore", osd_jax.FullRankWarning)``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,6 +47,15 @@ WeightDimensionNumbers = (
 )
 
 SIDES = ("smaller", "larger", "auto")
+
+
+class FullRankWarning(UserWarning):
+  """A matrix selected for projection is updated at full rank because ``rank >= min(m, n)``.
+
+  Emitted once per distinct set of such matrices, when the optimizer state is initialised (not
+  inside the update). To silence it: ``warnings.simplefilter("ignore", osd_jax.FullRankWarning)``;
+  to make it an error: ``warnings.simplefilter("error", osd_jax.FullRankWarning)``.
+  """
 
 
 class MatrixLayout(NamedTuple):
@@ -209,6 +221,7 @@ def resolve_layouts(
     rank: int,
     side: str = "smaller",
     cost: Callable[[MatrixLayout], int] | None = None,
+    warn_full_rank: bool = False,
 ) -> tuple[list[MatrixLayout | None], jax.tree_util.PyTreeDef]:
   """Per-leaf layouts (flat, in ``jax.tree.leaves`` order) and the params treedef.
 
@@ -218,6 +231,9 @@ def resolve_layouts(
   Inside ``optax.partition`` / ``optax.masked`` the params hold ``optax.MaskedNode()`` where
   other groups' leaves are; a pytree spec for the full params still matches, and whatever it
   holds at those positions is ignored.
+
+  With ``warn_full_rank`` a :class:`FullRankWarning` names the leaves that the spec selects but
+  that stay unprojected because ``rank >= min(m, n)``.
   """
   # MaskedNode positions count as leaves here so that a full-tree spec lines up with them.
   path_leaves, full_treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
@@ -242,7 +258,17 @@ def resolve_layouts(
           f"returning one. The given pytree does not match the params: {e}"
       ) from None
     specs = [spec for spec, k in zip(full_specs, kept) if k]
-  return [
+  layouts = [
       None if spec is None else make_layout(shape, spec, rank, side, path, cost)
       for shape, spec, path in zip(shapes, specs, paths)
-  ], treedef
+  ]
+  if warn_full_rank:
+    full = [f"{path} {shape}" for shape, spec, path, layout in zip(shapes, specs, paths, layouts)
+            if spec is not None and layout is None]
+    if full:
+      shown = ", ".join(full[:8]) + (f" and {len(full) - 8} more" if len(full) > 8 else "")
+      warnings.warn(FullRankWarning(
+          f"rank={rank} is >= the smaller side of {len(full)} selected matrices, which are "
+          f"updated at full rank (no projection): {shown}. Use a smaller rank to project them, "
+          "or map them to None in weight_dimension_numbers."), stacklevel=4)
+  return layouts, treedef

@@ -102,7 +102,8 @@ def scale_by_subspace_descent(
       Pₜ₊₁ = projector(Gₜ, Pₜ)
 
   Leaves that are not projected (ndim < 2, mapped to None, or ``rank >= min(m, n)``) get
-  ``inner`` at full rank.
+  ``inner`` at full rank; ``init`` names the last kind in one :class:`osd_jax.FullRankWarning`
+  (``warnings.simplefilter("ignore", osd_jax.FullRankWarning)`` silences it).
 
   The compiled update holds at most one ``conditional``, however many matrices are
   projected: ``lax.cond(projector.is_refresh(t), refresh every matrix, keep every P)``. The
@@ -181,17 +182,18 @@ def scale_by_subspace_descent(
     low = jax.ShapeDtypeStruct((rank, layout.L), dtype)
     return _tree_bytes(proj) + _tree_bytes(jax.eval_shape(inner.init, low))
 
-  def layouts_for(params):
+  def layouts_for(params, warn_full_rank=False):
     dtypes = [jnp.result_type(x) for x in jax.tree.leaves(params)]
     cost = None
     if side == "auto":
       # One dtype per call is enough for the orientation choice; use the widest.
       dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else jnp.float32
       cost = lambda layout: layout_cost(layout, dtype)  # noqa: E731
-    return resolve_layouts(params, weight_dimension_numbers, rank, side, cost)
+    return resolve_layouts(params, weight_dimension_numbers, rank, side, cost, warn_full_rank)
 
   def init_fn(params):
-    layouts, treedef = layouts_for(params)
+    # warns (osd_jax.FullRankWarning) about matrices left unprojected since rank >= min(m, n)
+    layouts, treedef = layouts_for(params, warn_full_rank=True)
     leaves = treedef.flatten_up_to(params)
     inner_leaves, projector_leaves = [], []
     for x, layout in zip(leaves, layouts):

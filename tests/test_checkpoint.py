@@ -263,7 +263,7 @@ def test_soak_two_kills_then_resume_ends_with_the_uninterrupted_params(tmp_path,
 
   rc, out, err = interrupt(signal.SIGTERM, int(rng.integers(170, 230)), resume=True)
   assert rc == 0 and "stopped at step" in out, err[-2000:]
-  stopped = int(out.split("stopped at step")[1].split(";")[0])
+  stopped = int(out.split("stopped at step ")[1].split()[0].rstrip(";"))
   assert stopped < steps
   assert stopped in committed_steps(str(run_dir / "checkpoints"))
   print(f"SIGKILL after logged step {killed_at} (resumed from {latest}); SIGTERM at {stopped}")

@@ -59,7 +59,7 @@ def _small_args(tokenizer_path, run_dir):
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--mesh", "data=3"], "--mesh 'data=3' needs 3 devices but 8 are available"),
     (["--mesh", "fsdp=3,data=-1"], "do not divide"),
-    (["--rank", "1000"], "--rank 1000 is larger than the smaller dimension"),
+    (["--rank", "1000"], "--rank 1000 projects no matrix"),
     (["--data", "text:/nonexistent/dir/*.txt"], "no files match"),
     (["--data", "nonsense"], "bad --data 'nonsense'"),
     (["--tfds-data-dir", "/nonexistent/tfds"], "--tfds-data-dir is not a directory"),

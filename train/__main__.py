@@ -1,7 +1,10 @@
 """Command line: ``python -m train [flags]`` pretrains a LLaMA; ``--help`` lists every flag.
 
-Bad input ends with one ``error: ...`` line on stderr and exit status 2; a run stopped by SIGTERM
-saves a checkpoint and exits 0; too many non-finite steps in a row exit 3.
+Exit status: 0 when the run ends or is stopped by SIGTERM (a preemption notice); 2 for bad input
+(one ``error: ...`` line on stderr, also a run directory in use by another run); 3 after too many
+non-finite steps in a row; 130 when stopped by SIGINT (Ctrl-C). SIGTERM and SIGINT both stop after
+the current step, save a checkpoint and print the command that continues the run; a second Ctrl-C
+stops at once without saving (exit 130).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+from train import rundir
 from train.config import TrainConfig
 
 _GROUPS = (
@@ -29,12 +33,17 @@ _GROUPS = (
 
 EXAMPLES = """\
 examples:
-  python -m train --preset tiny --optimizer osd_adamw --steps 300          # CPU demo
+  python -m train --preset tiny --optimizer osd_adamw --steps 300 --batch-size 16 \\
+      --seq-len 128 --lr 3e-3 --projector-lr-ratio 2 --dtype float32      # CPU demo (rank 32)
   python -m train --preset 60m --optimizer osd_adamw --rank 128 --lr 1e-3 --batch-size 512 \\
       --data tfds:c4/en:3.1.0 --tfds-data-dir gs://BUCKET/tfds --tokenizer t5.model
   python -m train --config runs/my-run/config.json --resume                # continue a run
+  python -m train --config runs/my-run/config.json --lr 3e-3   # repeat it (new run dir), new lr
   python -m train ... --run-dir runs/my-run --auto-resume                  # start, or continue
 """
+
+
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C): 128 + the signal number, as shells report it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,9 +115,15 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
       TrainConfig.from_dict(values)
     except (OSError, ValueError, TypeError) as e:
       parser.error(f"--config {args.config}: {e}")
+    explicit_run_dir = args.run_dir
     # the file's values become defaults, so flags given explicitly override them
     parser.set_defaults(**{k: v for k, v in values.items() if k != "model_overrides"})
     args = parser.parse_args(argv)
+    own_dir = rundir.run_dir_of_config(args.config, values)
+    if own_dir is not None and explicit_run_dir is None:
+      # a run's config.json: continuing (--resume/--auto-resume) uses the directory the file is
+      # in now (a copy continues in the copy); otherwise the run is repeated in a new run dir
+      args.run_dir = own_dir if (args.resume or args.auto_resume) else None
   out = {}
   for f in dataclasses.fields(TrainConfig):
     value = getattr(args, f.name)
@@ -118,6 +133,49 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
   return TrainConfig(**out)
 
 
+class _DropClosedLoopTracebacks:
+  """A stderr wrapper that drops the lines of tracebacks ending in ``RuntimeError: Event loop is
+  closed`` (orbax/tensorstore teardown noise after a failed read, printed by several threads at
+  once, so their lines interleave) and passes everything else through. A ``Traceback`` header is
+  held until the next line shows whether it starts such a traceback."""
+
+  _NOISE = ("    self._check_closed()", "    raise RuntimeError('Event loop is closed')",
+            "RuntimeError: Event loop is closed")
+  _HEADER = "Traceback (most recent call last):"
+
+  def __init__(self, stream):
+    self._stream, self._headers, self._partial = stream, 0, ""
+
+  @classmethod
+  def _is_noise(cls, line: str) -> bool:
+    return line in cls._NOISE or (line.startswith('  File "') and "asyncio/base_events.py" in line
+                                  and line.endswith(("call_soon_threadsafe", "_check_closed")))
+
+  def write(self, text: str) -> int:
+    self._partial += text
+    *lines, self._partial = self._partial.split("\n")
+    for line in lines:
+      if line == self._HEADER:
+        self._headers += 1
+        continue
+      noise = self._is_noise(line)
+      if not noise:
+        self._stream.write((self._HEADER + "\n") * self._headers)
+      self._headers = 0
+      if not noise:
+        self._stream.write(line + "\n")
+    return len(text)
+
+  def flush(self) -> None:
+    if self._partial:
+      self._stream.write(self._partial)
+      self._partial = ""
+    self._stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 def _quiet_libraries() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -125,6 +183,10 @@ def _quiet_libraries() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
   # orbax leaves failed read futures unretrieved; the error itself is reported once
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  # ... and tensorstore's callbacks for them then find orbax's event loop closed, printing a
+  # traceback each on sys.stderr
+  if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
+    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
   try:
     import absl.logging
 
@@ -148,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    return 130
+  except KeyboardInterrupt:  # a second Ctrl-C: nothing saved since the last checkpoint
+    print("interrupted (second Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+    return EXIT_INTERRUPTED
   import jax
 
   ev = result.final_eval
@@ -159,14 +221,28 @@ def main(argv: list[str] | None = None) -> int:
   elif result.preempted and int(result.state.step) == 0:
     print(f"stopped before the first step; nothing saved in {result.run_dir}")
   elif result.preempted:
-    print(f"stopped at step {int(result.state.step)}; checkpoint in {result.run_dir}")
+    by = f" by {result.stop_signal}" if result.stop_signal else ""
+    config = os.path.join(result.run_dir, "config.json")
+    print(f"stopped at step {int(result.state.step)}{by}; checkpoint in {result.run_dir}; "
+          f"continue with: python -m train --config {config} --resume")
   elif ev:
     first = result.initial_eval.get("eval_perplexity")
     start = f"{first:.2f} -> " if first is not None else ""
     print(f"done: {int(result.state.step)} steps in {result.wall_time_s:.0f} s; eval perplexity "
           f"{start}{ev['eval_perplexity']:.2f}; run dir {result.run_dir}")
-  return 0
+  return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else 0
+
+
+def _exit(code: int) -> None:
+  """Exits with ``code``; after an error without the interpreter's teardown, in which orbax's and
+  tensorstore's background threads print tracebacks about their closed event loop (the error
+  itself has been reported in one line and checkpoints have been waited for)."""
+  if code == 0:
+    sys.exit(0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _exit(main())

@@ -18,6 +18,12 @@ SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
+#: Default --rank per preset: the ranks of the GaLore paper's C4 runs (Zhao et al. 2024, Table 2:
+#: 128 of 512 for 60M, 256 of 768 for 130M, 256 of 1024 for 350M, 512 of 2048 for 1B; 1024 of 4096
+#: for 7B), which the OSD paper's LLaMA runs reuse; tiny (width 128) gets a quarter of its width.
+#: A matrix is projected only when the rank is below its smaller side, so each default projects
+#: every attention and MLP matrix of its preset.
+DEFAULT_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 #: The smallest --vocab-size of a trained tokenizer: 4 special + 256 byte pieces + >= 1 character.
 MIN_VOCAB_SIZE = 261
 
@@ -67,7 +73,10 @@ class TrainConfig:
                         group="optimizer")
   eps: float = _f(1e-8, "Adam epsilon.", group="optimizer")
   grad_clip: float = _f(1.0, "Clip gradients to this global norm (0 disables).", group="optimizer")
-  rank: int = _f(128, "Subspace rank r for osd_* and galore_adamw.", group="optimizer")
+  rank: int | None = _f(None, "Subspace rank r for osd_* and galore_adamw; a matrix is projected "
+                        "only when r is below its smaller side (default: the preset's: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_RANKS.items()) + ").",
+                        group="optimizer")
   scale: float | None = _f(None, "Back-projection scale (default: 1.0 for OSD, 0.25 for GaLore).",
                            group="optimizer")
   orthogonality_weight: float = _f(0.1, "OSD: weight lambda of the ||P^T P - I||^2 term.",
@@ -91,6 +100,11 @@ class TrainConfig:
                                   "this many skipped steps in a row; checked at each --log-every "
                                   "step over every step since the previous one, so the run stops "
                                   "at the next log step.", group="optimizer")
+  stop_on_divergence: bool = _f(False, "Stop (checkpoint saved, exit status 3) when the divergence "
+                                "checks fire: loss not below its first logged value for 5 log "
+                                "steps after warmup, OSD projectors far from orthonormal "
+                                "(||P^T P - I||_F > sqrt(rank)) or collapsed gradients; without "
+                                "it they print one warning each.", group="optimizer")
 
   # --- training
   steps: int = _f(1000, "Number of optimizer steps.", group="training")
@@ -125,7 +139,9 @@ class TrainConfig:
                        "the start and end).", group="logging")
   eval_batches: int = _f(8, "Number of held-out batches per evaluation.", group="logging")
   log_every: int = _f(10, "Write metrics every this many steps.", group="logging")
-  run_dir: str | None = _f(None, "Run directory (default: runs/PRESET-OPTIMIZER-TIMESTAMP).",
+  run_dir: str | None = _f(None, "Run directory, locked while a run writes to it (default: "
+                           "runs/PRESET-OPTIMIZER-TIMESTAMP-PID-RANDOM; with --config "
+                           "RUN_DIR/config.json and --resume/--auto-resume: that RUN_DIR).",
                            group="logging")
   tensorboard: bool = _f(True, "Write TensorBoard event files.", group="logging")
   progress: bool = _f(True, "Show a progress bar.", group="logging")
@@ -170,6 +186,13 @@ class TrainConfig:
     return cls(**d)
 
   @property
+  def resolved_rank(self) -> int:
+    """``rank``, or the preset's default rank (:data:`DEFAULT_RANKS`) when it is None."""
+    if self.rank is not None:
+      return self.rank
+    return DEFAULT_RANKS.get(self.preset.lower(), 128)
+
+  @property
   def resolved_warmup(self) -> int:
     if self.warmup_steps is not None:
       return self.warmup_steps
@@ -196,7 +219,9 @@ def validate(cfg: TrainConfig) -> None:
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; "
                         f"choose one of {', '.join(allowed)}")
-  _positive(cfg, "lr", "steps", "batch_size", "seq_len", "grad_accum", "rank", "eval_batches",
+  if cfg.rank is not None:
+    _positive(cfg, "rank")
+  _positive(cfg, "lr", "steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
             "log_every", "keep_checkpoints", "update_proj_gap", "max_consecutive_skips")
   for n in ("eval_every", "ckpt_every", "weight_decay", "grad_clip", "loss_spike_factor"):
     if getattr(cfg, n) < 0:

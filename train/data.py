@@ -310,7 +310,9 @@ def make_token_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int,
     ds = _ProcessRows(ds, batch_size, process_index, process_count)
   ds = ds.map(_Window(tokens, seq_len)).batch(batch_size, drop_remainder=True)
   # The windows are slices of an in-memory array: read them on the calling thread.
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  it.windows_per_epoch = len(starts)  # for the trainer's `epochs` metric (global windows)
+  return it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,8 +373,9 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
     where = data_dir if data_dir is not None else "the default tfds data dir"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # not tfds' list of every name
     raise ValueError(
-        f"could not open tfds dataset {name!r} split {split!r} in {where}: {e}. Point "
+        f"could not open tfds dataset {name!r} split {split!r} in {where}: {first} Point "
         "--tfds-data-dir at a directory holding the prepared dataset in array_record format "
         "(e.g. a gs:// bucket on TPU)") from e
 

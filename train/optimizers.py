@@ -8,6 +8,7 @@ steps.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -81,15 +82,47 @@ def projected_shapes(params: Any, rule: str) -> dict[str, tuple[int, ...]]:
   return {path_str(p): tuple(x.shape) for (p, x), s in zip(flat, flat_specs) if s is not None}
 
 
-def check_rank(params: Any, cfg: TrainConfig) -> None:
-  """Raises ConfigError when ``--rank`` exceeds a projected matrix's smaller dimension."""
+def _grouped(paths: list[str]) -> list[str]:
+  """Paths with the layer index replaced by ``*`` (``layers/*/mlp/w1/kernel``), first-seen order."""
+  out: list[str] = []
+  for p in paths:
+    g = "/".join("*" if part.isdigit() else part for part in p.split("/"))
+    if g not in out:
+      out.append(g)
+  return out
+
+
+def unprojected_by_rank(params: Any, cfg: TrainConfig) -> dict[str, tuple[int, ...]]:
+  """``{path: shape}`` of the matrices the rule selects but ``--rank`` leaves unprojected.
+
+  As in :func:`osd_jax.dimension_numbers.make_layout`, a matrix is projected only when the rank is
+  below its smaller side; at ``rank >= min(m, n)`` it gets the inner optimizer at full rank.
+  """
+  rank = cfg.resolved_rank
+  return {p: s for p, s in projected_shapes(params, cfg.project).items() if rank >= min(s)}
+
+
+def check_rank(params: Any, cfg: TrainConfig) -> list[str]:
+  """Raises ConfigError when ``--rank`` projects no matrix; returns a warning (or nothing) naming
+  the matrices it leaves unprojected (grouped over layers)."""
   shapes = projected_shapes(params, cfg.project)
   if not shapes:
     raise ConfigError(f"--project {cfg.project} selects no matrix of this model to project")
-  path, shape = min(shapes.items(), key=lambda kv: min(kv[1]))
-  if cfg.rank > min(shape):
-    raise ConfigError(f"--rank {cfg.rank} is larger than the smaller dimension of {path} "
-                      f"{shape}; use --rank <= {min(shape)}")
+  rank = cfg.resolved_rank
+  full = unprojected_by_rank(params, cfg)
+  if len(full) == len(shapes):
+    path, shape = max(shapes.items(), key=lambda kv: min(kv[1]))
+    raise ConfigError(f"--rank {rank} projects no matrix: a matrix is projected only when the "
+                      f"rank is below its smaller side, and the largest smaller side here is "
+                      f"{min(shape)} ({path} {shape}); use --rank < {min(shape)} (e.g. "
+                      f"{max(1, min(shape) // 4)}) or --optimizer adamw")
+  if not full:
+    return []
+  names = _grouped(list(full))
+  smallest = min(min(s) for s in full.values())
+  return [(f"--rank {rank} leaves {len(full)} of {len(shapes)} selected matrices unprojected "
+           f"(full-rank updates, rank >= their smaller side): {', '.join(names)}; use --rank < "
+           f"{smallest} to project them all")]
 
 
 def decay_mask(params: Any) -> Any:
@@ -110,7 +143,7 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   dims = projection_rule(params, cfg.project)
   if name == "galore_adamw":
     return osd_jax.galore_adamw(
-        schedule, cfg.rank, update_proj_gap=cfg.update_proj_gap,
+        schedule, cfg.resolved_rank, update_proj_gap=cfg.update_proj_gap,
         scale=0.25 if cfg.scale is None else cfg.scale, weight_decay=cfg.weight_decay,
         weight_dimension_numbers=dims, mask=mask, seed=cfg.seed, **adam)
   osd = dict(scale=1.0 if cfg.scale is None else cfg.scale,
@@ -120,9 +153,9 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
              projector_init=cfg.projector_init, weight_dimension_numbers=dims, mask=mask,
              weight_decay=cfg.weight_decay, seed=cfg.seed)
   if name == "osd_adamw":
-    return osd_jax.osd_adamw(schedule, cfg.rank, **adam, **osd)
+    return osd_jax.osd_adamw(schedule, cfg.resolved_rank, **adam, **osd)
   if name == "osd_lion":
-    return osd_jax.osd_lion(schedule, cfg.rank, **lion, **osd)
+    return osd_jax.osd_lion(schedule, cfg.resolved_rank, **lion, **osd)
   raise ConfigError(f"unknown --optimizer {name!r}")
 
 
@@ -130,7 +163,9 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> tuple[optax.GradientTransfo
                                                              optax.Schedule]:
   """The optimizer named by ``cfg.optimizer`` for ``params`` (arrays or ShapeDtypeStructs)."""
   if cfg.optimizer in SUBSPACE_OPTIMIZERS:
-    check_rank(params, cfg)
+    for message in check_rank(params, cfg):
+      if jax.process_index() == 0:
+        logging.getLogger("train").warning("warning: %s", message)
   schedule = make_schedule(cfg)
   parts = []
   if cfg.grad_clip > 0:

@@ -1,7 +1,11 @@
-"""Loss curves of one or more runs: ``python -m train.plot RUN_DIR... --out curves.png``.
+"""Curves of one or more runs: ``python -m train.plot RUN_DIR... --out curves.png``.
 
-Left panel: training loss per step; right panel: eval perplexity per step. Each run is labelled by
-its optimizer (from ``config.json``) unless ``--labels`` are given.
+Four panels: training loss per step (each log step's mean over the steps since the previous one,
+faint, with an exponential moving average over log steps on top), eval perplexity, the learning
+rate and the gradient norm. Each run is labelled by its optimizer (and rank) from ``config.json``
+plus every config key whose value differs between the runs given (e.g. ``lr=0.003``), unless
+``--labels`` are given. ``--out`` is the file written; without a suffix ``.png`` is added, and
+the path written is printed.
 """
 
 from __future__ import annotations
@@ -13,21 +17,50 @@ import sys
 
 from train.metrics import read_jsonl
 
+SERIES = ("loss", "eval_perplexity", "lr", "grad_norm")
+# keys that differ between runs without describing them
+_NOT_LABELS = {"run_dir", "ckpt_dir", "resume", "auto_resume", "progress", "tensorboard",
+               "coordinator_address", "process_id", "cache_dir"}
+
+
+def load_config(run_dir: str) -> dict:
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def base_label(run_dir: str, cfg: dict) -> str:
+  label = cfg.get("optimizer", os.path.basename(os.path.normpath(run_dir)))
+  if cfg.get("rank") is not None and str(cfg.get("optimizer", "")).startswith(("osd", "galore")):
+    label += f" (r={cfg['rank']})"
+  return label
+
+
+def labels_for(run_dirs: list[str]) -> list[str]:
+  """One legend label per run: optimizer (rank), then the config keys whose values differ."""
+  cfgs = [load_config(d) for d in run_dirs]
+  keys = sorted({k for c in cfgs for k in c} - _NOT_LABELS - {"optimizer"})
+  differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+  labels = []
+  for d, c in zip(run_dirs, cfgs):
+    shown = base_label(d, c)
+    extra = [f"{k}={c.get(k)}" for k in differing if not (k == "rank" and "(r=" in shown)]
+    labels.append(" ".join([shown, *extra]))
+  if len(set(labels)) < len(labels):  # identical configs: tell them apart by directory
+    labels = [f"{lab} [{os.path.basename(os.path.normpath(d))}]"
+              for lab, d in zip(labels, run_dirs)]
+  return labels
+
 
 def load_run(run_dir: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
-  """(label, {"loss": [(step, value)], "eval_perplexity": [...]}) of a run directory."""
+  """(label, {series: [(step, value)]}) of a run directory, for every name in :data:`SERIES`."""
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
-  label = os.path.basename(os.path.normpath(run_dir))
-  cfg_path = os.path.join(run_dir, "config.json")
-  if os.path.isfile(cfg_path):
-    with open(cfg_path, encoding="utf-8") as f:
-      cfg = json.load(f)
-    label = cfg.get("optimizer", label)
-    if "rank" in cfg and str(cfg.get("optimizer", "")).startswith(("osd", "galore")):
-      label += f" (r={cfg['rank']})"
-  series: dict[str, dict[int, float]] = {"loss": {}, "eval_perplexity": {}}
+  label = base_label(run_dir, load_config(run_dir))
+  series: dict[str, dict[int, float]] = {k: {} for k in SERIES}
   for record in read_jsonl(path):  # a resumed run may repeat steps: the last record wins
     for key, values in series.items():
       if isinstance(record.get(key), (int, float)):
@@ -35,55 +68,94 @@ def load_run(run_dir: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
   return label, {k: sorted(v.items()) for k, v in series.items()}
 
 
+def ema(values: list[float], weight: float = 0.8) -> list[float]:
+  """Exponential moving average ``s_i = w s_{i-1} + (1 - w) x_i`` with bias correction."""
+  out, s = [], 0.0
+  for i, x in enumerate(values, 1):
+    s = weight * s + (1 - weight) * x
+    out.append(s / (1 - weight**i))
+  return out
+
+
+def output_path(out: str) -> str:
+  """``out`` with ``.png`` added when it has no suffix (the file :func:`plot` writes)."""
+  return out if os.path.splitext(out)[1] else out + ".png"
+
+
 def plot(run_dirs: list[str], out: str, labels: list[str] | None = None,
-         title: str | None = None) -> str:
-  """Writes the comparison figure to ``out`` and returns its path."""
+         title: str | None = None, smoothing: float = 0.8) -> str:
+  """Writes the comparison figure and returns the path written (:func:`output_path` of ``out``)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+  labels = labels or labels_for(run_dirs)
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  ax_loss, ax_ppl, ax_lr, ax_gn = axes.flat
   for i, run_dir in enumerate(run_dirs):
-    label, series = load_run(run_dir)
-    if labels:
-      label = labels[i]
+    _, series = load_run(run_dir)
+    color = f"C{i}"
     if series["loss"]:
-      ax_loss.plot(*zip(*series["loss"]), label=label, linewidth=1.2)
+      steps, values = zip(*series["loss"])
+      ax_loss.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+      ax_loss.plot(steps, ema(list(values), smoothing), color=color, label=labels[i],
+                   linewidth=1.5)
     if series["eval_perplexity"]:
-      ax_ppl.plot(*zip(*series["eval_perplexity"]), marker="o", markersize=3, label=label)
-  ax_loss.set(xlabel="step", ylabel="training loss (nats/token)", title="training loss")
+      ax_ppl.plot(*zip(*series["eval_perplexity"]), color=color, marker="o", markersize=3,
+                  label=labels[i])
+    for ax, key in ((ax_lr, "lr"), (ax_gn, "grad_norm")):
+      if series[key]:
+        ax.plot(*zip(*series[key]), color=color, label=labels[i], linewidth=1.2)
+  ax_loss.set(xlabel="step", ylabel="training loss (nats/token)",
+              title=f"training loss (faint: per log step; solid: EMA {smoothing:g})")
   ax_ppl.set(xlabel="step", ylabel="eval perplexity", title="eval perplexity", yscale="log")
-  for ax in (ax_loss, ax_ppl):
+  ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+  ax_gn.set(xlabel="step", ylabel="gradient norm (before clipping)", title="gradient norm",
+            yscale="log")
+  for ax in axes.flat:
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
+  path = output_path(out)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
-  return out
+  return path
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m train.plot",
-                                   description="Plot loss and eval perplexity of training runs.")
+  parser = argparse.ArgumentParser(
+      prog="python -m train.plot",
+      description="Plot training loss, eval perplexity, learning rate and gradient norm of runs.")
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
-  parser.add_argument("--out", default="curves.png", help="output PNG (default: curves.png)")
+  parser.add_argument("--out", default="curves.png",
+                      help="output image (default: curves.png; .png is added when OUT has no "
+                           "suffix, another suffix such as .pdf or .svg picks that format)")
   parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
   parser.add_argument("--title", default=None, help="figure title")
+  parser.add_argument("--smoothing", type=float, default=0.8,
+                      help="EMA weight of the smoothed training loss, in [0, 1) (default: 0.8)")
   args = parser.parse_args(argv)
   if args.labels and len(args.labels) != len(args.run_dirs):
     print(f"error: --labels has {len(args.labels)} entries for {len(args.run_dirs)} runs",
           file=sys.stderr)
     return 2
+  if not 0 <= args.smoothing < 1:
+    print(f"error: --smoothing must be in [0, 1), got {args.smoothing}", file=sys.stderr)
+    return 2
   try:
-    path = plot(args.run_dirs, args.out, args.labels, args.title)
+    path = plot(args.run_dirs, args.out, args.labels, args.title, args.smoothing)
   except (FileNotFoundError, json.JSONDecodeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(path)
+  except ValueError as e:  # e.g. an image format matplotlib does not know
+    print(f"error: --out {args.out}: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}")
   return 0
 
 

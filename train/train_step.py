@@ -11,7 +11,9 @@ orbax checkpoints all see the same structure. One train step:
 3. skips the update, leaving params, optimizer state and projectors exactly as they were, when the
    loss or the gradients are not finite (or the loss spikes above ``loss_spike_factor`` x its
    running mean);
-4. returns scalar metrics: loss, grad norm, lr, skip counters, and for subspace optimizers the
+4. returns scalar metrics: loss, the mean loss since the last log step (``loss_mean``, from two
+   accumulators in the state that are reset after each log step), grad norm, lr, skip counters,
+   and for subspace optimizers the
    mean projector orthogonality error ``||P^T P - I||_F`` and the subspace drift of this step
    (mean sin^2 of the principal angles between P before and after it). These two need a QR of
    every projector, so they are computed under ``lax.cond`` only at log steps (the step count
@@ -44,16 +46,21 @@ class TrainState(NamedTuple):
   skipped: jax.Array  # int32 [], total steps skipped for non-finite values / spikes
   bad_streak: jax.Array  # int32 [], consecutive skipped steps
   loss_avg: jax.Array  # float32 [], running mean of the loss of applied steps (0 before any)
+  # the finite losses since the last log step (summed, counted): the logged loss is their mean;
+  # part of the checkpoint, so a run resumed between log steps logs what the uninterrupted run did
+  loss_sum: jax.Array  # float32 []
+  loss_count: jax.Array  # int32 []
 
 
 def init_state(params: Any, opt_state: Any) -> TrainState:
   zero = jnp.zeros([], jnp.int32)
-  return TrainState(zero, params, opt_state, zero, zero, jnp.zeros([], jnp.float32))
+  fzero = jnp.zeros([], jnp.float32)
+  return TrainState(zero, params, opt_state, zero, zero, fzero, fzero, zero)
 
 
 def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> TrainState:
   rep = NamedSharding(mesh, P())
-  return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep)
+  return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep, rep, rep)
 
 
 def token_loss(graphdef: nnx.GraphDef, params: Any, batch: dict,
@@ -130,6 +137,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     new_opt = keep(new_opt, state.opt_state)
     avg = jnp.where(state.loss_avg > 0, 0.95 * state.loss_avg + 0.05 * loss, loss)
     skipped_now = (~ok).astype(jnp.int32)
+    # mean loss since the last log step: accumulated here, reset after each log step
+    n = state.step + 1  # the step number after this step, as the trainer logs it
+    at_log_step = (n % max(metrics_every, 1) == 0) | (n == last_step)
+    finite = jnp.isfinite(loss)
+    loss_sum = state.loss_sum + jnp.where(finite, loss, 0.0).astype(jnp.float32)
+    loss_count = state.loss_count + finite.astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
         params=new_params,
@@ -137,9 +150,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         skipped=state.skipped + skipped_now,
         bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
         loss_avg=jnp.where(ok, avg, state.loss_avg),
+        loss_sum=jnp.where(at_log_step, 0.0, loss_sum),
+        loss_count=jnp.where(at_log_step, 0, loss_count),
     )
     metrics = {
         "loss": loss,
+        # NaN when no step since the last log step had a finite loss
+        "loss_mean": jnp.where(loss_count > 0, loss_sum / jnp.maximum(loss_count, 1), jnp.nan),
         "grad_norm": grad_norm,
         # the optimizer's own count only advances on applied steps
         "lr": schedule(state.step - state.skipped),
@@ -159,8 +176,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       if metrics_every <= 1:
         orth, drift = projector_metrics(state.opt_state, new_opt)
       else:
-        n = state.step + 1  # the step number after this step, as the trainer logs it
-        at_log_step = (n % metrics_every == 0) | (n == last_step)
         orth, drift = jax.lax.cond(at_log_step, projector_metrics, skip_metrics,
                                    state.opt_state, new_opt)
       metrics["orthogonality_error"] = orth

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +30,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+import osd_jax
 from train import checkpoint as ckpt_lib
+from train import health, optimizers, preflight
 from train import metrics as metrics_lib
-from train import optimizers
+from train import rundir as rundir_lib
 from train import sharding as shd
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
@@ -173,6 +176,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
     raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the "
                       f"{jax.process_count()} processes")
   mcfg = model_config(cfg, vocab_size)
+  preflight.check_step_memory(cfg, mcfg, mesh)  # e.g. a huge --seq-len: one line, not an OOM
   abstract_model = nnx.eval_shape(lambda: model_lib.Llama(mcfg, rngs=nnx.Rngs(0)))
   graphdef, abs_params, rest = nnx.split(abstract_model, nnx.Param, ...)
   if jax.tree.leaves(rest):
@@ -274,17 +278,22 @@ def _global_batch(batch: dict, sharding, batch_size: int) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM (and SIGINT when asked) into a flag that the loop checks after each step."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag that the loop reads after every step (a Python
+  attribute: no device sync). A second SIGINT interrupts at once (KeyboardInterrupt, no save)."""
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self.signal_name: str | None = None  # the first signal received
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signal_name = self.signal_name or signal.Signals(signum).name
 
   def agreed(self, sync: bool = True) -> bool:
     """True when any process has been asked to stop. Multi-process, only ``sync`` calls (a
@@ -317,8 +326,9 @@ class TrainResult:
   history: list[dict]  # every logged record (train and eval), as written to metrics.jsonl
   final_eval: dict  # {"eval_loss", "eval_perplexity"} of the last evaluation
   initial_eval: dict  # the same at the first evaluation of this call (step 0 for a fresh run)
-  preempted: bool  # stopped early by SIGTERM (or ``stop_at``); a checkpoint was saved
+  preempted: bool  # stopped early by SIGTERM/SIGINT (or ``stop_at``); a checkpoint was saved
   wall_time_s: float
+  stop_signal: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run
 
   @property
   def params(self) -> Any:
@@ -332,8 +342,7 @@ class TrainResult:
 def _default_run_dir(cfg: TrainConfig) -> str:
   if jax.process_count() > 1:
     raise ConfigError("multi-process runs need an explicit --run-dir (shared by all processes)")
-  stamp = time.strftime("%Y%m%d-%H%M%S")
-  return os.path.join("runs", f"{cfg.preset}-{cfg.optimizer}-{stamp}")
+  return rundir_lib.default_run_dir(cfg)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -394,10 +403,26 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
   # Installed first, so that SIGTERM while starting up (tokenizer, compile, the first eval) stops
   # the run cleanly before its first step instead of killing it.
   preemption = _Preemption()
+  lock = None
   try:
-    return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer)
+    with warnings.catch_warnings():
+      # the trainer names the matrices --rank leaves unprojected itself (optimizers.check_rank)
+      warnings.simplefilter("ignore", osd_jax.FullRankWarning)
+      cfg, lock = _lock_run_dir(cfg)
+      return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer)
   finally:
+    if lock is not None:
+      lock.release(clean=True)  # removes a run dir that this start created and left empty
     preemption.restore()
+
+
+def _lock_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
+  """Validates ``cfg``, resolves its run directory (absolute) and locks it on process 0."""
+  validate(cfg)
+  maybe_initialize_distributed(cfg)
+  run_dir = os.path.abspath(cfg.run_dir or _default_run_dir(cfg))
+  cfg = cfg.replace(run_dir=run_dir)
+  return cfg, rundir_lib.RunDirLock(run_dir) if jax.process_index() == 0 else None
 
 
 def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: int | None,
@@ -406,6 +431,7 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
 
   validate(cfg)
   cfg = resolve_init_from(cfg)  # the HF directory's architecture and tokenizer
+  cfg = cfg.replace(rank=cfg.resolved_rank)  # config.json and checkpoints hold the rank used
   t_start = time.time()
   maybe_initialize_distributed(cfg)
   primary = jax.process_index() == 0
@@ -454,6 +480,15 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
   initial_eval = final_eval = {} if cfg.resume else run_eval(start)
   last_metrics, last_skipped = None, int(state.skipped)
   streaks = []  # every step's bad_streak since the last log step (device scalars: no sync per step)
+  in_flight = None  # the previous step's loss: waiting for it keeps at most one step queued
+  monitor = health.DivergenceMonitor(
+      lr=cfg.lr, warmup_steps=cfg.resolved_warmup, rank=cfg.rank,
+      projector_lr_ratio=cfg.projector_lr_ratio, osd=cfg.optimizer.startswith("osd"))
+  windows = getattr(train_it, "windows_per_epoch", None)  # embedded/text: windows in one epoch
+  if windows and primary and cfg.steps * cfg.batch_size > windows:
+    log.warning("warning: --steps %d x --batch-size %d sequences are %.2f epochs of the training "
+                "data (%d windows of %d tokens); later epochs repeat it", cfg.steps,
+                cfg.batch_size, cfg.steps * cfg.batch_size / windows, windows, cfg.seq_len)
   t_log, steps_since_log, paused = None, 0, 0.0  # paused: eval/save time, not step time
   # stopped while starting up: the state is the checkpoint at `start` (or step 0 of a fresh run,
   # which the same command rebuilds exactly), so there is nothing new to save
@@ -466,6 +501,9 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
       batch = _global_batch(next(train_it), batch_sharding, cfg.batch_size)
       state, last_metrics = setup.train_step(state, batch)
       streaks.append(last_metrics["bad_streak"])
+      if in_flight is not None:  # the host runs at most one step ahead of the device, so that a
+        jax.block_until_ready(in_flight)  # signal stops the run within a step of its arrival
+      in_flight = last_metrics["loss"]
       step += 1
       steps_since_log += 1
       bar.update(1)
@@ -474,6 +512,11 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
         t_log, steps_since_log = time.time(), 0
       if step % cfg.log_every == 0 or step == cfg.steps:
         record = {k: float(v) for k, v in jax.device_get(last_metrics).items()}
+        # the mean loss of the (finite) steps since the last log step, not one batch's
+        record["loss"] = record.pop("loss_mean")
+        record["tokens_seen"] = step * tokens_per_step
+        if windows:
+          record["epochs"] = step * cfg.batch_size / windows
         now = time.time()
         if steps_since_log:
           dt = (now - t_log - paused) / steps_since_log
@@ -485,6 +528,13 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
           record.pop("subspace_drift", None)  # P_0 is set at step 0: no drift to report
         t_log, steps_since_log, paused = now, 0, 0.0
         writer.write(step, record)
+        for _, message in monitor.check(step, record):
+          if cfg.stop_on_divergence:
+            save(step, wait=True)
+            raise FloatingPointError(f"step {step}: {message}; stopped (checkpoint saved, "
+                                     f"--stop-on-divergence)")
+          if primary:
+            log.warning("step %d: warning: %s", step, message)
         bar.set_postfix(loss=f"{record['loss']:.3f}",
                         tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
         if int(record["skipped_total"]) > last_skipped:
@@ -520,7 +570,8 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     writer.close()
   return TrainResult(run_dir=run_dir, setup=setup, state=state, history=writer.history,
                      final_eval=final_eval, initial_eval=initial_eval, preempted=preempted,
-                     wall_time_s=time.time() - t_start)
+                     wall_time_s=time.time() - t_start,
+                     stop_signal=preemption.signal_name if preempted else None)
 
 
 def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
@@ -554,6 +605,8 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
       raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     train_ds, eval_ds = make_datasets(cfg, tokenizer, setup.mesh)
     train_it: Iterator = iter(train_ds)
+    if hasattr(train_ds, "windows_per_epoch"):  # embedded/text: for the epochs metric
+      train_it.windows_per_epoch = train_ds.windows_per_epoch
     checkpointer = checkpointer or open_checkpointer()
     if not cfg.resume:
       params = _init_from(cfg, setup) if cfg.init_from else None

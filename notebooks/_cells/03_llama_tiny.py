@@ -106,8 +106,16 @@ print({k: round(v, 4) if isinstance(v, float) else v for k, v in last_train.item
 # ## Loss, throughput and optimizer memory
 #
 # Optimizer memory is measured on the actual optimizer states with `osd_jax.state_bytes`. Tokens/s is the median over
-# the steps after compilation; on a shared CPU it is noisy, and at this size the projection matmuls (and GaLore's SVD
-# every $T$ steps) are a visible part of the step.
+# the steps after compilation, as the trainer logs it, and is **not** the cost of the train step alone: these runs
+# log every step (`log_every=1`, for the per-step loss curves), so every step is a log step, at which the subspace
+# methods also compute their projector metrics (a QR of every projector, skipped at other steps) and the loop reads
+# the metrics back to the host; GaLore's SVD every $T$ steps adds to its median too. At this size (a 128-wide model,
+# 64-token sequences, 2 CPU cores shared with other jobs) that overhead is a visible part of the step and the median
+# is noisy: between executions of this notebook OSD's tokens/s has been both well below AdamW's (about 0.7×) and
+# well above it (about 1.5×), so the bars here do not measure OSD's cost. The train step alone, timed side by side by `benchmarks/step.py` (16 × 128 tokens, steps
+# without projector metrics and without a GaLore refresh, no host read per step), costs OSD 1.02–1.04× AdamW's time
+# on the tiny model (benchmarks/RESULTS.md); with the usual `log_every` of 10 or more the metrics' cost is spread
+# over that many steps.
 
 # %%
 colors = {"adamw": "C0", "galore_adamw": "C1", "osd_adamw": "C2"}

@@ -1,0 +1,183 @@
+"""Run directories and interrupts, as processes see them: a locked run directory, default names
+that cannot collide, ``--config RUN_DIR/config.json`` following a copied run, and SIGTERM/SIGINT
+stopping after the current step with a checkpoint and the command that continues the run."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.train_utils import cli_args, committed_steps
+from train import rundir
+from train.__main__ import parse_config
+from train.config import TrainConfig
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _popen(args, cwd=None):
+  return subprocess.Popen([sys.executable, "-m", "train", *args], env=_env(), cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(run_dir):
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _wait_for(predicate, proc, timeout=180):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    if predicate():
+      return
+    time.sleep(0.1)
+  _, err = proc.communicate(timeout=10) if proc.poll() is not None else ("", "")
+  raise AssertionError(f"timed out or exited early ({proc.returncode}): {err[-2000:]}")
+
+
+def test_default_run_dirs_are_unique_and_absolute():
+  """Processes running at the same time have distinct pids (and hosts sharing runs/ are kept
+  apart by 24 random bits); the full name is checked against the documented pattern."""
+  cfg = TrainConfig(preset="60m", optimizer="adamw")
+  name = rundir.default_run_dir(cfg)
+  assert os.path.isabs(name) and os.path.dirname(name) == os.path.abspath("runs")
+  assert re.fullmatch(rf"60m-adamw-\d{{8}}-\d{{6}}-{os.getpid()}-[0-9a-f]{{6}}",
+                      os.path.basename(name)), name
+  code = ("import os; from train import rundir, config; "
+          "print(os.getpid(), rundir.default_run_dir(config.TrainConfig()))")
+  out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                       timeout=60, check=True)
+  pid, other = out.stdout.split()
+  assert pid != str(os.getpid()) and f"-{pid}-" in other and other != name
+
+
+def test_run_dir_lock_is_exclusive_and_released(tmp_path):
+  run_dir = str(tmp_path / "run")
+  first = rundir.RunDirLock(run_dir)
+  # flock locks belong to open file descriptions: a second open in this process conflicts too
+  with pytest.raises(rundir.ConfigError, match=r"is in use by another run \(pid \d+"):
+    rundir.RunDirLock(run_dir)
+  first.release(clean=True)  # created by the lock and empty but for it: removed
+  assert not os.path.exists(run_dir)
+  os.makedirs(run_dir)
+  (tmp_path / "run" / "keep.txt").write_text("x")
+  lock = rundir.RunDirLock(run_dir)
+  lock.release(clean=True)  # not created by the lock: kept
+  assert os.path.isfile(tmp_path / "run" / "keep.txt")
+  rundir.RunDirLock(run_dir).release()
+
+
+def test_config_of_a_copied_run_dir_names_the_copy(tmp_path):
+  original, copy = tmp_path / "A", tmp_path / "B"
+  original.mkdir()
+  cfg = TrainConfig(run_dir=str(original), steps=7)
+  (original / "config.json").write_text(cfg.to_json())
+  (original / "metrics.jsonl").write_text("")
+  shutil.copytree(original, copy)
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    assert parse_config(["--config", "B/config.json", "--resume"]).run_dir == str(copy)
+    assert parse_config(["--config", "B/config.json", "--auto-resume"]).run_dir == str(copy)
+    # without --resume: the run is repeated in a new (default) run dir
+    assert parse_config(["--config", "B/config.json"]).run_dir is None
+    assert parse_config(["--config", "B/config.json", "--run-dir", "C"]).run_dir == "C"
+    # a config file of one's own keeps its run_dir
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"run_dir": "runs/x", "steps": 3}))
+    assert parse_config(["--config", str(own), "--resume"]).run_dir == "runs/x"
+  finally:
+    os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_lock_signals_and_config_resume_of_a_copied_run(tmp_path, train_tokenizer):
+  """One run holds its run dir: a second run into it is refused with one line (exit 2). SIGTERM
+  stops it after the current step, long before the next log step (exit 0); a copy of the run dir
+  continues in the copy from another working directory with --config COPY/config.json --resume,
+  and SIGINT stops that one with a checkpoint too (exit 130); --config alone repeats the run in a
+  new run directory."""
+  run_dir = tmp_path / "A"
+  base = cli_args(train_tokenizer.model_path, run_dir, "--eval-every", "0", "--ckpt-every", "0",
+                  "--mesh", "data=-1")
+  first = _popen(base + ["--steps", "100000", "--log-every", "1000"])
+  _wait_for(lambda: _records(run_dir), first)  # the step-0 eval: training starts now
+  second = _popen(base + ["--steps", "3"])
+  out, err = second.communicate(timeout=180)
+  assert second.returncode == 2, err
+  assert err.count("\n") == 1 and err.startswith(f"error: --run-dir {run_dir} is in use by "
+                                                 f"another run (pid {first.pid}"), err
+  time.sleep(3)
+  first.send_signal(signal.SIGTERM)
+  out, err = first.communicate(timeout=120)
+  assert first.returncode == 0, err
+  (stopped,) = committed_steps(str(run_dir / "checkpoints"))
+  assert 1 <= stopped < 1000, stopped  # stopped after the current step, not at a log step
+  config = run_dir / "config.json"
+  assert (f"stopped at step {stopped} by SIGTERM; checkpoint in {run_dir}; continue with: "
+          f"python -m train --config {config} --resume") in out
+  saved = json.loads(config.read_text())
+  assert saved["run_dir"] == str(run_dir) and saved["rank"] == 4
+
+  copy, elsewhere = tmp_path / "B", tmp_path / "elsewhere"
+  shutil.copytree(run_dir, copy)
+  elsewhere.mkdir()
+  metrics_before = (run_dir / "metrics.jsonl").read_text()
+  resumed = _popen(["--config", os.path.join("..", "B", "config.json"), "--resume",
+                    "--log-every", "1"], cwd=elsewhere)
+  _wait_for(lambda: len(_records(copy)) >= len(metrics_before.splitlines()) + 2, resumed)
+  resumed.send_signal(signal.SIGINT)
+  out, err = resumed.communicate(timeout=120)
+  assert resumed.returncode == 130, err
+  *earlier, again = committed_steps(str(copy / "checkpoints"))
+  assert earlier == [stopped] and again > stopped
+  assert f"stopped at step {again} by SIGINT; checkpoint in {copy}; continue with" in out
+  assert "Traceback" not in err
+  # the original is untouched
+  assert committed_steps(str(run_dir / "checkpoints")) == [stopped]
+  assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+  assert json.loads((copy / "config.json").read_text())["run_dir"] == str(copy)
+
+  repeat = _popen(["--config", str(copy / "config.json"), "--steps", "2"], cwd=elsewhere)
+  out, err = repeat.communicate(timeout=180)
+  assert repeat.returncode == 0, err
+  (new_dir,) = os.listdir(elsewhere / "runs")
+  assert new_dir.startswith("tiny-osd_adamw-")
+  assert committed_steps(str(elsewhere / "runs" / new_dir / "checkpoints")) == [2]
+  assert committed_steps(str(copy / "checkpoints")) == [stopped, again]
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_their_own_run_dirs(tmp_path, train_tokenizer):
+  """The issue's sweep: two runs started in the same second without --run-dir."""
+  args = [a for a in cli_args(train_tokenizer.model_path, "X", "--steps", "2", "--mesh", "data=-1",
+                              "--ckpt-every", "1")]
+  i = args.index("--run-dir")
+  del args[i:i + 2]
+  procs = [_popen(args + ["--lr", lr], cwd=tmp_path) for lr in ("1e-3", "3e-3")]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 0, err
+  dirs = sorted(os.listdir(tmp_path / "runs"))
+  assert len(dirs) == 2
+  lrs = sorted(json.loads((tmp_path / "runs" / d / "config.json").read_text())["lr"] for d in dirs)
+  assert lrs == [1e-3, 3e-3]
+  for d in dirs:
+    assert committed_steps(str(tmp_path / "runs" / d / "checkpoints")) == [1, 2]
+    assert not [n for n in os.listdir(tmp_path / "runs" / d / "checkpoints") if "tmp" in n]
