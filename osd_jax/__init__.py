@@ -11,7 +11,9 @@ from osd_jax.alias import (
     osd_adamw,
     osd_lion,
     reference_projector_learning_rate,
+    scale_by_learning_rate_then_decay,
     scale_by_lion_momentum,
+    scale_by_reference_adam,
 )
 from osd_jax.diagnostics import projector_orthogonality_error, projectors_of, subspace_drift
 from osd_jax.dimension_numbers import DimensionNumbers, MatrixLayout
@@ -39,7 +41,9 @@ __all__ = [
     "projectors",
     "projectors_of",
     "reference_projector_learning_rate",
+    "scale_by_learning_rate_then_decay",
     "scale_by_lion_momentum",
+    "scale_by_reference_adam",
     "scale_by_subspace_descent",
     "state_bytes",
     "subspace_drift",
