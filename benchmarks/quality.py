@@ -2,10 +2,8 @@
 
 Every run goes through the trainer's Python API (``train.trainer.train``) with one shared
 ``TrainConfig`` that differs only in the optimizer: adamw, galore_adamw, osd_adamw, osd_lion and
-``osd_adamw (reference code)`` — ``osd_jax.osd_adamw(reference_code=True)``: λ = 0, AdamW with
-weight decay 0.01 on P, projector step lr(t)/lr_max/update_proj_gap. The trainer has no flag for
-the last one, so this script swaps it in for the duration of that run
-(:func:`reference_code_optimizer`).
+``osd_adamw (reference code)`` — the trainer's ``--reference-code``
+(``osd_jax.osd_adamw(reference_code=True)``: the official PyTorch code's update).
 
 Writes a table of final eval loss / perplexity, a JSON file and a PNG of the training and eval loss
 curves. The default (tiny preset, 500 steps of 16×128 tokens, 5 optimizers) takes about 17
@@ -20,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -41,38 +38,6 @@ VARIANTS = {
     "osd_adamw (reference code)": ("osd_adamw", True),
 }
 ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)"}
-
-
-@contextlib.contextmanager
-def reference_code_optimizer():
-  """While active, the trainer's ``osd_adamw`` is ``osd_jax.osd_adamw(reference_code=True)``.
-
-  Everything else (projection rule, weight-decay mask, schedule, clipping, betas, rank, init) is
-  what ``train.optimizers`` would build; ``--projector-lr-ratio`` and ``--orthogonality-weight``
-  are replaced by the reference code's choices.
-  """
-  import osd_jax
-  from train import optimizers
-
-  original = optimizers._base_optimizer
-
-  def patched(cfg, schedule, params):
-    if cfg.optimizer != "osd_adamw":
-      return original(cfg, schedule, params)
-    return osd_jax.osd_adamw(
-        schedule, cfg.rank, b1=0.9 if cfg.b1 is None else cfg.b1,
-        b2=0.999 if cfg.b2 is None else cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, scale=1.0 if cfg.scale is None else cfg.scale,
-        projector_init=cfg.projector_init,
-        weight_dimension_numbers=optimizers.projection_rule(params, cfg.project),
-        mask=optimizers.decay_mask(params), seed=cfg.seed,
-        reference_code=True, peak_learning_rate=cfg.lr, update_proj_gap=cfg.update_proj_gap)
-
-  optimizers._base_optimizer = patched
-  try:
-    yield
-  finally:
-    optimizers._base_optimizer = original
 
 
 def parse_args(argv):
@@ -119,13 +84,14 @@ def parse_args(argv):
 def train_config(args, name: str, seed: int, run_dir: str):
   from train.config import TrainConfig
 
-  optimizer, _ = VARIANTS[name]
+  optimizer, reference_code = VARIANTS[name]
   lr = args.lr * (args.lion_lr_factor if optimizer == "osd_lion" else 1.0)
   return TrainConfig(
       preset=args.preset, optimizer=optimizer, rank=common.resolve_rank(args.preset, args.rank),
       lr=lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
       dtype=args.dtype, projector_lr_ratio=args.projector_lr_ratio,
       weight_decay=args.weight_decay, update_proj_gap=args.update_proj_gap, seed=seed,
+      reference_code=reference_code,
       eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
       ckpt_every=0, keep_checkpoints=1, async_checkpoint=False, progress=False,
       tensorboard=False, run_dir=run_dir, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
@@ -140,10 +106,8 @@ def train_one(args, name: str, seed: int, run_dir: str, tokenizer) -> dict[str, 
 
   cfg = train_config(args, name, seed, run_dir)
   devices = jax.devices()[: args.num_devices] if args.num_devices else None
-  ctx = reference_code_optimizer() if VARIANTS[name][1] else contextlib.nullcontext()
   t0 = time.perf_counter()
-  with ctx:
-    result = trainer.train(cfg, devices=devices, tokenizer=tokenizer)
+  result = trainer.train(cfg, devices=devices, tokenizer=tokenizer)
   wall = time.perf_counter() - t0
   train_curve = [(r["step"], r["loss"]) for r in result.history
                  if isinstance(r.get("loss"), (int, float))]
