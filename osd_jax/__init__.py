@@ -15,7 +15,12 @@ from osd_jax.alias import (
     scale_by_lion_momentum,
     scale_by_reference_adam,
 )
-from osd_jax.diagnostics import projector_orthogonality_error, projectors_of, subspace_drift
+from osd_jax.diagnostics import (
+    captured_energy,
+    projector_orthogonality_error,
+    projectors_of,
+    subspace_drift,
+)
 from osd_jax.dimension_numbers import DimensionNumbers, MatrixLayout
 from osd_jax.memory import expected_state_bytes, state_bytes
 from osd_jax.sharding import optimizer_state_sharding
@@ -32,6 +37,7 @@ __all__ = [
     "MatrixLayout",
     "ProjectedLeafState",
     "SubspaceDescentState",
+    "captured_energy",
     "expected_state_bytes",
     "galore_adamw",
     "optimizer_state_sharding",
