@@ -78,6 +78,10 @@ class TrainConfig:
                            group="optimizer")
   update_proj_gap: int = _f(200, "GaLore: recompute P by SVD every this many steps.",
                             group="optimizer")
+  align_signs: bool = _f(True, "GaLore: flip each refreshed column of P to the sign of the "
+                         "previous P's, so Adam's carried moments are not negated by an arbitrary "
+                         "SVD sign (--no-align-signs: each refresh's own canonical signs).",
+                         group="optimizer")
   reference_code: bool = _f(False, "osd_adamw/osd_lion/galore_adamw: reproduce the official "
                             "PyTorch code instead of the paper (osd_jax reference_code=True: its "
                             "Adam eps placement and defaults, projector rule and step, decay "

@@ -120,7 +120,7 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
         schedule, cfg.rank, update_proj_gap=cfg.update_proj_gap,
         scale=0.25 if cfg.scale is None else cfg.scale, weight_decay=cfg.weight_decay,
         weight_dimension_numbers=dims, mask=mask, seed=cfg.seed,
-        reference_code=ref, **adam)
+        align_signs=None if ref else cfg.align_signs, reference_code=ref, **adam)
   osd = dict(scale=cfg.scale if cfg.scale is not None or ref else 1.0,
              orthogonality_weight=cfg.orthogonality_weight,
              projector_lr_ratio=cfg.projector_lr_ratio,
