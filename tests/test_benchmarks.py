@@ -200,3 +200,14 @@ def test_transposed_view_products_match_plain_products(shape):
   for fast, plain in zip(products(True), products(False)):
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(products(False)[0], p.T @ g, rtol=1e-5, atol=1e-6)
+
+
+def test_galore_signs_smoke():
+  import numpy as np
+
+  from benchmarks import galore_signs
+
+  out = galore_signs.main(["--steps", "12", "--seeds", "1", "--update-proj-gap", "4"])
+  assert set(out) == set(galore_signs.RULES)
+  for losses in out.values():
+    assert len(losses) == 1 and all(np.isfinite(losses))
