@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 import optax
 
 from osd_jax.dimension_numbers import to_matrix

@@ -255,7 +255,7 @@ def test_projector_metrics_only_at_log_steps():
   for i in range(1, 6):
     before = host(state.opt_state)
     batch = {k: jax.device_put(v, sharding) for k, v in random_batch(i, 8, 32, VOCAB).items()}
-    grads = jax.grad(lambda p: token_loss(setup.graphdef, p, batch)[0])(state.params)
+    grads = jax.grad(lambda p, b=batch: token_loss(setup.graphdef, p, b)[0])(state.params)
     state, m = setup.train_step(state, batch)
     logged = i in (2, 4, 5)
     assert np.isfinite(float(m["subspace_drift"])) == logged, i
