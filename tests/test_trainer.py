@@ -314,3 +314,17 @@ def test_a_streak_of_skips_that_ends_between_log_steps_still_stops(tmp_path, tra
   with pytest.raises(FloatingPointError, match="2 steps in a row .* stopped at step 4"):
     trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
 
+
+
+@pytest.mark.slow
+def test_reference_code_trains_sharded(tmp_path, train_tokenizer):
+  """--reference-code through the whole trainer on the 8 fake devices: GaLore with the official
+  SVD signs, the official Adam and decay order; the loss is finite and the captured energy of
+  the step-0 SVD subspace is logged."""
+  cfg = small_config(tmp_path / "run", optimizer="galore_adamw", reference_code=True, steps=3,
+                     update_proj_gap=2, weight_decay=0.1)
+  result = trainer.train(cfg, tokenizer=train_tokenizer)
+  steps = [r for r in result.history if "loss" in r]
+  assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
+  assert all(0 < r["captured_energy_mean"] < 1 for r in steps)
+  assert steps[0]["lr"] == 0.0 and steps[1]["lr"] > 0  # the official warmup starts at lr 0
