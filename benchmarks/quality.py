@@ -2,25 +2,29 @@
 
 Every run goes through the trainer's Python API (``train.trainer.train``) with one shared
 ``TrainConfig`` that differs only in the optimizer: adamw, galore_adamw, osd_adamw, osd_lion and
-``osd_adamw (reference code)`` — ``osd_jax.osd_adamw(reference_code=True)``: λ = 0, AdamW with
-weight decay 0.01 on P, projector step lr(t)/lr_max/update_proj_gap. The trainer has no flag for
-the last one, so this script swaps it in for the duration of that run
-(:func:`reference_code_optimizer`).
+``osd_adamw (reference code)`` — the trainer's ``--reference-code``
+(``osd_jax.osd_adamw(reference_code=True)``: the official PyTorch code's update).
 
-Writes a table of final eval loss / perplexity, a JSON file and a PNG of the training and eval loss
-curves. The default (tiny preset, 500 steps of 16×128 tokens, 5 optimizers) takes about 17
-minutes on 2 CPU cores (10 for 300 steps); larger settings by flag, e.g. ``--steps 2000
---batch-size 32``, and ``--repeats N`` trains N seeds per optimizer and reports mean ± std.
+More variants by name: ``osd_adamw (scale 0.25)`` (``osd_adamw_s025``) and ``galore_adamw (no sign
+alignment)`` (``galore_noalign``).
+
+The fair-study design: ``--lrs`` trains every optimizer once per learning rate (first seed) and
+keeps each one's best (lowest final eval loss); ``--repeats N`` then trains N seeds at that lr and
+reports mean ± std; ``--ranks`` adds a rank sweep at the best lr for ``--rank-sweep-optimizers``.
+Writes the tables, a JSON file and a PNG of training loss, eval loss and captured energy
+(``osd_jax.captured_energy``, mean over projected matrices) of the best-lr runs. The default
+(tiny preset, 500 steps of 16×128 tokens, 5 optimizers, one lr) takes about 17 minutes on 2 CPU
+cores (10 for 300 steps).
 
 Example::
 
   python -m benchmarks.quality
+  python -m benchmarks.quality --lrs 1e-3,3e-3,1e-2 --repeats 3 --ranks 8,16,32,64
   python -m benchmarks.quality --preset 60m --steps 1000 --batch-size 64 --seq-len 256 --rank 128
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -32,54 +36,39 @@ from typing import Any
 
 from benchmarks import common
 
-#: name -> (trainer --optimizer, use the reference-code options)
+#: name -> TrainConfig fields of that variant (the optimizer and what differs from its defaults)
 VARIANTS = {
-    "adamw": ("adamw", False),
-    "galore_adamw": ("galore_adamw", False),
-    "osd_adamw": ("osd_adamw", False),
-    "osd_lion": ("osd_lion", False),
-    "osd_adamw (reference code)": ("osd_adamw", True),
+    "adamw": {"optimizer": "adamw"},
+    "galore_adamw": {"optimizer": "galore_adamw"},
+    "osd_adamw": {"optimizer": "osd_adamw"},
+    "osd_lion": {"optimizer": "osd_lion"},
+    "osd_adamw (reference code)": {"optimizer": "osd_adamw", "reference_code": True},
+    "osd_adamw (scale 0.25)": {"optimizer": "osd_adamw", "scale": 0.25},
+    "galore_adamw (no sign alignment)": {"optimizer": "galore_adamw", "align_signs": False},
 }
-ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)"}
+DEFAULT_VARIANTS = ("adamw", "galore_adamw", "osd_adamw", "osd_lion", "osd_adamw (reference code)")
+ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)", "osd_adamw_s025": "osd_adamw (scale 0.25)",
+           "galore_noalign": "galore_adamw (no sign alignment)"}
 
 
-@contextlib.contextmanager
-def reference_code_optimizer():
-  """While active, the trainer's ``osd_adamw`` is ``osd_jax.osd_adamw(reference_code=True)``.
-
-  Everything else (projection rule, weight-decay mask, schedule, clipping, betas, rank, init) is
-  what ``train.optimizers`` would build; ``--projector-lr-ratio`` and ``--orthogonality-weight``
-  are replaced by the reference code's choices.
-  """
-  import osd_jax
-  from train import optimizers
-
-  original = optimizers._base_optimizer
-
-  def patched(cfg, schedule, params):
-    if cfg.optimizer != "osd_adamw":
-      return original(cfg, schedule, params)
-    return osd_jax.osd_adamw(
-        schedule, cfg.rank, b1=0.9 if cfg.b1 is None else cfg.b1,
-        b2=0.999 if cfg.b2 is None else cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, scale=1.0 if cfg.scale is None else cfg.scale,
-        projector_init=cfg.projector_init,
-        weight_dimension_numbers=optimizers.projection_rule(params, cfg.project),
-        mask=optimizers.decay_mask(params), seed=cfg.seed,
-        reference_code=True, peak_learning_rate=cfg.lr, update_proj_gap=cfg.update_proj_gap)
-
-  optimizers._base_optimizer = patched
-  try:
-    yield
-  finally:
-    optimizers._base_optimizer = original
+def _floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv):
   p = common.base_parser(__doc__.split("\n")[0], preset="tiny", repeats=1, warmup=0)
   p.set_defaults(rank=None)
-  p.add_argument("--optimizers", default=",".join(VARIANTS),
-                 help=f"Comma-separated, from: {', '.join(VARIANTS)} (or osd_adamw_ref).")
+  p.add_argument("--optimizers", default=",".join(DEFAULT_VARIANTS),
+                 help=f"Comma-separated, from: {', '.join(VARIANTS)} (or the short names "
+                      f"{', '.join(ALIASES)}).")
+  p.add_argument("--lrs", default=None,
+                 help="Learning-rate sweep, e.g. 1e-3,3e-3,1e-2: every optimizer trains once "
+                      "(first seed) at each, then --repeats seeds at its best (lowest final eval "
+                      "loss). Default: --lr only. osd_lion uses each value × --lion-lr-factor.")
+  p.add_argument("--ranks", default=None,
+                 help="Rank sweep at each optimizer's best lr (first seed), e.g. 8,16,32,64, for "
+                      "--rank-sweep-optimizers.")
+  p.add_argument("--rank-sweep-optimizers", default="galore_adamw,osd_adamw")
   p.add_argument("--steps", type=int, default=500)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--seq-len", type=int, default=128)
@@ -113,42 +102,53 @@ def parse_args(argv):
       p.error(f"unknown optimizer {o!r}; choose from {', '.join(VARIANTS)}")
     names.append(o)
   args.optimizers = names
+  args.lrs = _floats(args.lrs) if args.lrs else [args.lr]
+  args.ranks = [int(r) for r in _floats(args.ranks)] if args.ranks else []
+  args.rank_sweep_optimizers = [ALIASES.get(o.strip(), o.strip())
+                                for o in args.rank_sweep_optimizers.split(",") if o.strip()]
   return args
 
 
-def train_config(args, name: str, seed: int, run_dir: str):
+def train_config(args, name: str, seed: int, run_dir: str, lr: float | None = None,
+                 rank: int | None = None):
+  """The variant's TrainConfig at the sweep value ``lr`` (osd_lion: × --lion-lr-factor)."""
   from train.config import TrainConfig
 
-  optimizer, _ = VARIANTS[name]
-  lr = args.lr * (args.lion_lr_factor if optimizer == "osd_lion" else 1.0)
+  fields = dict(VARIANTS[name])
+  lr = args.lr if lr is None else lr
+  lr *= args.lion_lr_factor if fields["optimizer"] == "osd_lion" else 1.0
   return TrainConfig(
-      preset=args.preset, optimizer=optimizer, rank=common.resolve_rank(args.preset, args.rank),
+      preset=args.preset, rank=common.resolve_rank(args.preset, args.rank if rank is None else rank),
       lr=lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
       dtype=args.dtype, projector_lr_ratio=args.projector_lr_ratio,
       weight_decay=args.weight_decay, update_proj_gap=args.update_proj_gap, seed=seed,
+      **fields,
       eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
       ckpt_every=0, keep_checkpoints=1, async_checkpoint=False, progress=False,
       tensorboard=False, run_dir=run_dir, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
       model_overrides=common.parse_overrides(args.model_override))
 
 
-def train_one(args, name: str, seed: int, run_dir: str, tokenizer) -> dict[str, Any]:
+def train_one(args, name: str, seed: int, run_dir: str, tokenizer, lr: float | None = None,
+              rank: int | None = None) -> dict[str, Any]:
   import jax
 
   import osd_jax
   from train import trainer
 
-  cfg = train_config(args, name, seed, run_dir)
+  cfg = train_config(args, name, seed, run_dir, lr, rank)
   devices = jax.devices()[: args.num_devices] if args.num_devices else None
-  ctx = reference_code_optimizer() if VARIANTS[name][1] else contextlib.nullcontext()
   t0 = time.perf_counter()
-  with ctx:
-    result = trainer.train(cfg, devices=devices, tokenizer=tokenizer)
+  result = trainer.train(cfg, devices=devices, tokenizer=tokenizer)
   wall = time.perf_counter() - t0
   train_curve = [(r["step"], r["loss"]) for r in result.history
                  if isinstance(r.get("loss"), (int, float))]
   eval_curve = [(r["step"], r["eval_loss"]) for r in result.history
                 if isinstance(r.get("eval_loss"), (int, float))]
+  energy_curve = [(r["step"], r["captured_energy_mean"], r["captured_energy_min"])
+                  for r in result.history
+                  if isinstance(r.get("captured_energy_mean"), (int, float))
+                  and math.isfinite(r["captured_energy_mean"])]
   return {
       "seed": seed,
       "final_eval_loss": result.final_eval["eval_loss"],
@@ -160,7 +160,10 @@ def train_one(args, name: str, seed: int, run_dir: str, tokenizer) -> dict[str, 
       "wall_time_s": wall,
       "train_curve": train_curve,
       "eval_curve": eval_curve,
+      "energy_curve": energy_curve,
       "lr": cfg.lr,
+      "sweep_lr": args.lr if lr is None else lr,
+      "rank": cfg.rank,
   }
 
 
@@ -180,7 +183,7 @@ def plot_curves(results: dict[str, list[dict]], path: str, title: str) -> str | 
   except ImportError:
     common.log("quality: matplotlib is not installed; no PNG written")
     return None
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
   for name, runs in results.items():
     for i, run in enumerate(runs):
       label = name if i == 0 else None
@@ -191,11 +194,17 @@ def plot_curves(results: dict[str, list[dict]], path: str, title: str) -> str | 
       if run["eval_curve"]:
         s, v = zip(*run["eval_curve"])
         axes[1].plot(s, v, "o-", color=color, ms=3, lw=1.2, label=label)
+      if run.get("energy_curve"):
+        s, v, _ = zip(*run["energy_curve"])
+        axes[2].plot(s, v, color=color, alpha=0.85, lw=1.2, label=label)
   axes[0].set(title="training loss", xlabel="step", ylabel="loss")
   axes[1].set(title="eval loss", xlabel="step", ylabel="loss")
+  axes[2].set(title="captured energy ‖QᵀG‖²/‖G‖² (mean over matrices)", xlabel="step",
+              ylabel="fraction")
   for ax in axes:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -211,19 +220,39 @@ def run(args) -> dict:
   tokenizer = trainer.load_tokenizer(tok_cfg)
   root = args.keep_runs or tempfile.mkdtemp(prefix="osd-quality-")
   results: dict[str, list[dict]] = {name: [] for name in args.optimizers}
+  sweep: dict[str, dict[str, float]] = {name: {} for name in args.optimizers}
+  ranks: dict[str, dict[str, float]] = {}
+
+  def one(name, seed, lr, rank=None):
+    slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+    run_dir = os.path.join(root, f"{slug}-lr{lr:g}-r{rank}-seed{seed}")
+    if os.path.exists(run_dir):
+      shutil.rmtree(run_dir)
+    common.log(f"quality: training {name} (lr {lr:g}, rank {rank or 'default'}, seed {seed}, "
+               f"{args.steps} steps)")
+    res = train_one(args, name, seed, run_dir, tokenizer, lr, rank)
+    common.log(f"quality: {name}: eval loss {res['final_eval_loss']:.4f}, perplexity "
+               f"{res['final_eval_perplexity']:.2f}, {res['wall_time_s']:.0f} s")
+    return res
+
+  def loss_of(res):
+    x = res["final_eval_loss"]
+    return x if x is not None and math.isfinite(x) else math.inf
+
+  best_lr = {}
   try:
-    for r in range(args.repeats):
+    for name in args.optimizers:  # 1. lr sweep, first seed
+      runs = {lr: one(name, args.seed, lr) for lr in args.lrs}
+      sweep[name] = {f"{lr:g}": runs[lr]["final_eval_loss"] for lr in args.lrs}
+      best_lr[name] = min(args.lrs, key=lambda lr: loss_of(runs[lr]))
+      results[name].append(runs[best_lr[name]])
+    for r in range(1, args.repeats):  # 2. more seeds at the best lr
       for name in args.optimizers:
-        seed = args.seed + r
-        slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-        run_dir = os.path.join(root, f"{slug}-seed{seed}")
-        if os.path.exists(run_dir):
-          shutil.rmtree(run_dir)
-        common.log(f"quality: training {name} (seed {seed}, {args.steps} steps)")
-        res = train_one(args, name, seed, run_dir, tokenizer)
-        common.log(f"quality: {name}: eval loss {res['final_eval_loss']:.4f}, perplexity "
-                   f"{res['final_eval_perplexity']:.2f}, {res['wall_time_s']:.0f} s")
-        results[name].append(res)
+        results[name].append(one(name, args.seed + r, best_lr[name]))
+    for name in args.rank_sweep_optimizers if args.ranks else []:  # 3. ranks at the best lr
+      if name in best_lr:
+        ranks[name] = {str(k): one(name, args.seed, best_lr[name], k)["final_eval_loss"]
+                       for k in args.ranks}
   finally:
     if args.keep_runs is None:
       shutil.rmtree(root, ignore_errors=True)
@@ -238,15 +267,27 @@ def run(args) -> dict:
                      "final_eval_perplexity": ppl, "final_eval_perplexity_std": ppl_sd,
                      "final_train_loss": train_loss, "wall_time_s": wall,
                      "state_bytes": runs[0]["state_bytes"], "lr": runs[0]["lr"],
+                     "energy_mean": _mean_std([e[1] for r in runs for e in r["energy_curve"]])[0],
                      "eval_loss_minus_adamw": None if base is None else loss - base}
     pm = "" if len(runs) == 1 else f" ± {loss_sd:.4f}"
     pp = "" if len(runs) == 1 else f" ± {ppl_sd:.2f}"
-    rows.append([name, f"{loss:.4f}{pm}", f"{ppl:.2f}{pp}",
+    rows.append([name, f"{runs[0]['lr']:g}", f"{loss:.4f}{pm}", f"{ppl:.2f}{pp}",
                  "–" if base is None else f"{loss - base:+.4f}",
                  f"{train_loss:.4f}" if train_loss is not None else "–",
+                 "–" if summary[name]["energy_mean"] is None
+                 else f"{summary[name]['energy_mean']:.3f}",
                  common.fmt_bytes(runs[0]["state_bytes"]), f"{wall:.0f} s"])
-  header = ["optimizer", "final eval loss", "eval perplexity", "Δ vs adamw", "final train loss",
-            "opt state", "wall time"]
+  header = ["optimizer", "best lr", "final eval loss", "eval perplexity", "Δ vs adamw",
+            "final train loss", "captured energy", "opt state", "wall time"]
+  sweep_rows = [[name] + [f"{sweep[name].get(f'{lr:g}', math.nan):.4f}" for lr in args.lrs]
+                for name in args.optimizers]
+  sweep_table = common.table(sweep_rows, ["final eval loss at sweep lr"] +
+                             [f"{lr:g}" for lr in args.lrs])
+  rank_table = None
+  if ranks:
+    rank_table = common.table(
+        [[name] + [f"{ranks[name][str(k)]:.4f}" for k in args.ranks] for name in ranks],
+        ["final eval loss at rank"] + [str(k) for k in args.ranks])
   tokens = args.steps * args.batch_size * args.seq_len
   return {
       "benchmark": "quality",
@@ -262,6 +303,11 @@ def run(args) -> dict:
       "summary": summary,
       "runs": results,
       "table": common.table(rows, header),
+      "lr_sweep": sweep,
+      "lrs": args.lrs,
+      "sweep_table": sweep_table,
+      "rank_sweep": ranks,
+      "rank_table": rank_table,
   }
 
 
@@ -270,8 +316,10 @@ def main(argv=None) -> dict:
   result = run(args)
   path = args.out or common.default_out_path("quality", args.preset)
   png = args.png or os.path.splitext(path)[0] + ".png"
+  lrs = f"lr {args.lr:g}" if len(args.lrs) == 1 else "best lr of " + ",".join(
+      f"{lr:g}" for lr in args.lrs)
   title = (f"{args.preset}: {result['steps']} steps × {args.batch_size}×{args.seq_len} tokens, "
-           f"rank {result['rank']}, lr {args.lr:g}, "
+           f"rank {result['rank']}, {lrs}, "
            f"seeds {args.seed}..{args.seed + args.repeats - 1}")
   result["png"] = plot_curves(result["runs"], png, title)
   common.write_json(path, result)
@@ -280,6 +328,13 @@ def main(argv=None) -> dict:
     print(f"\nQuality — {title}; {result['tokens']:,} tokens per run; "
           f"{common.describe_machine(env)}, jax {env['versions']['jax']}")
     print(result["table"])
+    if len(args.lrs) > 1:
+      print("\nlearning-rate sweep (first seed; osd_lion's lr is the value × "
+            f"{args.lion_lr_factor:g}):")
+      print(result["sweep_table"])
+    if result["rank_table"]:
+      print("\nrank sweep at the best lr (first seed):")
+      print(result["rank_table"])
     print(f"(JSON: {path}; curves: {result['png']})")
   return result
 

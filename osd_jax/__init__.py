@@ -11,9 +11,16 @@ from osd_jax.alias import (
     osd_adamw,
     osd_lion,
     reference_projector_learning_rate,
+    scale_by_learning_rate_then_decay,
     scale_by_lion_momentum,
+    scale_by_reference_adam,
 )
-from osd_jax.diagnostics import projector_orthogonality_error, projectors_of, subspace_drift
+from osd_jax.diagnostics import (
+    captured_energy,
+    projector_orthogonality_error,
+    projectors_of,
+    subspace_drift,
+)
 from osd_jax.dimension_numbers import DimensionNumbers, FullRankWarning, MatrixLayout
 from osd_jax.memory import expected_state_bytes, state_bytes
 from osd_jax.sharding import optimizer_state_sharding
@@ -31,6 +38,7 @@ __all__ = [
     "MatrixLayout",
     "ProjectedLeafState",
     "SubspaceDescentState",
+    "captured_energy",
     "expected_state_bytes",
     "galore_adamw",
     "optimizer_state_sharding",
@@ -40,7 +48,9 @@ __all__ = [
     "projectors",
     "projectors_of",
     "reference_projector_learning_rate",
+    "scale_by_learning_rate_then_decay",
     "scale_by_lion_momentum",
+    "scale_by_reference_adam",
     "scale_by_subspace_descent",
     "state_bytes",
     "subspace_drift",

@@ -1,4 +1,4 @@
-"""Read projectors out of an optimizer state for metrics: orthogonality error and drift."""
+"""Projectors read out of an optimizer state for metrics: orthogonality, drift, captured energy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from osd_jax.subspace_descent import ProjectedLeafState
+from osd_jax.dimension_numbers import to_matrix
+from osd_jax.subspace_descent import ProjectedLeafState, SubspaceDescentState
 
 
 def _projected_states(opt_state: Any) -> list[ProjectedLeafState]:
@@ -50,3 +52,55 @@ def subspace_drift(old_state: Any, new_state: Any) -> jax.Array:
   if not drifts:
     return jnp.zeros([], jnp.float32)
   return jnp.mean(jnp.concatenate(drifts))
+
+
+def _is_subspace_state(x) -> bool:
+  return isinstance(x, SubspaceDescentState)
+
+
+def captured_energy(grads: Any, opt_state: Any) -> jax.Array:
+  """Per projected matrix, the fraction of the gradient's energy inside span(P).
+
+      e = ‖QᵀG'‖²_F / ‖G'‖²_F ∈ [0, 1],   Q = an orthonormal basis of P (QR),
+
+  for every projected matrix of ``grads`` (each batch slice of a scanned or stacked weight
+  counts as one matrix), with G' the gradient in the projector's orientation and P the
+  projector stored in ``opt_state``.  Returns a 1-D float32 array in tree order (empty when
+  nothing is projected); its mean and min are what the trainer logs.
+
+  Which P is measured is the caller's choice: with the state after ``update`` it is the P the
+  optimizer carries forward — for ``svd``/``random``/``frozen`` the Pₜ that projected Gₜ, for
+  ``online_pca`` Pₜ₊₁, one projector step (of size α·lr) after Pₜ.  ``grads`` must have the
+  structure of the params the state was built for.
+
+  Example:
+    >>> import jax.numpy as jnp, osd_jax
+    >>> params = {"w": jnp.ones((8, 16))}
+    >>> tx = osd_jax.galore_adamw(1e-2, rank=2)
+    >>> g = {"w": jnp.arange(128.0).reshape(8, 16)}
+    >>> _, state = tx.update(g, tx.init(params), params)
+    >>> float(osd_jax.captured_energy(g, state)[0]) > 0.99  # P₀ spans G's top singular vectors
+    True
+  """
+  grad_leaves = jax.tree.leaves(grads)
+  out = []
+  for sub in jax.tree.leaves(opt_state, is_leaf=_is_subspace_state):
+    if not _is_subspace_state(sub):
+      continue
+    nodes = jax.tree.leaves(sub.projector_state, is_leaf=lambda x: isinstance(
+        x, (ProjectedLeafState, optax.MaskedNode)))
+    if len(nodes) != len(grad_leaves):
+      raise ValueError(
+          f"captured_energy: grads have {len(grad_leaves)} leaves but the optimizer state was "
+          f"built for {len(nodes)}; pass gradients with the structure of the params.")
+    for g, node in zip(grad_leaves, nodes):
+      if not isinstance(node, ProjectedLeafState):
+        continue
+      gp = to_matrix(g, node.layout).astype(jnp.float32)  # G' (*batch, s, L)
+      q, _ = jnp.linalg.qr(node.state.p.astype(jnp.float32))  # (*batch, s, r)
+      inside = jnp.sum(jnp.matmul(jnp.swapaxes(q, -1, -2), gp) ** 2, axis=(-2, -1))
+      total = jnp.sum(gp**2, axis=(-2, -1))
+      out.append((inside / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)).reshape(-1))
+  if not out:
+    return jnp.zeros([0], jnp.float32)
+  return jnp.concatenate(out)

@@ -46,7 +46,7 @@ WeightDimensionNumbers = (
     DimensionNumbers | Any | Callable[[Any], Any] | None
 )
 
-SIDES = ("smaller", "larger", "auto")
+SIDES = ("smaller", "larger", "auto", "reference")
 
 
 class FullRankWarning(UserWarning):
@@ -158,10 +158,14 @@ def choose_transpose(m: int, n: int, side: str, cost: Callable[[bool], int] | No
 
   ``"smaller"`` (docs/design.md §3): P spans min(m, n), ties project the columns (transpose).
   ``"larger"``: P spans max(m, n), ties transpose.  ``"auto"``: the orientation whose state
-  bytes ``cost(transpose)`` are smallest, ties fall back to ``"smaller"``.
+  bytes ``cost(transpose)`` are smallest, ties fall back to ``"smaller"``.  ``"reference"``:
+  the official PyTorch code's choice — the smaller side, ties project the reduction (input)
+  side (an ``nn.Linear`` weight (out, in) with out ≥ in is projected on the right).
   """
   if side == "smaller":
     return not m < n
+  if side == "reference":
+    return m > n
   if side == "larger":
     return not m > n
   if side == "auto":

@@ -56,8 +56,8 @@ def expected_state_bytes(
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-  if side not in ("smaller", "larger"):
-    raise ValueError("expected_state_bytes supports side='smaller' or 'larger' only.")
+  if side not in ("smaller", "larger", "reference"):
+    raise ValueError("expected_state_bytes supports side='smaller', 'larger' or 'reference' only.")
   leaves = jax.tree.leaves(params)
   if optimizer == "adamw":
     layouts = [None] * len(leaves)

@@ -25,8 +25,18 @@ Rules: :func:`online_pca` (the paper's), :func:`svd` (GaLore), :func:`random`,
 :func:`frozen`.  Write your own with :func:`projector_rule`; a rule given only as
 ``ProjectorRule(init, update)`` still works, with whatever branches its ``update`` has.
 
-Singular vectors are sign-canonicalised (the largest-magnitude entry of every column of P
-is positive), so every backend gives the same P; no part of the update depends on it.
+Signs of singular vectors.  The initial P is sign-canonicalised (the largest-magnitude entry
+of every column is positive), so every backend gives the same P₀.  For :func:`online_pca` the
+signs of P's columns change nothing: flipping column i flips row i of Ĝ and of the inner first
+moment, and Adam, Lion and the projector's Adam are all odd per coordinate, so U = P·N and the
+next P (up to the same flip) are unchanged.  For the periodic rules (:func:`svd`,
+:func:`random`) they DO matter: the inner state is carried across a refresh, so a new column
+whose sign is opposite to the old one meets its old momentum with the wrong sign.  By default
+every refresh after the first aligns each new column with the previous P
+(:func:`align_signs`: the sign of diag(P_newᵀ P_old)), which is backend-independent and never
+flips momentum spuriously.  ``svd(method="official")`` instead keeps the raw LAPACK signs of
+svd(G) in the official PyTorch code's orientation (:func:`official_singular_subspace`), as
+``galore_adamw(reference_code=True)`` uses.
 """
 
 from __future__ import annotations
@@ -168,6 +178,33 @@ def top_singular_subspace(g: jax.Array, rank: int) -> jax.Array:
   """The top-``rank`` left singular vectors of g (s×L) by a full (thin) SVD."""
   u, _, _ = jnp.linalg.svd(g, full_matrices=False)
   return canonical_signs(u[:, :rank])
+
+
+def official_singular_subspace(g: jax.Array, rank: int) -> jax.Array:
+  """Top-``rank`` singular vectors of g (s×L) as the official PyTorch code computes them.
+
+  The official code takes ``torch.linalg.svd`` of the gradient in ``nn.Linear`` layout,
+  G_torch = (output × reduction), and keeps the raw LAPACK signs: P = U[:, :r] when P spans the
+  output side (here G' = G_torch, a transposed view, see :func:`transposed_view`) and
+  P = Vh[:r]ᵀ when it spans the reduction side (G' = G_torchᵀ).  The subspace equals
+  :func:`top_singular_subspace`'s; only the signs can differ, and they follow the LAPACK
+  backend, so results match the official code wherever the backends agree.
+  """
+  if _TRANSPOSED_VIEW.get():  # G' = G_torch: P = U[:, :r] of svd(G_torch)
+    u, _, _ = jnp.linalg.svd(g, full_matrices=False)
+    return u[:, :rank]
+  _, _, vh = jnp.linalg.svd(g.T, full_matrices=False)  # G' = G_torchᵀ: P = Vh[:r]ᵀ
+  return vh[:rank].T
+
+
+def align_signs(p_new: jax.Array, p_old: jax.Array) -> jax.Array:
+  """Flips each column of ``p_new`` whose inner product with the same column of ``p_old`` is < 0.
+
+  d = diag(P_newᵀ P_old);  P_new ← P_new · diag(sign(d)), with sign(0) = +1 (so a zero
+  ``p_old``, e.g. before the first refresh, changes nothing).
+  """
+  d = jnp.sum(p_new * p_old.astype(p_new.dtype), axis=-2, keepdims=True)
+  return p_new * jnp.where(d < 0, -1, 1).astype(p_new.dtype)
 
 
 def randomized_subspace(
@@ -357,14 +394,15 @@ class PeriodicProjectorState(NamedTuple):
   p: jax.Array  # [s, r]
 
 
-def _periodic(refresh_fn, is_refresh_step) -> ProjectorRule:
+def _periodic(refresh_fn, is_refresh_step, align: bool = False) -> ProjectorRule:
   def init_fn(s, L, rank, dtype):  # noqa: N803
     return PeriodicProjectorState(jnp.zeros((s, rank), dtype))
 
   def refresh(g, state, count, key):
     dtype = state.p.dtype
-    return PeriodicProjectorState(refresh_fn(g.astype(dtype), state.p.shape[-1], key)
-                                  .astype(dtype))
+    p_new = refresh_fn(g.astype(dtype), state.p.shape[-1], key).astype(dtype)
+    # P_old = 0 at t = 0: no flip
+    return PeriodicProjectorState(align_signs(p_new, state.p) if align else p_new)
 
   def step(g, state, count):
     p_t = state.p
@@ -373,30 +411,45 @@ def _periodic(refresh_fn, is_refresh_step) -> ProjectorRule:
   return projector_rule(init_fn, step, is_refresh_step, refresh)
 
 
-def svd(every: int = 200, method: str = "svd") -> ProjectorRule:
+SVD_METHODS = ("svd", "randomized", "official")
+
+
+def svd(every: int = 200, method: str = "svd", align: bool | None = None) -> ProjectorRule:
   """GaLore's rule: P = top-r left singular vectors of G'ₜ whenever t % ``every`` == 0.
 
-  ``method="randomized"`` uses :func:`randomized_subspace` instead of a full SVD.
+  ``method="randomized"`` uses :func:`randomized_subspace` instead of a full SVD;
+  ``method="official"`` keeps the raw LAPACK signs of the official code's orientation
+  (:func:`official_singular_subspace`).  ``align`` (default: True, except for
+  ``method="official"``) flips each refreshed column to agree in sign with the previous P
+  (:func:`align_signs`), so the carried inner state is not spuriously negated.
 
   References:
     Zhao et al., *GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection*,
     ICML 2024.
   """
   _check_every(every)
-  if method not in ("svd", "randomized"):
-    raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}.")
-  return _periodic(lambda g, r, key: initial_projector(g, r, key, method),
-                   lambda count: count % every == 0)
+  if method not in SVD_METHODS:
+    raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}.")
+  if align is None:
+    align = method != "official"
+  if method == "official":
+    refresh = lambda g, r, key: official_singular_subspace(g, r)  # noqa: E731
+  else:
+    refresh = lambda g, r, key: initial_projector(g, r, key, method)  # noqa: E731
+  return _periodic(refresh, lambda count: count % every == 0, align)
 
 
-def random(every: int = 200, seed: int = 0) -> ProjectorRule:
-  """A fresh random orthonormal P every ``every`` steps (ignores the gradient)."""
+def random(every: int = 200, seed: int = 0, align: bool = True) -> ProjectorRule:
+  """A fresh random orthonormal P every ``every`` steps (ignores the gradient).
+
+  ``align``: as in :func:`svd`.
+  """
   _check_every(every)
 
   def refresh(g, rank, key):
     return random_subspace(g.shape[0], rank, jax.random.fold_in(key, seed), g.dtype)
 
-  return _periodic(refresh, lambda count: count % every == 0)
+  return _periodic(refresh, lambda count: count % every == 0, align)
 
 
 def frozen(init: str = "svd") -> ProjectorRule:

@@ -134,8 +134,9 @@ def scale_by_subspace_descent(
     weight_dimension_numbers: which leaves/axes are projected; see
       :func:`osd_jax.dimension_numbers.resolve_layouts`. Default: every 2-D leaf.
     projector_dtype: dtype of P and its optimizer state (None = float32).
-    side: ``"smaller"`` (P spans min(m, n), docs/design.md §3), ``"larger"`` or ``"auto"`` (the side
-      with fewer state bytes for this inner optimizer and projector rule).
+    side: ``"smaller"`` (P spans min(m, n), docs/design.md §3), ``"larger"``, ``"auto"`` (the
+      side with fewer state bytes for this inner optimizer and projector rule) or
+      ``"reference"`` (the official code's: the smaller side, ties project the reduction side).
     transport_state: rotate the inner first moment into the new basis when P changes.
     project_params: give ``inner`` the params in its own coordinates (Pₜᵀ W' for projected
       leaves, one more rank-r matmul each) instead of None; needed by inner transforms that

@@ -75,7 +75,10 @@ class ProjectedMatrix:
     gp = g.T if self.transpose else g
     if self.rule == "galore":
       if t % self.gap == 0:
-        self.p = top_left_singular(gp, self.rank)
+        p_new = top_left_singular(gp, self.rank)
+        if self.p is not None:  # refreshes keep each column's sign: sign(diag(P_newᵀ P_old))
+          p_new = p_new * np.where(np.sum(p_new * self.p, axis=0) < 0, -1.0, 1.0)
+        self.p = p_new
     elif t == 0:
       self.p = top_left_singular(gp, self.rank)
     p_t = self.p

@@ -133,44 +133,47 @@ def test_quality_smoke(tmp_path, train_tokenizer):
   assert len(runs[0]["train_curve"]) == 3
 
 
-def test_reference_code_hook_builds_reference_optimizer():
-  """While the hook is active the trainer's osd_adamw is osd_adamw(reference_code=True)."""
+def test_reference_code_flag_builds_the_reference_optimizer():
+  """--reference-code: osd_adamw(reference_code=True) (no decay mask), warmup from lr 0; the
+  quality script sets it in the config instead of patching the trainer."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from benchmarks import quality
   from train import optimizers
-  from train.config import TrainConfig
+  from train.__main__ import parse_config
+  from train.config import ConfigError, TrainConfig, validate
 
+  assert not hasattr(quality, "reference_code_optimizer")
+  assert parse_config(["--optimizer", "osd_adamw", "--reference-code"]).reference_code
+  with pytest.raises(ConfigError, match="--reference-code"):
+    validate(TrainConfig(optimizer="adamw", reference_code=True))
   params = {"layers": {"0": {"attention": {"wq": {"kernel": jnp.zeros((8, 12))}}}},
-            "embed": {"embedding": jnp.zeros((16, 8))}}
+            "embed": {"embedding": jnp.ones((16, 8))}}
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
-  cfg = TrainConfig(optimizer="osd_adamw", rank=2, lr=1e-2, steps=10, grad_clip=0.0)
-
-  def projector_after_two_steps(tx):
-    state = tx.init(params)
-    for _ in range(2):
-      _, state = tx.update(grads, state, params)
-    return osd_jax.projectors_of(state)
-
-  plain, _ = optimizers.make_optimizer(cfg, params)
-  with quality.reference_code_optimizer():
-    hooked, _ = optimizers.make_optimizer(cfg, params)
-  after, _ = optimizers.make_optimizer(cfg, params)  # the hook is gone once the block exits
+  cfg = TrainConfig(optimizer="osd_adamw", rank=2, lr=1e-2, steps=10, grad_clip=0.0,
+                    weight_decay=0.1, reference_code=True)
   schedule = optimizers.make_schedule(cfg)
+  assert float(schedule(0)) == 0.0  # warmup (1 step here) from 0
+  np.testing.assert_allclose(float(schedule(1)), 1e-2, rtol=1e-6)
+  np.testing.assert_allclose(  # the trainer's own warmup already trains at step 0
+      float(optimizers.make_schedule(cfg.replace(reference_code=False))(0)), 1e-2, rtol=1e-6)
+  flagged, _ = optimizers.make_optimizer(cfg, params)
   reference = osd_jax.osd_adamw(
-      schedule, 2, reference_code=True, peak_learning_rate=cfg.lr,
-      weight_dimension_numbers=optimizers.projection_rule(params, cfg.project),
-      mask=optimizers.decay_mask(params))
-  p_hooked = projector_after_two_steps(hooked)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-               p_hooked, projector_after_two_steps(reference))
-  p_plain = projector_after_two_steps(plain)
-  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p_hooked, p_plain)
-  assert max(jax.tree.leaves(diff)) > 1e-6
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), projector_after_two_steps(after),
-               p_plain)
+      schedule, 2, reference_code=True, peak_learning_rate=cfg.lr, weight_decay=0.1,
+      update_proj_gap=cfg.update_proj_gap,
+      weight_dimension_numbers=optimizers.projection_rule(params, cfg.project))
+
+  def updates(tx):
+    state, out = tx.init(params), []
+    for _ in range(3):
+      u, state = tx.update(grads, state, params)
+      out.append(u)
+    return out
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates(flagged),
+               updates(reference))
 
 
 @pytest.mark.parametrize("shape", [(6, 10), (9, 4), (7, 7)])
@@ -218,3 +221,14 @@ def test_collectives_smoke(tmp_path):
   assert rows["osd_adamw"]["decompositions"] > 0 == rows["osd_adamw"]["decompositions_steady"]
   assert rows["osd_adamw"]["collectives_steady"]["all-gather"]["count"] == 0
   assert rows["osd_adamw"]["thunks_steady"] < rows["osd_adamw"]["thunks"]
+
+
+def test_galore_signs_smoke():
+  import numpy as np
+
+  from benchmarks import galore_signs
+
+  out = galore_signs.main(["--steps", "12", "--seeds", "1", "--update-proj-gap", "4"])
+  assert set(out) == set(galore_signs.RULES)
+  for losses in out.values():
+    assert len(losses) == 1 and all(np.isfinite(losses))

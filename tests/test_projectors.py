@@ -187,3 +187,36 @@ def test_custom_rule_plugs_in():
   expected = np.asarray(g["w"]).copy()
   expected[2] = 0.0  # rows outside the first two coordinate axes are projected out
   np.testing.assert_allclose(u["w"], expected)
+
+
+def test_align_signs_flips_only_columns_that_point_away():
+  rng = np.random.default_rng(0)
+  p_old = np.linalg.qr(rng.normal(size=(9, 3)))[0]
+  flips = np.array([-1.0, 1.0, -1.0])
+  p_new = p_old * flips + 0.05 * rng.normal(size=(9, 3))
+  aligned = np.asarray(projectors.align_signs(jnp.asarray(p_new), jnp.asarray(p_old)))
+  np.testing.assert_allclose(aligned, p_new * flips, rtol=1e-6)
+  assert np.all(np.sum(aligned * p_old, axis=0) > 0)
+  zeros = np.asarray(projectors.align_signs(jnp.asarray(p_new), jnp.zeros((9, 3))))
+  np.testing.assert_allclose(zeros, p_new, rtol=1e-6)  # before the first refresh: nothing to align to
+
+
+def test_svd_rule_refreshes_keep_column_signs_unless_official():
+  ps = _rule_trace(projectors.svd(every=2), 7)
+  for t in (2, 4, 6):
+    assert np.all(np.sum(ps[t] * ps[t - 1], axis=0) >= 0)
+  raw = _rule_trace(projectors.svd(every=2, method="official"), 7)
+  for t in range(7):  # same subspaces, signs as LAPACK returns them
+    np.testing.assert_allclose(np.abs(raw[t].T @ ps[t]), np.eye(2), atol=1e-4)
+
+
+def test_official_singular_subspace_keeps_raw_signs_in_the_official_orientation():
+  """G' = G_torch (transposed view): P = U[:, :r] of svd(G'); otherwise Vh[:r]ᵀ of svd(G'ᵀ)."""
+  g = np.random.default_rng(1).normal(size=(6, 11))
+  with jax.enable_x64(True):
+    with projectors.transposed_view(True):
+      p_out = np.asarray(projectors.official_singular_subspace(jnp.asarray(g), 3))
+    with projectors.transposed_view(False):
+      p_in = np.asarray(projectors.official_singular_subspace(jnp.asarray(g), 3))
+  np.testing.assert_allclose(p_out, np.linalg.svd(g, full_matrices=False)[0][:, :3], atol=1e-12)
+  np.testing.assert_allclose(p_in, np.linalg.svd(g.T, full_matrices=False)[2][:3].T, atol=1e-12)

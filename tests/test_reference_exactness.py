@@ -65,10 +65,14 @@ CASES = {
                                              proj_lr=lambda t: 2.0 * lr_schedule(t),
                                              proj_wd=0.05),
         vector=ref.Adam, wd=0.05),
-    "osd_adamw_reference_code": dict(
+    # The official code's projector rule through the paper-mode alias (reference_code=True
+    # itself is checked against the official update in tests/test_official_parity.py).
+    "osd_adamw_reference_projector": dict(
         tx=lambda: osd_jax.osd_adamw(
-            lr_schedule, RANK, weight_decay=0.05, reference_code=True, peak_learning_rate=0.02,
-            update_proj_gap=10, projector_dtype=jnp.float64),
+            lr_schedule, RANK, weight_decay=0.05, orthogonality_weight=0.0,
+            projector_weight_decay=0.01, projector_dtype=jnp.float64,
+            projector_learning_rate=osd_jax.reference_projector_learning_rate(
+                lr_schedule, peak_learning_rate=0.02, update_proj_gap=10)),
         matrix=lambda s: ref.ProjectedMatrix(s, RANK, ref.Adam, lam=0.0, proj_wd=0.01,
                                              proj_lr=lambda t: lr_schedule(t) / 0.02 / 10),
         vector=ref.Adam, wd=0.05),

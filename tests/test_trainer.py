@@ -244,20 +244,28 @@ def test_zero_gradients_never_make_projectors_nan():
 
 
 def test_projector_metrics_only_at_log_steps():
-  """The orthogonality error and drift (a QR of every projector) are computed only at log steps
-  (--log-every 2, --steps 5: steps 2, 4, 5) and are NaN at the others; the drift is that of the
-  step itself (P before vs after it)."""
+  """The orthogonality error, drift and captured energy (a QR of every projector) are computed
+  only at log steps (--log-every 2, --steps 5: steps 2, 4, 5) and are NaN at the others; the drift
+  is that of the step itself (P before vs after it), the energy that of the step's gradient."""
   setup = trainer.build(small_config(**_METRICS_CFG), VOCAB, devices=one_device())
   sharding = shd.batch_sharding(setup.mesh)
   state = setup.init_state()
+  from train.train_step import token_loss
+
   for i in range(1, 6):
     before = host(state.opt_state)
     batch = {k: jax.device_put(v, sharding) for k, v in random_batch(i, 8, 32, VOCAB).items()}
+    grads = jax.grad(lambda p, b=batch: token_loss(setup.graphdef, p, b)[0])(state.params)
     state, m = setup.train_step(state, batch)
     logged = i in (2, 4, 5)
     assert np.isfinite(float(m["subspace_drift"])) == logged, i
     assert np.isfinite(float(m["orthogonality_error"])) == logged, i
-    if logged:
+    assert np.isfinite(float(m["captured_energy_mean"])) == logged, i
+    if logged:  # the energy fraction ignores the gradient's scale (loss sum vs mean)
+      energy = np.asarray(osd_jax.captured_energy(host(grads), host(state.opt_state)))
+      np.testing.assert_allclose(float(m["captured_energy_mean"]), energy.mean(), rtol=1e-4)
+      np.testing.assert_allclose(float(m["captured_energy_min"]), energy.min(), rtol=1e-4)
+      assert 0 < energy.min() <= energy.mean() < 1
       np.testing.assert_allclose(float(m["subspace_drift"]),
                                  float(osd_jax.subspace_drift(before, host(state.opt_state))),
                                  rtol=1e-4, atol=1e-7)
@@ -306,3 +314,17 @@ def test_a_streak_of_skips_that_ends_between_log_steps_still_stops(tmp_path, tra
   with pytest.raises(FloatingPointError, match="2 steps in a row .* stopped at step 4"):
     trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
 
+
+
+@pytest.mark.slow
+def test_reference_code_trains_sharded(tmp_path, train_tokenizer):
+  """--reference-code through the whole trainer on the 8 fake devices: GaLore with the official
+  SVD signs, the official Adam and decay order; the loss is finite and the captured energy of
+  the step-0 SVD subspace is logged."""
+  cfg = small_config(tmp_path / "run", optimizer="galore_adamw", reference_code=True, steps=3,
+                     update_proj_gap=2, weight_decay=0.1)
+  result = trainer.train(cfg, tokenizer=train_tokenizer)
+  steps = [r for r in result.history if "loss" in r]
+  assert len(steps) == 3 and all(np.isfinite(r["loss"]) for r in steps)
+  assert all(0 < r["captured_energy_mean"] < 1 for r in steps)
+  assert steps[0]["lr"] == 0.0 and steps[1]["lr"] > 0  # the official warmup starts at lr 0

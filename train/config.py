@@ -71,7 +71,8 @@ class TrainConfig:
                         group="optimizer")
   b2: float | None = _f(None, "Second-moment decay (default: 0.999 for Adam, 0.99 for Lion).",
                         group="optimizer")
-  eps: float = _f(1e-8, "Adam epsilon.", group="optimizer")
+  eps: float | None = _f(None, "Adam epsilon (default: 1e-8; 1e-6, the official code's, with "
+                         "--reference-code).", group="optimizer")
   grad_clip: float = _f(1.0, "Clip gradients to this global norm (0 disables).", group="optimizer")
   rank: int | None = _f(None, "Subspace rank r for osd_* and galore_adamw; a matrix is projected "
                         "only when r is below its smaller side (default: the preset's: "
@@ -90,6 +91,15 @@ class TrainConfig:
                            group="optimizer")
   update_proj_gap: int = _f(200, "GaLore: recompute P by SVD every this many steps.",
                             group="optimizer")
+  align_signs: bool = _f(True, "GaLore: flip each refreshed column of P to the sign of the "
+                         "previous P's, so Adam's carried moments are not negated by an arbitrary "
+                         "SVD sign (--no-align-signs: each refresh's own canonical signs).",
+                         group="optimizer")
+  reference_code: bool = _f(False, "osd_adamw/osd_lion/galore_adamw: reproduce the official "
+                            "PyTorch code instead of the paper (osd_jax reference_code=True: its "
+                            "Adam eps placement and defaults, projector rule and step, decay "
+                            "order); the warmup then starts at lr 0 and weight decay applies to "
+                            "every parameter, as there.", group="optimizer")
   project: str = _f("attn_mlp", "Which matrices are projected: attn_mlp (paper: attention and MLP; "
                     "embeddings, head and norms get full-rank AdamW) or all (every 2-D param).",
                     choices=PROJECTION_RULES, group="optimizer")
@@ -226,6 +236,11 @@ def validate(cfg: TrainConfig) -> None:
   for n in ("eval_every", "ckpt_every", "weight_decay", "grad_clip", "loss_spike_factor"):
     if getattr(cfg, n) < 0:
       raise ConfigError(f"--{n.replace('_', '-')} must be >= 0, got {getattr(cfg, n)}")
+  if cfg.eps is not None and cfg.eps < 0:
+    raise ConfigError(f"--eps must be >= 0, got {cfg.eps}")
+  if cfg.reference_code and cfg.optimizer not in SUBSPACE_OPTIMIZERS:
+    raise ConfigError(f"--reference-code applies to {', '.join(SUBSPACE_OPTIMIZERS)}, not "
+                      f"--optimizer {cfg.optimizer}")
   if not 0.0 <= cfg.min_lr_ratio <= 1.0:
     raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
   if cfg.warmup_steps is not None and not 0 <= cfg.warmup_steps <= cfg.steps:

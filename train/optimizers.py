@@ -26,14 +26,17 @@ PROJECTED_MODULES = ("attention", "attn", "mlp", "feed_forward", "ffn")
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
   """Linear warmup to ``lr`` (reached at step ``warmup``), then cosine decay to ``min_lr_ratio*lr``.
 
-  The warmup starts at ``lr/warmup`` rather than 0 so that step 0 already trains.
+  The warmup starts at ``lr/warmup`` rather than 0 so that step 0 already trains; with
+  ``--reference-code`` it starts at 0, as the official code's does (step 0 then only fills the
+  optimizer's moments).
   """
   peak, warmup, total = cfg.lr, cfg.resolved_warmup, cfg.steps
   floor = cfg.min_lr_ratio * peak
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
-    warm = peak * jnp.minimum(count + 1.0, float(max(warmup, 1))) / max(warmup, 1)
+    first = 0.0 if cfg.reference_code else 1.0
+    warm = peak * jnp.minimum(count + first, float(max(warmup, 1))) / max(warmup, 1)
     progress = jnp.clip((count - warmup) / max(total - warmup, 1), 0.0, 1.0)
     cosine = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
     return jnp.where(count < warmup, warm, cosine)
@@ -132,9 +135,13 @@ def decay_mask(params: Any) -> Any:
 
 def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   name = cfg.optimizer
-  mask = decay_mask(params)
+  ref = cfg.reference_code
+  mask = None if ref else decay_mask(params)  # the official code decays every parameter
   adam = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.999 if cfg.b2 is None else cfg.b2,
-              eps=cfg.eps)
+              eps=cfg.eps if cfg.eps is not None or ref else 1e-8)
+  # The official code's choices (osd_jax reference_code=True); scale and eps left to the alias.
+  reference = dict(reference_code=True, peak_learning_rate=cfg.lr,
+                   update_proj_gap=cfg.update_proj_gap) if ref else {}
   lion = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.99 if cfg.b2 is None else cfg.b2)
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=mask, **adam)
@@ -145,13 +152,14 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
     return osd_jax.galore_adamw(
         schedule, cfg.resolved_rank, update_proj_gap=cfg.update_proj_gap,
         scale=0.25 if cfg.scale is None else cfg.scale, weight_decay=cfg.weight_decay,
-        weight_dimension_numbers=dims, mask=mask, seed=cfg.seed, **adam)
-  osd = dict(scale=1.0 if cfg.scale is None else cfg.scale,
+        weight_dimension_numbers=dims, mask=mask, seed=cfg.seed,
+        align_signs=None if ref else cfg.align_signs, reference_code=ref, **adam)
+  osd = dict(scale=cfg.scale if cfg.scale is not None or ref else 1.0,
              orthogonality_weight=cfg.orthogonality_weight,
              projector_lr_ratio=cfg.projector_lr_ratio,
              projector_weight_decay=cfg.projector_weight_decay,
              projector_init=cfg.projector_init, weight_dimension_numbers=dims, mask=mask,
-             weight_decay=cfg.weight_decay, seed=cfg.seed)
+             weight_decay=cfg.weight_decay, seed=cfg.seed, **reference)
   if name == "osd_adamw":
     return osd_jax.osd_adamw(schedule, cfg.resolved_rank, **adam, **osd)
   if name == "osd_lion":

@@ -13,11 +13,13 @@ orbax checkpoints all see the same structure. One train step:
    running mean);
 4. returns scalar metrics: loss, the mean loss since the last log step (``loss_mean``, from two
    accumulators in the state that are reset after each log step), grad norm, lr, skip counters,
-   and for subspace optimizers the
-   mean projector orthogonality error ``||P^T P - I||_F`` and the subspace drift of this step
-   (mean sin^2 of the principal angles between P before and after it). These two need a QR of
-   every projector, so they are computed under ``lax.cond`` only at log steps (the step count
-   after the step is a multiple of ``metrics_every`` or is ``last_step``) and are NaN otherwise.
+   and for subspace optimizers the mean projector orthogonality error ``||P^T P - I||_F``, the
+   subspace drift of this step (mean sin^2 of the principal angles between P before and after it)
+   and the mean and min over projected matrices of the captured energy ``||Q^T G'||^2 / ||G'||^2``
+   of this step's gradient in span(P after the step) (:func:`osd_jax.captured_energy`). These
+   need a QR of every projector, so they are computed under ``lax.cond`` only at log steps (the
+   step count after the step is a multiple of ``metrics_every`` or is ``last_step``) and are NaN
+   otherwise.
 """
 
 from __future__ import annotations
@@ -166,20 +168,24 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     }
     if subspace_metrics:
       # A QR of every projector: computed at log steps only, NaN on the others.
-      def projector_metrics(old, new):
+      def projector_metrics(old, new, g):
+        energy = osd_jax.captured_energy(g, new)  # ‖QᵀG'‖²/‖G'‖² per matrix, P after the step
         return (osd_jax.projector_orthogonality_error(new).astype(jnp.float32),
-                osd_jax.subspace_drift(old, new).astype(jnp.float32))
+                osd_jax.subspace_drift(old, new).astype(jnp.float32),
+                jnp.mean(energy), jnp.min(energy))
 
-      def skip_metrics(old, new):
-        return jnp.full([], jnp.nan, jnp.float32), jnp.full([], jnp.nan, jnp.float32)
+      def skip_metrics(old, new, g):
+        return tuple(jnp.full([], jnp.nan, jnp.float32) for _ in range(4))
 
       if metrics_every <= 1:
-        orth, drift = projector_metrics(state.opt_state, new_opt)
+        orth, drift, e_mean, e_min = projector_metrics(state.opt_state, new_opt, grads)
       else:
-        orth, drift = jax.lax.cond(at_log_step, projector_metrics, skip_metrics,
-                                   state.opt_state, new_opt)
+        orth, drift, e_mean, e_min = jax.lax.cond(at_log_step, projector_metrics, skip_metrics,
+                                                  state.opt_state, new_opt, grads)
       metrics["orthogonality_error"] = orth
       metrics["subspace_drift"] = drift
+      metrics["captured_energy_mean"] = e_mean
+      metrics["captured_energy_min"] = e_min
     return new_state, metrics
 
   rep = NamedSharding(mesh, P())

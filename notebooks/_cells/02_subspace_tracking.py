@@ -77,11 +77,19 @@ print(f"the top-{R} SVD of one gradient is on average {svd_floor:.1f}° from the
 # `state = rule.init(s, L, r, dtype)` and `p_t, g_hat, state = rule.update(g, state, t, key)`, which returns the $P_t$
 # used at step $t$, the projected gradient $\hat G_t = P_t^\top G_t$, and the state holding $P_{t+1}$.
 # `scale_by_subspace_descent` calls exactly these; here we call them ourselves inside one `lax.scan`, recording at every
-# step the principal angles between $P_t$ and $U_t$ and the orthogonality error $\|P_t^\top P_t - I_r\|_F$.
+# step the principal angles between $P_t$ and $U_t$, the orthogonality error $\|P_t^\top P_t - I_r\|_F$, and the
+# **captured energy** $\|Q_t^\top G_t\|_F^2/\|G_t\|_F^2$ ($Q_t$ an orthonormal basis of $P_t$): the fraction of the
+# gradient the optimizer actually sees, what `osd_jax.captured_energy` computes and the trainer logs.
 
 # %%
+def captured(p, g):
+  """‖QᵀG‖²/‖G‖² with Q an orthonormal basis of span(p)."""
+  q, _ = jnp.linalg.qr(p)
+  return jnp.sum((q.T @ g) ** 2) / jnp.sum(g**2)
+
+
 def track(rule, steps=STEPS, seed=2):
-  """Runs ``rule`` on the rotating gradients; returns (largest angle [deg], ‖PᵀP − I‖_F) per step."""
+  """Runs ``rule`` on the rotating gradients; per step: largest angle [deg], ‖PᵀP − I‖_F, energy."""
 
   def body(carry, t):
     u, state = carry
@@ -90,11 +98,11 @@ def track(rule, steps=STEPS, seed=2):
     p, _, state = rule.update(g, state, t, jax.random.fold_in(key, 1))  # P_t, Ĝ_t, state with P_{t+1}
     angles = principal_angles(p, u)
     orth = jnp.linalg.norm(p.T @ p - jnp.eye(R))
-    return (ROT @ u, state), (angles[-1], orth)
+    return (ROT @ u, state), (angles[-1], orth, captured(p, g))
 
   state = rule.init(S, L, R, jnp.float32)
-  _, (angle, orth) = jax.lax.scan(body, (U0, state), jnp.arange(steps))
-  return angle, orth
+  _, (angle, orth, energy) = jax.lax.scan(body, (U0, state), jnp.arange(steps))
+  return angle, orth, energy
 
 
 # The online-PCA step size and λ enter as traced arguments, so all of its settings share one compilation.
@@ -117,11 +125,12 @@ results["random every 20"] = track_jit(projectors.random(every=20))
 results["frozen P₀ (SVD of G₀)"] = track_jit(projectors.frozen())
 results = {k: tuple(map(np.asarray, v)) for k, v in results.items()}
 print(f"{len(results)} rules x {STEPS} steps in {time.time() - t0:.1f} s\n")
-print(f"{'':26s} {'mean angle':>10s}   {'‖PᵀP − I‖_F':^27s}")
-print(f"{'rule':26s} {'2nd half':>10s}   {'max':>6s} {'at step':>7s} {'mean 2nd half':>13s}")
-for name, (angle, orth) in results.items():
+print(f"{'':26s} {'mean angle':>10s}   {'‖PᵀP − I‖_F':^27s}   {'energy':>6s}")
+print(f"{'rule':26s} {'2nd half':>10s}   {'max':>6s} {'at step':>7s} {'mean 2nd half':>13s}   "
+      f"{'mean':>6s}")
+for name, (angle, orth, energy) in results.items():
   print(f"{name:26s} {angle[STEPS // 2:].mean():9.1f}°   {orth.max():6.3f} {int(orth.argmax()):7d} "
-        f"{orth[STEPS // 2:].mean():13.4f}")
+        f"{orth[STEPS // 2:].mean():13.4f}   {energy.mean():6.3f}")
 
 # %% [markdown]
 # ## Principal angle between $P_t$ and the true subspace $U_t$
@@ -184,6 +193,27 @@ for k in results:
     ax.semilogy(results[k][1], label=k, lw=1.2)
 ax.semilogy(np.maximum(results["SVD every T=20"][1], 1e-8), label="SVD every T=20", color="gray", lw=1)
 ax.set(xlabel="step t", ylabel="‖PᵀP − I‖_F", title="Distance of P from orthonormal")
+ax.grid(alpha=0.3)
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## Captured energy: how much of each gradient the optimizer sees
+#
+# The inner optimizer only ever sees $P_t^\top G_t$; the captured energy $\|Q_t^\top G_t\|^2/\|G_t\|^2$ is the share of the
+# gradient that survives the projection. The ceiling (dashed) is the top-$r$ SVD of $G_t$ itself, the best any
+# rank-$r$ projector could do for that one gradient. This is the paper's mechanism: online PCA should keep capturing
+# more than a $P$ refreshed only every $T$ steps, whose share decays as the subspace turns away between refreshes.
+
+# %%
+ceiling = np.mean([float(captured(projectors.top_singular_subspace(g, R), g)) for g in
+                   [gradient(U0, k) for k in jax.random.split(jax.random.PRNGKey(4), 20)]])
+fig, ax = plt.subplots(figsize=(8, 4))
+for k in ["online PCA α=5, λ=0.1", "SVD every T=20", "SVD every T=100", "random every 20",
+          "frozen P₀ (SVD of G₀)"]:
+  ax.plot(smooth(results[k][2]) if k.startswith("online") else results[k][2], label=k, lw=1.2)
+ax.axhline(ceiling, color="k", ls="--", lw=1, label="top-r SVD of G_t itself (ceiling)")
+ax.set(xlabel="step t", ylabel="‖QᵀG‖² / ‖G‖²", title="Captured energy of each gradient", ylim=(0, 1))
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 plt.show()
