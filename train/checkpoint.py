@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -314,10 +314,17 @@ def _open_read_only(run_dir: str):
   ckpt_dir = cfg.ckpt_dir or os.path.join(run_dir, "checkpoints")
   if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoint directory {ckpt_dir}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                         max_to_keep=None)
   handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
               "config": ocp.JsonCheckpointHandler(), "signature": ocp.JsonCheckpointHandler()}
-  manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+  absl_log = logging.getLogger("absl")  # orbax warns that the directory is read only
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+  finally:
+    absl_log.setLevel(level)
   return cfg, ckpt_dir, manager
 
 
@@ -489,10 +496,26 @@ def load_params(run_dir: str, step: int | None = None,
 
   Example::
 
-    params = load_params("runs/my-run")
-    graphdef, _ = abstract_params(load_model_config("runs/my-run"), mesh)
-    model = flax.nnx.merge(graphdef, params)
+    params = load_params("runs/my-run")  # or, with the model definition:
+    loaded = load_model("runs/my-run")
+    model = flax.nnx.merge(loaded.graphdef, loaded.params)
   """
+  return load_model(run_dir, step, mesh).params
+
+
+class LoadedModel(NamedTuple):
+  """What :func:`load_model` returns."""
+
+  params: Any  # as load_params returns them
+  graphdef: Any  # nnx.merge(graphdef, params) is the Llama
+  model_config: Any  # train.model.LlamaConfig
+  config: Any  # the train.config.TrainConfig saved with the checkpoint
+  step: int
+
+
+def load_model(run_dir: str, step: int | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+  """:func:`load_params` with the model definition and configs that go with them."""
   from train import sharding as shd
 
   _, ckpt_dir, manager = _open_read_only(run_dir)
@@ -501,10 +524,12 @@ def load_params(run_dir: str, step: int | None = None,
     where = os.path.join(ckpt_dir, str(step))
     saved_cfg, saved_params = _saved_config_and_params(manager, ckpt_dir, step)
     mesh = mesh if mesh is not None else shd.make_mesh("fsdp=-1")
-    _, target = abstract_params(_model_config(saved_cfg, saved_params), mesh)
-    return _restore_params(manager, step, where, saved_params, target, mesh)
+    mcfg = _model_config(saved_cfg, saved_params)
+    graphdef, target = abstract_params(mcfg, mesh)
+    params = _restore_params(manager, step, where, saved_params, target, mesh)
   finally:
     manager.close()
+  return LoadedModel(params, graphdef, mcfg, saved_cfg, step)
 
 
 def _restore_params(manager, step: int, where: str, saved_params: Any, target: Any,

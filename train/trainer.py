@@ -432,10 +432,12 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     return result
 
   saved_steps = set(checkpointer.all_steps())
+  data_rows = shd.process_batch_rows(setup.mesh, cfg.batch_size)
 
   def save(step: int, wait: bool = False) -> None:
     if step not in saved_steps:
-      checkpointer.save(step, state, data_state=_iter_state(train_it), config=cfg.to_dict())
+      checkpointer.save(step, state, data_state=_iter_state(train_it), config=cfg.to_dict(),
+                        data_rows=data_rows)
       saved_steps.add(step)
     if wait:
       checkpointer.wait()
@@ -549,13 +551,21 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
     checkpointer = checkpointer or open_checkpointer()
     if not cfg.resume:
       return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer, checkpointer
-    state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
+    # restored resharded onto this run's mesh, whatever mesh, device or process count saved it
+    state, data_state, saved = checkpointer.restore(
+        setup.abstract_state, config=cfg.to_dict(),
+        data_rows=shd.process_batch_rows(setup.mesh, cfg.batch_size))
     start = int(state.step)
     if data_state is not None:
       train_it.set_state(data_state)
-    else:  # no saved position: replay the stream up to the step
-      for _ in range(start):
-        next(train_it)
+    else:  # this process now reads other rows of each global batch: go to global batch `start`
+      from train import data as data_lib
+
+      try:
+        data_lib.seek(train_it, start, cfg.data)
+      except ValueError as e:
+        raise ckpt_lib.CheckpointError(str(e)) from None
+    _log_resume(checkpointer.metadata(start), setup.mesh, start, data_state is None)
   except BaseException:
     if checkpointer is not None:
       checkpointer.close()
@@ -565,6 +575,19 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
     log.warning("resuming with changed settings (the run continues under the new ones): %s",
                 "; ".join(changed))
   return cfg, setup, state, start, train_it, eval_ds, tokenizer, checkpointer
+
+
+def _log_resume(saved: dict, mesh: jax.sharding.Mesh, step: int, repositioned: bool) -> None:
+  """Names the layout that saved the checkpoint and the one that continues it."""
+  if jax.process_index() != 0:
+    return
+  now = ckpt_lib.describe_topology(ckpt_lib.checkpoint_metadata(mesh))
+  was = ckpt_lib.describe_topology(saved)
+  if was == now:
+    log.info("resuming at step %d on %s, the layout that saved it", step, now)
+    return
+  log.info("resuming at step %d on %s (saved on %s): params and optimizer state resharded%s",
+           step, now, was, f"; data moved to global batch {step}" if repositioned else "")
 
 
 def _iter_state(it: Any) -> Any:
