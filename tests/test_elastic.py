@@ -255,9 +255,9 @@ def fsdp8_checkpoint(tmp_path_factory, train_tokenizer):
 
 
 @pytest.mark.parametrize("mesh, n_devices", [
-    ("data=2,fsdp=2", 4),
+    pytest.param("data=2,fsdp=2", 4, marks=pytest.mark.slow),
     ("data=-1", 1),
-    ("data=2,tensor=2", 4),
+    pytest.param("data=2,tensor=2", 4, marks=pytest.mark.slow),
 ])
 def test_resume_on_another_mesh_or_device_count(mesh, n_devices, fsdp8_checkpoint, tmp_path,
                                                 train_tokenizer, monkeypatch, caplog):
