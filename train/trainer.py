@@ -577,6 +577,10 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
   return cfg, setup, state, start, train_it, eval_ds, tokenizer, checkpointer
 
 
+def _iter_state(it: Any) -> Any:
+  return it.get_state() if hasattr(it, "get_state") else None
+
+
 def _log_resume(saved: dict, mesh: jax.sharding.Mesh, step: int, repositioned: bool) -> None:
   """Names the layout that saved the checkpoint and the one that continues it."""
   if jax.process_index() != 0:
@@ -588,7 +592,3 @@ def _log_resume(saved: dict, mesh: jax.sharding.Mesh, step: int, repositioned: b
     return
   log.info("resuming at step %d on %s (saved on %s): params and optimizer state resharded%s",
            step, now, was, f"; data moved to global batch {step}" if repositioned else "")
-
-
-def _iter_state(it: Any) -> Any:
-  return it.get_state() if hasattr(it, "get_state") else None
