@@ -144,6 +144,20 @@ def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
   return None
 
 
+def _batch_rows(tree: Any, config: dict | None) -> tuple[int, int] | None:
+  """The rows of each global batch that this process's devices hold under the mesh of ``tree``
+  (:func:`train.sharding.process_batch_rows`), or None when that is not known."""
+  from train import sharding as shd
+
+  mesh = _mesh_of(tree)
+  if mesh is None or not (config or {}).get("batch_size"):
+    return None
+  try:
+    return shd.process_batch_rows(mesh, int(config["batch_size"]))
+  except ValueError:
+    return None
+
+
 def describe_topology(meta: dict) -> str:
   """``"mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices, 1 process)"`` from
   :func:`checkpoint_metadata` (a version-1 checkpoint did not record it)."""
@@ -182,10 +196,12 @@ class Checkpointer:
     step already exists.
 
     ``data_rows``: the rows ``[start, stop)`` of every global batch that this process's data
-    iterator reads; a resume whose processes read other rows repositions the data by step.
+    iterator reads (default: those its devices hold, from the state's mesh and ``config``'s
+    ``batch_size``); a resume whose processes read other rows repositions the data by step.
     """
     if step in self.manager.all_steps():
       return False
+    data_rows = data_rows if data_rows is not None else _batch_rows(state, config)
     data_states = _gather_json(encode_data_state(data_state))
     data = {"process_count": jax.process_count(), "states": data_states}
     if data_rows is not None:
@@ -233,7 +249,9 @@ class Checkpointer:
 
     ``data_state`` is this process's saved iterator state, or None when it cannot be used: the
     checkpoint was written by another number of processes, or this process now reads other rows
-    ``data_rows`` of each global batch than it did (the caller repositions the data by step).
+    ``data_rows`` of each global batch than it did (default: those its devices hold, from
+    ``abstract_state``'s mesh and ``config``'s ``batch_size``); the caller then repositions the
+    data by step.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -268,6 +286,7 @@ class Checkpointer:
     data = out["data"] or {}
     states = data.get("states") or [None]
     rows = data.get("rows")  # absent before format version 2: the rows follow from the count
+    data_rows = data_rows if data_rows is not None else _batch_rows(abstract_state, config)
     if data.get("process_count", 1) != jax.process_count() or not (
         data_rows is None or rows is None
         or list(rows[jax.process_index()]) == [int(r) for r in data_rows]):

@@ -432,12 +432,10 @@ def _train(cfg: TrainConfig, preemption: _Preemption, *, devices: Any, stop_at: 
     return result
 
   saved_steps = set(checkpointer.all_steps())
-  data_rows = shd.process_batch_rows(setup.mesh, cfg.batch_size)
 
   def save(step: int, wait: bool = False) -> None:
     if step not in saved_steps:
-      checkpointer.save(step, state, data_state=_iter_state(train_it), config=cfg.to_dict(),
-                        data_rows=data_rows)
+      checkpointer.save(step, state, data_state=_iter_state(train_it), config=cfg.to_dict())
       saved_steps.add(step)
     if wait:
       checkpointer.wait()
@@ -551,14 +549,12 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
     checkpointer = checkpointer or open_checkpointer()
     if not cfg.resume:
       return cfg, setup, setup.init_state(), 0, train_it, eval_ds, tokenizer, checkpointer
-    # restored resharded onto this run's mesh, whatever mesh, device or process count saved it
-    state, data_state, saved = checkpointer.restore(
-        setup.abstract_state, config=cfg.to_dict(),
-        data_rows=shd.process_batch_rows(setup.mesh, cfg.batch_size))
+    state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
     start = int(state.step)
     if data_state is not None:
       train_it.set_state(data_state)
-    else:  # this process now reads other rows of each global batch: go to global batch `start`
+    else:  # this process reads other rows of each global batch than the saver (another mesh or
+      # process count; params and optimizer state came back resharded): go to global batch `start`
       from train import data as data_lib
 
       try:
