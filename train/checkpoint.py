@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -144,6 +144,20 @@ def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
   return None
 
 
+def _batch_rows(tree: Any, config: dict | None) -> tuple[int, int] | None:
+  """The rows of each global batch that this process's devices hold under the mesh of ``tree``
+  (:func:`train.sharding.process_batch_rows`), or None when that is not known."""
+  from train import sharding as shd
+
+  mesh = _mesh_of(tree)
+  if mesh is None or not (config or {}).get("batch_size"):
+    return None
+  try:
+    return shd.process_batch_rows(mesh, int(config["batch_size"]))
+  except ValueError:
+    return None
+
+
 def describe_topology(meta: dict) -> str:
   """``"mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices, 1 process)"`` from
   :func:`checkpoint_metadata` (a version-1 checkpoint did not record it)."""
@@ -182,10 +196,12 @@ class Checkpointer:
     step already exists.
 
     ``data_rows``: the rows ``[start, stop)`` of every global batch that this process's data
-    iterator reads; a resume whose processes read other rows repositions the data by step.
+    iterator reads (default: those its devices hold, from the state's mesh and ``config``'s
+    ``batch_size``); a resume whose processes read other rows repositions the data by step.
     """
     if step in self.manager.all_steps():
       return False
+    data_rows = data_rows if data_rows is not None else _batch_rows(state, config)
     data_states = _gather_json(encode_data_state(data_state))
     data = {"process_count": jax.process_count(), "states": data_states}
     if data_rows is not None:
@@ -233,7 +249,9 @@ class Checkpointer:
 
     ``data_state`` is this process's saved iterator state, or None when it cannot be used: the
     checkpoint was written by another number of processes, or this process now reads other rows
-    ``data_rows`` of each global batch than it did (the caller repositions the data by step).
+    ``data_rows`` of each global batch than it did (default: those its devices hold, from
+    ``abstract_state``'s mesh and ``config``'s ``batch_size``); the caller then repositions the
+    data by step.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -268,6 +286,7 @@ class Checkpointer:
     data = out["data"] or {}
     states = data.get("states") or [None]
     rows = data.get("rows")  # absent before format version 2: the rows follow from the count
+    data_rows = data_rows if data_rows is not None else _batch_rows(abstract_state, config)
     if data.get("process_count", 1) != jax.process_count() or not (
         data_rows is None or rows is None
         or list(rows[jax.process_index()]) == [int(r) for r in data_rows]):
@@ -314,10 +333,17 @@ def _open_read_only(run_dir: str):
   ckpt_dir = cfg.ckpt_dir or os.path.join(run_dir, "checkpoints")
   if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoint directory {ckpt_dir}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                         max_to_keep=None)
   handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
               "config": ocp.JsonCheckpointHandler(), "signature": ocp.JsonCheckpointHandler()}
-  manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+  absl_log = logging.getLogger("absl")  # orbax warns that the directory is read only
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
+  finally:
+    absl_log.setLevel(level)
   return cfg, ckpt_dir, manager
 
 
@@ -489,10 +515,26 @@ def load_params(run_dir: str, step: int | None = None,
 
   Example::
 
-    params = load_params("runs/my-run")
-    graphdef, _ = abstract_params(load_model_config("runs/my-run"), mesh)
-    model = flax.nnx.merge(graphdef, params)
+    params = load_params("runs/my-run")  # or, with the model definition:
+    loaded = load_model("runs/my-run")
+    model = flax.nnx.merge(loaded.graphdef, loaded.params)
   """
+  return load_model(run_dir, step, mesh).params
+
+
+class LoadedModel(NamedTuple):
+  """What :func:`load_model` returns."""
+
+  params: Any  # as load_params returns them
+  graphdef: Any  # nnx.merge(graphdef, params) is the Llama
+  model_config: Any  # train.model.LlamaConfig
+  config: Any  # the train.config.TrainConfig saved with the checkpoint
+  step: int
+
+
+def load_model(run_dir: str, step: int | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+  """:func:`load_params` with the model definition and configs that go with them."""
   from train import sharding as shd
 
   _, ckpt_dir, manager = _open_read_only(run_dir)
@@ -501,10 +543,12 @@ def load_params(run_dir: str, step: int | None = None,
     where = os.path.join(ckpt_dir, str(step))
     saved_cfg, saved_params = _saved_config_and_params(manager, ckpt_dir, step)
     mesh = mesh if mesh is not None else shd.make_mesh("fsdp=-1")
-    _, target = abstract_params(_model_config(saved_cfg, saved_params), mesh)
-    return _restore_params(manager, step, where, saved_params, target, mesh)
+    mcfg = _model_config(saved_cfg, saved_params)
+    graphdef, target = abstract_params(mcfg, mesh)
+    params = _restore_params(manager, step, where, saved_params, target, mesh)
   finally:
     manager.close()
+  return LoadedModel(params, graphdef, mcfg, saved_cfg, step)
 
 
 def _restore_params(manager, step: int, where: str, saved_params: Any, target: Any,

@@ -65,6 +65,7 @@ __all__ = [
     "make_token_dataset",
     "parse_spec",
     "read_text_files",
+    "seek",
     "tokenize_documents",
     "window_starts",
 ]
@@ -732,3 +733,27 @@ def make_dataset(spec: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: i
   return make_token_dataset(
       tokens, seq_len=seq_len, batch_size=batch_size, starts=starts, shuffle=shuffle, seed=seed,
       process_index=process_index, process_count=process_count, num_epochs=num_epochs)
+
+
+def seek(iterator: Any, batches: int, spec: str) -> None:
+  """Moves a fresh iterator of :func:`make_dataset` to its batch number ``batches`` (the next
+  batch it yields is that one), for a resume whose processes read other rows of each global
+  batch than the run that saved (another process count or mesh).
+
+  ``embedded``/``text:`` streams are one global stream, so the position of every process is the
+  global batch index. A ``tfds:`` stream is packed per process from a per-process share of the
+  documents: its position cannot be carried to other shares, and ValueError says so.
+  """
+  kind, _ = parse_spec(spec)
+  if kind == "tfds":
+    raise ValueError(f"--data {spec} is packed per process from each process's share of the "
+                     f"documents, so its position cannot move to another process count or batch "
+                     f"layout without repeating or skipping documents; resume with the process "
+                     f"count and --mesh batch axes (data x fsdp) that saved it")
+  if batches < 0:
+    raise ValueError(f"batches must be >= 0, got {batches}")
+  if iterator.get_state() == {"next_index": 0}:  # grain's map-dataset iterator: jump
+    iterator.set_state({"next_index": int(batches)})
+    return
+  for _ in range(batches):  # anything else: read up to the position
+    next(iterator)

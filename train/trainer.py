@@ -615,9 +615,15 @@ def _start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any):
     start = int(state.step)
     if data_state is not None:
       train_it.set_state(data_state)
-    else:  # no saved position: replay the stream up to the step
-      for _ in range(start):
-        next(train_it)
+    else:  # this process reads other rows of each global batch than the saver (another mesh or
+      # process count; params and optimizer state came back resharded): go to global batch `start`
+      from train import data as data_lib
+
+      try:
+        data_lib.seek(train_it, start, cfg.data)
+      except ValueError as e:
+        raise ckpt_lib.CheckpointError(str(e)) from None
+    _log_resume(checkpointer.metadata(start), setup.mesh, start, data_state is None)
   except BaseException:
     if checkpointer is not None:
       checkpointer.close()
@@ -641,3 +647,16 @@ def _init_from(cfg: TrainConfig, setup: Setup) -> Any:
 
 def _iter_state(it: Any) -> Any:
   return it.get_state() if hasattr(it, "get_state") else None
+
+
+def _log_resume(saved: dict, mesh: jax.sharding.Mesh, step: int, repositioned: bool) -> None:
+  """Names the layout that saved the checkpoint and the one that continues it."""
+  if jax.process_index() != 0:
+    return
+  now = ckpt_lib.describe_topology(ckpt_lib.checkpoint_metadata(mesh))
+  was = ckpt_lib.describe_topology(saved)
+  if was == now:
+    log.info("resuming at step %d on %s, the layout that saved it", step, now)
+    return
+  log.info("resuming at step %d on %s (saved on %s): params and optimizer state resharded%s",
+           step, now, was, f"; data moved to global batch {step}" if repositioned else "")
