@@ -32,6 +32,26 @@ class ConfigError(ValueError):
   """A bad flag value or an inconsistent combination of flags; the message says which and how."""
 
 
+_SPEC_HELP = ('use embedded, text:GLOB (.txt files: a glob or a directory), jsonl:GLOB (.jsonl and '
+              '.json.gz files such as c4-train.*.json.gz) or tfds:NAME[:VERSION] such as '
+              'tfds:c4/en:3.1.0')
+_DATA_KINDS = ("text", "jsonl", "tfds")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """Splits a ``--data`` spec into (kind, argument); kind is "embedded", "text", "jsonl" or "tfds".
+
+  The one parser of the ``--data`` grammar (flag validation uses it too).
+  """
+  if isinstance(spec, str) and spec == "embedded":
+    return "embedded", ""
+  if isinstance(spec, str):
+    kind, sep, arg = spec.partition(":")
+    if sep and kind in _DATA_KINDS and arg:
+      return kind, arg
+  raise ValueError(f"bad --data {spec!r}; {_SPEC_HELP}")
+
+
 def _f(default: Any, help: str, **meta: Any) -> Any:
   """A dataclass field carrying its command-line help text."""
   if isinstance(default, (dict, list)):
@@ -252,8 +272,6 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--resume needs --run-dir (the run to continue)")
   if cfg.auto_resume and not cfg.run_dir:
     raise ConfigError("--auto-resume needs --run-dir (the same directory on every restart)")
-  from train.data import parse_spec  # the one parser of the --data grammar
-
   try:
     kind, _ = parse_spec(cfg.data)
   except ValueError as e:

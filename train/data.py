@@ -56,6 +56,7 @@ import grain
 import numpy as np
 
 from train import corpus
+from train.config import parse_spec  # the one parser of the --data grammar (re-exported)
 from train.tokenizer import Tokenizer
 
 __all__ = [
@@ -71,26 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SPEC_HELP = ('use embedded, text:GLOB (.txt files: a glob or a directory), jsonl:GLOB (.jsonl and '
-              '.json.gz files such as c4-train.*.json.gz) or tfds:NAME[:VERSION] such as '
-              'tfds:c4/en:3.1.0')
-_KINDS = ("text", "jsonl", "tfds")
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-  """Splits a ``--data`` spec into (kind, argument); kind is "embedded", "text", "jsonl" or "tfds".
-
-  The one parser of the ``--data`` grammar (flag validation uses it too).
-  """
-  if isinstance(spec, str) and spec == "embedded":
-    return "embedded", ""
-  if isinstance(spec, str):
-    kind, sep, arg = spec.partition(":")
-    if sep and kind in _KINDS and arg:
-      return kind, arg
-  raise ValueError(f"bad --data {spec!r}; {_SPEC_HELP}")
-
 
 # ---------------------------------------------------------------------------------------------------
 # documents -> token stream -> windows
