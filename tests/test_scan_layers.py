@@ -185,6 +185,7 @@ _COMPILE_STEPS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_documented_meshes_compile_without_involuntary_resharding():
   """XLA's SPMD partitioner logs (C++, to stderr) "Involuntary full rematerialization" when it can
   only reach a sharding by replicating a tensor first: an all-gather of an activation per layer on
@@ -202,3 +203,24 @@ def test_documented_meshes_compile_without_involuntary_resharding():
   assert warning in logs["control"]
   for case in cases:
     assert warning not in logs[case], (case, logs[case][-2000:])
+
+
+def test_scan_and_remat_flags_reach_the_model_config():
+  """--scan-layers is on by default, --remat auto is the preset's policy (none up to 130m, full
+  from 350m), and the model config cannot be given another layout behind the flags' back."""
+  from train.__main__ import parse_config
+
+  assert parse_config([]).scan_layers and parse_config([]).remat == "auto"
+  assert not parse_config(["--no-scan-layers"]).scan_layers
+  assert parse_config(["--remat", "dots_no_batch"]).remat == "dots_no_batch"
+  default = {p: trainer.model_config(trainer.TrainConfig(preset=p), 32000) for p in M.PRESETS}
+  assert all(m.scan_layers for m in default.values())
+  assert {p: m.remat for p, m in default.items()} == {
+      "tiny": "none", "60m": "none", "130m": "none", "350m": "full", "1b": "full", "7b": "full"}
+  chosen = trainer.model_config(trainer.TrainConfig(preset="7b", remat="none",
+                                                    scan_layers=False), 32000)
+  assert chosen.remat == "none" and not chosen.scan_layers
+  with pytest.raises(trainer.ConfigError, match="use --scan-layers instead"):
+    trainer.model_config(small_config(model_overrides={"scan_layers": False}), VOCAB)
+  with pytest.raises(trainer.ConfigError, match="unknown --remat 'some'"):
+    trainer.validate(small_config(remat="some"))
