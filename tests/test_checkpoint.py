@@ -70,9 +70,9 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
   other = small_config(optimizer="osd_adamw", rank=8)
   with pytest.raises(ckpt_lib.CheckpointError, match="rank: 4 in the checkpoint, 8 now"):
     ck.restore(trainer.build(other, VOCAB).abstract_state, config=other.to_dict())
-  # without the config check, the shapes tell what differs
+  # without the config check, the shapes tell what differs (scanned: [layers, r, L] states)
   with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"checkpoint \(4, 32\) float32 vs this run \(8, 32\) float32"):
+                     match=r"checkpoint \(2, 4, 32\) float32 vs this run \(2, 8, 32\) float32"):
     ck.restore(trainer.build(other, VOCAB).abstract_state)
   bigger = small_config(model_overrides={"dim": 64, "hidden_dim": 64, "n_layers": 2,
                                          "n_heads": 4})
