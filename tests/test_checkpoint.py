@@ -52,7 +52,8 @@ def test_round_trip_into_fresh_sharded_state(tmp_path):
     restored, data_state, saved_cfg = ck.restore(fresh.abstract_state, config=cfg.to_dict())
   assert data_state == {"pos": 3} and saved_cfg["rank"] == 4
   assert_trees_equal(restored, saved)
-  assert len(osd_jax.projectors_of(restored.opt_state)) == 2 * 7  # 7 matrices per layer
+  projectors = osd_jax.projectors_of(restored.opt_state)  # 7 matrices per layer, 2 layers stacked
+  assert len(projectors) == 7 and all(p.shape[0] == 2 for p in projectors)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh.abstract_state)):
     assert got.sharding == want.sharding
   batch = random_batch(3, 8, 32, VOCAB)
@@ -69,9 +70,9 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
   other = small_config(optimizer="osd_adamw", rank=8)
   with pytest.raises(ckpt_lib.CheckpointError, match="rank: 4 in the checkpoint, 8 now"):
     ck.restore(trainer.build(other, VOCAB).abstract_state, config=other.to_dict())
-  # without the config check, the shapes tell what differs
+  # without the config check, the shapes tell what differs (scanned: [layers, r, L] states)
   with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"checkpoint \(4, 32\) float32 vs this run \(8, 32\) float32"):
+                     match=r"checkpoint \(2, 4, 32\) float32 vs this run \(2, 8, 32\) float32"):
     ck.restore(trainer.build(other, VOCAB).abstract_state)
   bigger = small_config(model_overrides={"dim": 64, "hidden_dim": 64, "n_layers": 2,
                                          "n_heads": 4})
