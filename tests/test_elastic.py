@@ -23,9 +23,11 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devi
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory, train_tokenizer):
-  """A tiny osd_adamw run on one device with checkpoints at steps 2 and 3."""
+  """A tiny osd_adamw run on one device with checkpoints at steps 2 and 3, in the unrolled layout
+  (one subtree per layer), so that the layout conversions below start from per-layer params; the
+  topology tests further down use the default scanned layout."""
   run_dir = tmp_path_factory.mktemp("elastic") / "run"
-  cfg = small_config(run_dir, steps=3, ckpt_every=2, model_overrides={
+  cfg = small_config(run_dir, steps=3, ckpt_every=2, scan_layers=False, model_overrides={
       "dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4})
   result = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
   return str(run_dir), result
