@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[train,test,notebooks]"
 	touch $(STAMP)
 
+# `test` lints first (the rules in pyproject.toml), then runs the whole suite; `.ci/run` calls it.
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install

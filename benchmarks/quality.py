@@ -47,7 +47,8 @@ VARIANTS = {
     "galore_adamw (no sign alignment)": {"optimizer": "galore_adamw", "align_signs": False},
 }
 DEFAULT_VARIANTS = ("adamw", "galore_adamw", "osd_adamw", "osd_lion", "osd_adamw (reference code)")
-ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)", "osd_adamw_s025": "osd_adamw (scale 0.25)",
+ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)",
+           "osd_adamw_s025": "osd_adamw (scale 0.25)",
            "galore_noalign": "galore_adamw (no sign alignment)"}
 
 
@@ -118,7 +119,8 @@ def train_config(args, name: str, seed: int, run_dir: str, lr: float | None = No
   lr = args.lr if lr is None else lr
   lr *= args.lion_lr_factor if fields["optimizer"] == "osd_lion" else 1.0
   return TrainConfig(
-      preset=args.preset, rank=common.resolve_rank(args.preset, args.rank if rank is None else rank),
+      preset=args.preset,
+      rank=common.resolve_rank(args.preset, args.rank if rank is None else rank),
       lr=lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
       dtype=args.dtype, projector_lr_ratio=args.projector_lr_ratio,
       weight_decay=args.weight_decay, update_proj_gap=args.update_proj_gap, seed=seed,

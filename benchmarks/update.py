@@ -163,7 +163,10 @@ class FloorCase:
       from train.optimizers import decay_mask
 
       keep = [lay is None for lay in layouts]
-      sub = lambda tree: [x for x, k in zip(treedef.flatten_up_to(tree), keep) if k]
+
+      def sub(tree):
+        return [x for x, k in zip(treedef.flatten_up_to(tree), keep) if k]
+
       tx = optax.adamw(1e-3, weight_decay=0.1, mask=sub(decay_mask(abstract)))
       self.params = common.random_tree(sub(abstract), seed)
       self.state = jax.jit(tx.init)(self.params)

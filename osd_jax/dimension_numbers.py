@@ -137,7 +137,8 @@ def _normalize_axes(axes, ndim: int, what: str, path: str) -> tuple[int, ...]:
     )
   axes = (axes,) if isinstance(axes, int) else tuple(axes)
   if not axes:
-    raise ValueError(f"weight_dimension_numbers: {what} for {path} is empty; give at least one axis.")
+    raise ValueError(
+        f"weight_dimension_numbers: {what} for {path} is empty; give at least one axis.")
   out = []
   for a in axes:
     if isinstance(a, bool) or not isinstance(a, int):

@@ -1,4 +1,5 @@
-"""Optimizer-state memory: measured (:func:`state_bytes`) and closed form (:func:`expected_state_bytes`)."""
+"""Optimizer-state memory: measured (:func:`state_bytes`) and closed form
+(:func:`expected_state_bytes`)."""
 
 from __future__ import annotations
 

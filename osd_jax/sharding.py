@@ -162,8 +162,10 @@ def optimizer_state_sharding(opt_state: Any, param_sharding: Any, mesh=None) -> 
       layout = x.layout
       padded = _entries(PartitionSpec(*(entries or ())), len(layout.shape))
       out.append(ProjectedLeafState(
-          state=jax.tree.map(lambda a: _projector_leaf_spec(a, padded, layout, fitter),
-                             x.state),
+          state=jax.tree.map(
+              lambda a, padded=padded, layout=layout: _projector_leaf_spec(
+                  a, padded, layout, fitter),
+              x.state),
           layout=layout))
     return d.unflatten(out)
 

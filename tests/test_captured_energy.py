@@ -38,7 +38,7 @@ def test_captured_energy_matches_numpy(make):
   params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
   tx = make()
   state = tx.init(params)
-  for t in range(3):
+  for _ in range(3):
     grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
     _, state = jax.jit(tx.update)(grads, state, params)
     got = np.asarray(jax.jit(osd_jax.captured_energy)(grads, state))

@@ -12,7 +12,6 @@ from tests.train_utils import cli_args
 from train.__main__ import build_parser, main, parse_config
 from train.config import TrainConfig
 
-
 _LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                       "JAX_PROCESS_ID", "TPU_WORKER_")
 

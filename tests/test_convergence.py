@@ -89,7 +89,7 @@ def test_full_rank_reproduces_adamw_exactly():
   ref = optax.adamw(1e-2, weight_decay=0.1)
   s, rs = tx.init(params), ref.init(params)
   for t in range(5):
-    g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
+    g = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(t), p.shape), params)
     u, s = tx.update(g, s, params)
     ru, rs = ref.update(g, rs, params)
     chex.assert_trees_all_equal(u, ru)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train import corpus, data
-from train import tokenizer as T
+from train import tokenizer as tokenizer_lib
 
 VOCAB = 512
 
@@ -19,7 +19,7 @@ def tok(tmp_path_factory):
   """A small tokenizer trained once per session on a subset of the embedded corpus."""
   docs = corpus.split_documents(corpus.embedded_documents(), "train")[:150]
   path = tmp_path_factory.mktemp("tok") / "test.model"
-  return T.train_tokenizer(docs, VOCAB, path, max_chars=1_000_000)
+  return tokenizer_lib.train_tokenizer(docs, VOCAB, path, max_chars=1_000_000)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def _check_batch(batch, batch_size, seq_len, vocab):
   np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
 
 
-# -- corpus ------------------------------------------------------------------------------------------
+# -- corpus ----------------------------------------------------------------------------------------
 
 
 def test_embedded_corpus_is_deterministic_and_split():
@@ -64,7 +64,7 @@ def test_embedded_corpus_is_deterministic_and_split():
     corpus.split_documents(docs, "test")
 
 
-# -- tokenizer ---------------------------------------------------------------------------------------
+# -- tokenizer -------------------------------------------------------------------------------------
 
 
 def test_tokenizer_round_trip_and_ids(tok):
@@ -78,7 +78,7 @@ def test_tokenizer_round_trip_and_ids(tok):
 
 
 def test_tokenizer_load_round_trip(tok):
-  loaded = T.load_tokenizer(tok.model_path)
+  loaded = tokenizer_lib.load_tokenizer(tok.model_path)
   assert loaded.vocab_size == tok.vocab_size
   assert loaded.encode("import os\nprint(os.sep)") == tok.encode("import os\nprint(os.sep)")
   assert loaded.model_path == tok.model_path
@@ -87,29 +87,29 @@ def test_tokenizer_load_round_trip(tok):
 def test_tokenizer_errors(tmp_path):
   missing = tmp_path / "nope.model"
   with pytest.raises(FileNotFoundError, match="nope.model"):
-    T.load_tokenizer(missing)
+    tokenizer_lib.load_tokenizer(missing)
   garbage = tmp_path / "garbage.model"
   garbage.write_bytes(b"this is not a sentencepiece model")
   with pytest.raises(ValueError, match="garbage.model"):
-    T.load_tokenizer(garbage)
+    tokenizer_lib.load_tokenizer(garbage)
   with pytest.raises(ValueError, match="vocab_size"):
-    T.train_tokenizer(["some text"], 100, tmp_path / "small.model")
+    tokenizer_lib.train_tokenizer(["some text"], 100, tmp_path / "small.model")
   with pytest.raises(ValueError, match="empty"):
-    T.train_tokenizer(["", "   "], 300, tmp_path / "empty.model")
+    tokenizer_lib.train_tokenizer(["", "   "], 300, tmp_path / "empty.model")
 
 
 def test_default_tokenizer_trains_once_and_caches(tmp_path):
-  first = T.default_tokenizer(tmp_path, vocab_size=VOCAB)
+  first = tokenizer_lib.default_tokenizer(tmp_path, vocab_size=VOCAB)
   assert os.path.isfile(first.model_path) and first.vocab_size == VOCAB
   assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first.model_path)]
   mtime = os.stat(first.model_path).st_mtime_ns
-  second = T.default_tokenizer(tmp_path, vocab_size=VOCAB)
+  second = tokenizer_lib.default_tokenizer(tmp_path, vocab_size=VOCAB)
   assert second.model_path == first.model_path
   assert os.stat(first.model_path).st_mtime_ns == mtime
   assert second.encode("class A:\n  pass") == first.encode("class A:\n  pass")
 
 
-# -- embedded corpus pipeline ------------------------------------------------------------------------
+# -- embedded corpus pipeline ----------------------------------------------------------------------
 
 
 def test_embedded_batches(tok, embedded_cache):
@@ -127,8 +127,10 @@ def test_embedded_batches(tok, embedded_cache):
 
 
 def test_embedded_determinism_and_resume(tok, embedded_cache):
-  make = lambda seed: data.make_dataset("embedded", tok, seq_len=32, batch_size=3, seed=seed,
-                                        cache_dir=embedded_cache)
+  def make(seed):
+    return data.make_dataset("embedded", tok, seq_len=32, batch_size=3, seed=seed,
+                             cache_dir=embedded_cache)
+
   _assert_batches_equal(_take(iter(make(7)), 4), _take(iter(make(7)), 4))
   assert not np.array_equal(next(iter(make(7)))["inputs"], next(iter(make(8)))["inputs"])
   it = iter(make(7))
@@ -140,7 +142,7 @@ def test_embedded_determinism_and_resume(tok, embedded_cache):
   _assert_batches_equal(expected, _take(resumed, 4))
 
 
-# -- token-window datasets: sharding, epochs ---------------------------------------------------------
+# -- token-window datasets: sharding, epochs -------------------------------------------------------
 
 
 def _first_tokens(ds):
@@ -215,7 +217,7 @@ def test_parse_spec():
       data.parse_spec(bad)
 
 
-# -- local text files --------------------------------------------------------------------------------
+# -- local text files ------------------------------------------------------------------------------
 
 
 def _write_text_corpus(root):
@@ -288,7 +290,7 @@ def test_local_text_errors(tok, tmp_path):
     data.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=2, batch_size=1, split="test")
 
 
-# -- tfds (C4 through tensorflow-datasets' mock) -----------------------------------------------------
+# -- tfds (C4 through tensorflow-datasets' mock) ---------------------------------------------------
 
 
 @pytest.fixture
@@ -300,8 +302,10 @@ def mock_c4(tmp_path):
 
 
 def test_tfds_c4_batches_and_resume(tok, mock_c4):
-  make = lambda **kw: data.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=24, batch_size=3,
-                                        tfds_data_dir=mock_c4, read_threads=2, **kw)
+  def make(**kw):
+    return data.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=24, batch_size=3,
+                             tfds_data_dir=mock_c4, read_threads=2, **kw)
+
   it = iter(make(seed=4))
   for b in _take(it, 4):
     _check_batch(b, 3, 24, VOCAB)

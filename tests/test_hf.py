@@ -323,7 +323,8 @@ def test_init_from_a_hand_made_hf_dir(tmp_path, tokenizer):
                                  "n_heads": 4, "n_kv_heads": 2, "rope_theta": 10000.0,
                                  "norm_eps": 1e-5}
   setup = trainer.build(cfg, tokenizer.vocab_size, devices=one_device())
-  state = setup.init_state(trainer._init_from(cfg, setup))
+  # The trainer's own --init-from step (hf.load_params into this run's layout), without a run.
+  state = setup.init_state(trainer._init_from(cfg, setup))  # noqa: SLF001
   params = host(state.params)
   for ours, name, t in DOCUMENTED:
     for i in range(2) if "{i}" in ours else [None]:

@@ -101,7 +101,10 @@ def test_shuffle_is_deterministic_and_a_permutation(tmp_path, tok, docs):
   ds = data.make_jsonl_dataset(str(tmp_path / "one"), tok, seq_len=SEQ, batch_size=4, seed=0,
                                num_epochs=1, block_windows=16)
   got, ref = _windows(_all(iter(ds))), _reference_windows(single, tok, "train")
-  bag = lambda w: collections.Counter(map(bytes, w.astype(np.int32)))
+
+  def bag(w):
+    return collections.Counter(map(bytes, w.astype(np.int32)))
+
   assert len(got) == len(ref) // 4 * 4 and not bag(got) - bag(ref)
   assert not np.array_equal(got, ref[:len(got)])
   # the second epoch reads the files in another order

@@ -14,7 +14,8 @@ DIM, HIDDEN, LAYERS, VOCAB, RANK = 512, 1376, 8, 32000, 128  # GaLore-paper 60M,
 
 def llama60m_shapes():
   layer = {
-      "attention": {k: jax.ShapeDtypeStruct((DIM, DIM), jnp.float32) for k in ("wq", "wk", "wv", "wo")},
+      "attention": {k: jax.ShapeDtypeStruct((DIM, DIM), jnp.float32)
+                    for k in ("wq", "wk", "wv", "wo")},
       "mlp": {"w1": jax.ShapeDtypeStruct((DIM, HIDDEN), jnp.float32),
               "w3": jax.ShapeDtypeStruct((DIM, HIDDEN), jnp.float32),
               "w2": jax.ShapeDtypeStruct((HIDDEN, DIM), jnp.float32)},
@@ -33,7 +34,8 @@ def attention_and_mlp(params):
   """The paper's rule: project attention and MLP matrices only."""
   def spec(path, leaf):
     names = [getattr(k, "key", None) for k in path]
-    return osd_jax.DimensionNumbers() if ("attention" in names or "mlp" in names) and len(leaf.shape) == 2 else None
+    projected = ("attention" in names or "mlp" in names) and len(leaf.shape) == 2
+    return osd_jax.DimensionNumbers() if projected else None
   return jax.tree_util.tree_map_with_path(spec, params)
 
 

@@ -198,7 +198,8 @@ def test_align_signs_flips_only_columns_that_point_away():
   np.testing.assert_allclose(aligned, p_new * flips, rtol=1e-6)
   assert np.all(np.sum(aligned * p_old, axis=0) > 0)
   zeros = np.asarray(projectors.align_signs(jnp.asarray(p_new), jnp.zeros((9, 3))))
-  np.testing.assert_allclose(zeros, p_new, rtol=1e-6)  # before the first refresh: nothing to align to
+  # before the first refresh: nothing to align to
+  np.testing.assert_allclose(zeros, p_new, rtol=1e-6)
 
 
 def test_svd_rule_refreshes_keep_column_signs_unless_official():

@@ -38,7 +38,7 @@ def test_zero_first_gradient_then_real_ones():
   state = tx.init(params)
   u, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   for t in range(3):
-    g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
+    g = jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.key(t), p.shape), params)
     u, state = tx.update(g, state, params)
   chex.assert_tree_all_finite((u, state))
 

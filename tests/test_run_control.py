@@ -172,7 +172,7 @@ def test_two_runs_started_together_get_their_own_run_dirs(tmp_path, train_tokeni
   del args[i:i + 2]
   procs = [_popen(args + ["--lr", lr], cwd=tmp_path) for lr in ("1e-3", "3e-3")]
   results = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, results):
+  for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err
   dirs = sorted(os.listdir(tmp_path / "runs"))
   assert len(dirs) == 2

@@ -18,7 +18,7 @@ from flax import nnx
 
 from tests.train_utils import host, one_device, random_batch, small_config
 from train import checkpoint as ckpt_lib
-from train import model as M
+from train import model as model_lib
 from train import sharding as shd
 from train import train_step as step_lib
 from train import trainer
@@ -70,7 +70,7 @@ def test_scanned_train_step_equals_unrolled_train_step(optimizer):
   unrolled = trainer.build(cfg.replace(scan_layers=False), VOCAB, devices=one_device())
   scanned = trainer.build(cfg, VOCAB, devices=one_device())
   u_state = unrolled.init_state()
-  s_state = _stacked_state(scanned, M.stack_layers(host(u_state.params)))
+  s_state = _stacked_state(scanned, model_lib.stack_layers(host(u_state.params)))
   for i in range(2):
     batch = {k: jax.device_put(v, shd.batch_sharding(scanned.mesh))
              for k, v in random_batch(i, 8, 32, VOCAB).items()}
@@ -78,7 +78,7 @@ def test_scanned_train_step_equals_unrolled_train_step(optimizer):
     s_state, s_m = scanned.train_step(s_state, batch)
     for key in ("loss", "grad_norm"):
       np.testing.assert_allclose(float(s_m[key]), float(u_m[key]), rtol=1e-5)
-  got = M.unstack_layers(host(s_state.params))
+  got = model_lib.unstack_layers(host(s_state.params))
   want = host(u_state.params)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), want,
                        host(unrolled.init_state().params))
@@ -88,7 +88,7 @@ def test_scanned_train_step_equals_unrolled_train_step(optimizer):
 
 def _value_and_grad(cfg):
   """jitted ``(params, tokens) -> (mean next-token loss, grads)`` of ``Llama(cfg)``."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.Llama(cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0))))
 
   def loss(p, tokens):
     logits = nnx.merge(graphdef, p)(tokens[:, :-1])
@@ -97,14 +97,14 @@ def _value_and_grad(cfg):
   return jax.jit(jax.value_and_grad(loss))
 
 
-REMAT_CFG = M.LlamaConfig(vocab_size=97, dim=32, hidden_dim=64, n_layers=4, n_heads=4,
-                          max_seq_len=64, dtype="float32")
+REMAT_CFG = model_lib.LlamaConfig(vocab_size=97, dim=32, hidden_dim=64, n_layers=4,
+                                  n_heads=4, max_seq_len=64, dtype="float32")
 
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_leaves_loss_and_grads_unchanged(scan):
   cfg = REMAT_CFG.replace(scan_layers=scan)
-  params = nnx.to_pure_dict(nnx.state(M.Llama(cfg, rngs=nnx.Rngs(1)), nnx.Param))
+  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(cfg, rngs=nnx.Rngs(1)), nnx.Param))
   tokens = jax.random.randint(jax.random.key(2), (4, 33), 0, cfg.vocab_size)
   want_loss, want_grads = _value_and_grad(cfg)(params, tokens)
   for remat in ("full", "dots", "dots_no_batch"):
@@ -120,10 +120,11 @@ def test_remat_reduces_the_compiled_temporaries():
   than saving everything (none)."""
   tokens = jax.ShapeDtypeStruct((4, 65), jnp.int32)
   temp = {}
-  for remat in M.REMAT_POLICIES:
+  for remat in model_lib.REMAT_POLICIES:
     cfg = REMAT_CFG.replace(remat=remat)
     params = jax.eval_shape(
-        lambda cfg=cfg: nnx.to_pure_dict(nnx.state(M.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+        lambda cfg=cfg: nnx.to_pure_dict(
+            nnx.state(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
     compiled = _value_and_grad(cfg).lower(params, tokens).compile()
     temp[remat] = compiled.memory_analysis().temp_size_in_bytes
   assert temp["full"] < temp["dots_no_batch"] < temp["dots"] < temp["none"], temp
@@ -164,7 +165,7 @@ _COMPILE_STEPS = textwrap.dedent("""
     import sys
     import jax
     from tests.train_utils import small_config
-    from train import model as M, sharding as shd, trainer
+    from train import model as model_lib, sharding as shd, trainer
 
     def compile_step(mesh, n, accum):
       cfg = small_config(mesh=mesh, seq_len=64, batch_size=16, grad_accum=accum,
@@ -179,7 +180,7 @@ _COMPILE_STEPS = textwrap.dedent("""
       mesh, n, accum = case.split()
       compile_step(mesh, int(n), int(accum))
     print("== control", file=sys.stderr, flush=True)
-    M.Llama._embed = lambda self, tokens: self.embed(tokens)
+    model_lib.Llama._embed = lambda self, tokens: self.embed(tokens)
     compile_step("data=2,fsdp=2,tensor=1", 4, 1)
     print("compiled", flush=True)
 """)
@@ -213,7 +214,8 @@ def test_scan_and_remat_flags_reach_the_model_config():
   assert parse_config([]).scan_layers and parse_config([]).remat == "auto"
   assert not parse_config(["--no-scan-layers"]).scan_layers
   assert parse_config(["--remat", "dots_no_batch"]).remat == "dots_no_batch"
-  default = {p: trainer.model_config(trainer.TrainConfig(preset=p), 32000) for p in M.PRESETS}
+  default = {p: trainer.model_config(trainer.TrainConfig(preset=p), 32000)
+             for p in model_lib.PRESETS}
   assert all(m.scan_layers for m in default.values())
   assert {p: m.remat for p, m in default.items()} == {
       "tiny": "none", "60m": "none", "130m": "none", "350m": "full", "1b": "full", "7b": "full"}

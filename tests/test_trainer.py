@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 import osd_jax
-from tests.train_utils import (assert_trees_equal, committed_steps, host, one_device,
-                               random_batch, small_config)
+from tests.train_utils import (
+  assert_trees_equal,
+  committed_steps,
+  host,
+  one_device,
+  random_batch,
+  small_config,
+)
 from train import optimizers, trainer
 from train import sharding as shd
 
@@ -191,7 +197,10 @@ def test_non_finite_step_is_skipped_and_counted(optimizer):
   setup = trainer.build(cfg, VOCAB, devices=one_device())
   state = setup.init_state()
   sharding = shd.batch_sharding(setup.mesh)
-  put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}
+
+  def put(b):
+    return {k: jax.device_put(v, sharding) for k, v in b.items()}
+
   clean = random_batch(0, 8, 32, VOCAB)
   clean = {k: np.where(v == 0, 1, v) for k, v in clean.items()}  # never uses token 0
   poisoned = {k: v.copy() for k, v in clean.items()}
@@ -237,7 +246,10 @@ def test_zero_gradients_never_make_projectors_nan():
   params and metrics stay finite and no step is skipped."""
   setup = trainer.build(small_config(**_METRICS_CFG), VOCAB, devices=one_device())
   sharding = shd.batch_sharding(setup.mesh)
-  put = lambda b: {k: jax.device_put(v, sharding) for k, v in b.items()}
+
+  def put(b):
+    return {k: jax.device_put(v, sharding) for k, v in b.items()}
+
   padding = random_batch(0, 8, 32, VOCAB)
   padding["targets"][:] = -1  # no valid target: loss 0, every gradient exactly 0
   state, m = setup.train_step(setup.init_state(), put(padding))
@@ -291,8 +303,6 @@ def test_too_many_skipped_steps_in_a_row_save_and_stop(tmp_path, train_tokenizer
   """--max-consecutive-skips: with a loss-spike guard that rejects every step after the first, the
   run stops after 2 skipped steps in a row, with a checkpoint at that step (exit status 3 from the
   command line)."""
-  from train import checkpoint as ckpt_lib
-
   cfg = small_config(tmp_path / "run", optimizer="adamw", steps=6, loss_spike_factor=1e-6,
                      max_consecutive_skips=2)
   with pytest.raises(FloatingPointError, match="2 steps in a row .* stopped at step 3"):

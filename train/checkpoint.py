@@ -101,7 +101,8 @@ def _describe_diff(saved: dict[str, str], current: dict[str, str], limit: int = 
 
 
 def config_diff(saved: dict, current: dict, keys: tuple[str, ...] = STRUCTURAL_KEYS) -> list[str]:
-  """The ``keys`` of two configs that differ, as ``"name: saved in the checkpoint, current now"``."""
+  """The ``keys`` of two configs that differ, as ``"name: saved in the checkpoint, current
+  now"``."""
   return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
           for k in keys if saved.get(k) != current.get(k)]
 
@@ -400,18 +401,19 @@ def _as_saved_layout(target: Any, saved_layout: str, mesh) -> Any:
   stacked axis unsharded)."""
   if params_layout(target) == saved_layout:
     return target
-  P = jax.sharding.PartitionSpec
   out = dict(target)
   layers = target["layers"]
   if saved_layout == "scanned":  # target unrolled
     subs = [layers[k] for k in sorted(layers, key=int)]
     out["layers"] = jax.tree.map(
         lambda x, *_: _abstract((len(subs),) + tuple(x.shape), x.dtype, mesh,
-                                P(None, *_spec_of(x))), *subs)
+                                jax.sharding.PartitionSpec(None, *_spec_of(x))), *subs)
   else:  # target scanned, saved unrolled
     n = jax.tree.leaves(layers)[0].shape[0]
-    one = jax.tree.map(lambda x: _abstract(x.shape[1:], x.dtype, mesh, P(*_spec_of(x)[1:])),
-                       layers)
+    one = jax.tree.map(
+        lambda x: _abstract(x.shape[1:], x.dtype, mesh,
+                            jax.sharding.PartitionSpec(*_spec_of(x)[1:])),
+        layers)
     out["layers"] = {i: one for i in range(n)}
   return out
 

@@ -27,10 +27,10 @@ Sequences:
   (Packing happens per process, so the processes' shards are disjoint but a multi-process run
   reads the documents in a different order than a one-process run.)
 
-Splits: ``"train"`` and ``"eval"``. For ``embedded``/``text:`` eval is the held-out documents (one in
-20 by content hash, see :mod:`train.corpus`; with too few documents to split, one window in 20
-instead; ``jsonl:`` always splits by document); for ``tfds:`` it is the dataset's ``validation`` split (any other tfds split string is
-passed through). Eval is not shuffled.
+Splits: ``"train"`` and ``"eval"``. For ``embedded``/``text:`` eval is the held-out documents (one
+in 20 by content hash, see :mod:`train.corpus`; with too few documents to split, one window in 20
+instead; ``jsonl:`` always splits by document); for ``tfds:`` it is the dataset's ``validation``
+split (any other tfds split string is passed through). Eval is not shuffled.
 
 Example::
 
@@ -73,9 +73,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # documents -> token stream -> windows
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def read_text_files(pattern: str) -> list[str]:
@@ -297,9 +297,9 @@ def make_token_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int,
   return it
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tensorflow-datasets
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class _TextSource:
@@ -382,9 +382,9 @@ def _make_tfds_dataset(name: str, tokenizer: Tokenizer, *, seq_len: int, batch_s
   return it.batch(batch_size, drop_remainder=True)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # JSON lines: .jsonl and .json.gz files (e.g. the c4-train.*.json.gz shards), streamed
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 #: Windows per shuffle block of ``jsonl:`` training data (about 256k tokens at seq_len 256).
 JSONL_SHUFFLE_WINDOWS = 1024
@@ -653,9 +653,9 @@ def make_jsonl_dataset(pattern: str, tokenizer: Tokenizer, *, seq_len: int, batc
   return ds
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # entry point
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def make_dataset(spec: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,

@@ -85,7 +85,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 _ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 
-# The function that pins a named activation to the mesh while a step is traced (None: no constraints).
+# The function that pins a named activation to the mesh while a step is traced (None: no
+# constraints).
 _ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "llama_activation_constraint", default=None)
 
@@ -94,7 +95,8 @@ _ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.Co
 def activation_sharding(
     constrain: Callable[[jax.Array, Sequence[str | None]], jax.Array] | None,
 ) -> Iterator[None]:
-  """While tracing inside this context, every named activation ``x`` becomes ``constrain(x, names)``.
+  """While tracing inside this context, every named activation ``x`` becomes
+  ``constrain(x, names)``.
 
   ``names`` holds one logical axis name (or None) per dimension of ``x``, e.g.
   ``("batch", "length", "mlp")`` for the SwiGLU hidden units. The trainer passes a function that
@@ -130,7 +132,8 @@ class LlamaConfig:
     param_dtype: parameter (master weight) dtype name.
     init_std: standard deviation of the normal initialiser of every matrix (HF LLaMA: 0.02).
     attention_impl: ``"xla"`` (explicit einsum softmax attention, float32 softmax), ``"jax"``
-      (``jax.nn.dot_product_attention``, XLA backend) or ``"cudnn"`` (its cuDNN flash kernel, GPU only).
+      (``jax.nn.dot_product_attention``, XLA backend) or ``"cudnn"`` (its cuDNN flash kernel, GPU
+      only).
     scan_layers: stack the blocks' params on a leading ``layers`` axis and scan over them (True),
       or keep a list of blocks and loop (False).
     remat: rematerialisation policy of each block, a key of :data:`REMAT_POLICIES`.
@@ -228,9 +231,9 @@ def get_config(name: str, **overrides: Any) -> LlamaConfig:
   return PRESETS[key].replace(**overrides)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # closed forms
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def param_count(config: LlamaConfig) -> int:
@@ -257,8 +260,8 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
   """Training FLOPs (forward + backward) per token, the usual MFU convention.
 
   ``6·N + 12·L·T·d`` (PaLM, Chowdhery et al. 2022, appendix B): ``N`` counts the matmul parameters
-  (all kernels including the LM head, excluding the embedding lookup and norms), each costing 2 FLOPs
-  per token forward and 4 backward; the second term is the attention score and value products
+  (all kernels including the LM head, excluding the embedding lookup and norms), each costing 2
+  FLOPs per token forward and 4 backward; the second term is the attention score and value products
   (``QKᵀ`` and ``AV``: 2·2·T·d forward per layer, times 3 for the backward), with ``d = n_heads ·
   head_dim`` and the causal mask not discounted. Elementwise work (norms, softmax, RoPE) is ignored.
   """
@@ -286,9 +289,9 @@ def unstack_layers(params: dict) -> dict:
   return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # layers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _eager_sharding() -> bool:

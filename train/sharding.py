@@ -98,7 +98,10 @@ def make_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = None
   shape = tuple(sizes[a] for a in MESH_AXES)
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # unusual topologies: fall back to the given order
+  # Blind on purpose: create_device_mesh raises ValueError, NotImplementedError or AssertionError on
+  # topologies it does not model, and can fail reading TPU device attributes; any failure only
+  # means "use the given order".
+  except Exception:  # noqa: BLE001  unusual topologies: fall back to the given order
     device_array = np.asarray(devices, dtype=object).reshape(shape)
   if not batch_rows_contiguous(device_array):
     log.warning("--mesh %s: the topology-aware device order interleaves processes along the "
