@@ -18,6 +18,9 @@ SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
+#: --remat values: ``auto`` is the preset's default (train.model.PRESETS), the others are
+#: train.model.REMAT_POLICIES.
+REMAT_CHOICES = ("auto", "none", "full", "dots", "dots_no_batch")
 #: The smallest --vocab-size of a trained tokenizer: 4 special + 256 byte pieces + >= 1 character.
 MIN_VOCAB_SIZE = 261
 
@@ -47,6 +50,16 @@ class TrainConfig:
   param_dtype: str = _f("float32", "Dtype of the master weights and optimizer state.",
                         choices=DTYPES,
                         group="model")
+  scan_layers: bool = _f(True, "Stack the blocks' params on a leading layer axis and scan over "
+                         "them (compile time and program size independent of depth); "
+                         "--no-scan-layers keeps one module per block and a Python loop. "
+                         "A checkpoint resumes only with the layout it was saved with.",
+                         group="model")
+  remat: str = _f("auto", "Rematerialise each block in the backward pass (jax.checkpoint): none, "
+                  "full (save only block inputs), dots (save matmul outputs), dots_no_batch "
+                  "(save the projections' outputs, recompute attention), or auto: the preset's "
+                  "default (none up to 130m, full from 350m).", choices=REMAT_CHOICES,
+                  group="model")
 
   # --- optimizer
   optimizer: str = _f("osd_adamw", "Optimizer: adamw, lion, osd_adamw, osd_lion, galore_adamw.",
@@ -185,7 +198,8 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}; "
                       f"choose one of {', '.join(OPTIMIZERS)}")
   for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                        ("projector_init", PROJECTOR_INITS), ("project", PROJECTION_RULES)):
+                        ("projector_init", PROJECTOR_INITS), ("project", PROJECTION_RULES),
+                        ("remat", REMAT_CHOICES)):
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; "
                         f"choose one of {', '.join(allowed)}")

@@ -1,11 +1,24 @@
 """A LLaMA decoder in Flax NNX: RMSNorm, rotary embeddings, causal attention with optional grouped
 key/value heads, SwiGLU MLP and an untied LM head.
 
-Every parameter is a 2-D kernel (or a 1-D norm scale) annotated with logical axis names through the
-``out_sharding`` metadata of ``nnx.Param``; the trainer maps those names onto its device mesh. Parameter
-tree paths read ``layers/<i>/attention/{wq,wk,wv,wo}/kernel`` and ``layers/<i>/mlp/{w1,w2,w3}/kernel``
-for the matrices Online Subspace Descent projects, ``embed/embedding`` and ``head/kernel`` for the
-vocabulary matrices, and ``.../scale`` for norms.
+Every parameter is a kernel (or a norm scale) annotated with logical axis names through the
+``out_sharding`` metadata of ``nnx.Param``; the trainer maps those names onto its device mesh.
+
+The blocks come in two layouts (``LlamaConfig.scan_layers``):
+
+- scanned (the default): one :class:`Block` whose every parameter carries a leading axis of size
+  ``n_layers`` (logical name ``layers``), created with ``nnx.vmap`` over split rngs; the forward
+  pass is one ``jax.lax.scan`` over that axis, so the program size and compile time do not grow
+  with depth. Paths read ``layers/attention/{wq,wk,wv,wo}/kernel`` ``[n_layers, d_in, d_out]``,
+  ``layers/mlp/{w1,w2,w3}/kernel`` and ``layers/{attention_norm,mlp_norm}/scale``
+  ``[n_layers, dim]``.
+- unrolled (``scan_layers=False``): an ``nnx.List`` of blocks, paths
+  ``layers/<i>/attention/wq/kernel`` ``[d_in, d_out]`` etc., a Python loop in the forward pass.
+
+Both compute the same function of the same weights (:func:`stack_layers` turns unrolled params into
+scanned ones). ``embed/embedding``, ``head/kernel`` and ``norm/scale`` are the same in both.
+``LlamaConfig.remat`` wraps each block (inside the scan, or each block of the loop) in
+``jax.checkpoint`` with the policy of :data:`REMAT_POLICIES`.
 
 Parameters are stored in ``param_dtype`` (float32 master weights by default) and the forward pass
 computes in ``dtype`` (bfloat16 by default); norms, RoPE and the softmax run in float32, and the
@@ -57,7 +70,18 @@ __all__ = [
 ]
 
 #: Every logical axis name a parameter of :class:`Llama` may carry.
-LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "kv", "mlp", "norm")
+LOGICAL_AXIS_NAMES = ("layers", "vocab", "embed", "heads", "kv", "mlp", "norm")
+
+#: ``LlamaConfig.remat`` -> the ``jax.checkpoint`` policy applied to each block (None: no remat).
+#: ``full`` saves nothing but the block's input (the backward pass recomputes the whole block);
+#: ``dots`` saves every matmul output; ``dots_no_batch`` only those without batch dimensions
+#: (the projections, not the attention scores and values).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 _ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 
@@ -107,6 +131,9 @@ class LlamaConfig:
     init_std: standard deviation of the normal initialiser of every matrix (HF LLaMA: 0.02).
     attention_impl: ``"xla"`` (explicit einsum softmax attention, float32 softmax), ``"jax"``
       (``jax.nn.dot_product_attention``, XLA backend) or ``"cudnn"`` (its cuDNN flash kernel, GPU only).
+    scan_layers: stack the blocks' params on a leading ``layers`` axis and scan over them (True),
+      or keep a list of blocks and loop (False).
+    remat: rematerialisation policy of each block, a key of :data:`REMAT_POLICIES`.
   """
 
   vocab_size: int = 32000
@@ -122,6 +149,8 @@ class LlamaConfig:
   param_dtype: str = "float32"
   init_std: float = 0.02
   attention_impl: str = "xla"
+  scan_layers: bool = True
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "hidden_dim", "n_layers", "n_heads", "max_seq_len"):
@@ -147,6 +176,10 @@ class LlamaConfig:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}; "
                        f"valid: {', '.join(_ATTENTION_IMPLS)}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"LlamaConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat={self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
 
   @property
   def head_dim(self) -> int:
@@ -171,13 +204,16 @@ class LlamaConfig:
 
 #: Model presets. ``tiny`` is a CPU demo whose vocabulary is normally replaced by the tokenizer's;
 #: the others are the LLaMA shapes of the GaLore paper's C4 experiments (vocab 32000, seq 256).
+#: Every preset scans its layers; the models from 350m up rematerialise each block (``full``):
+#: their activations, not the weights, dominate the step's memory at the batch sizes they train
+#: with (see train/README.md, "Memory").
 PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(vocab_size=4096, dim=128, hidden_dim=352, n_layers=4, n_heads=4),
     "60m": LlamaConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8),
     "130m": LlamaConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12),
-    "350m": LlamaConfig(dim=1024, hidden_dim=2736, n_layers=24, n_heads=16),
-    "1b": LlamaConfig(dim=2048, hidden_dim=5461, n_layers=24, n_heads=32),
-    "7b": LlamaConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32),
+    "350m": LlamaConfig(dim=1024, hidden_dim=2736, n_layers=24, n_heads=16, remat="full"),
+    "1b": LlamaConfig(dim=2048, hidden_dim=5461, n_layers=24, n_heads=32, remat="full"),
+    "7b": LlamaConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, remat="full"),
 }
 
 
@@ -231,6 +267,23 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     raise ValueError(f"seq_len must be positive, got {seq_len}")
   attn = 12 * c.n_layers * seq_len * c.n_heads * c.head_dim
   return float(6 * matmul_param_count(c) + attn)
+
+
+def stack_layers(params: dict) -> dict:
+  """Unrolled params (``layers/<i>/...``) -> scanned params (``layers/...``, leading axis i).
+
+  Works on a pure dict (``nnx.to_pure_dict``) of arrays; every other entry is kept as it is.
+  """
+  layers = params["layers"]
+  blocks = [layers[i] for i in sorted(layers)]
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned params (``layers/...``, leading axis i) -> unrolled params (``layers/<i>/...``)."""
+  stacked = params["layers"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,7 +443,14 @@ class Llama(nnx.Module):
     self.embed = nnx.Embed(
         c.vocab_size, c.dim, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
         embedding_init=_normal(c.init_std, ("vocab", "embed")), rngs=rngs)
-    self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.n_layers)])
+    if c.scan_layers:
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked_blocks(layer_rngs: nnx.Rngs) -> Block:
+        return Block(c, rngs=layer_rngs)
+
+      self.layers = stacked_blocks(rngs.split(c.n_layers))
+    else:
+      self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.n_layers)])
     self.norm = RMSNorm(c.dim, eps=c.norm_eps, dtype=jnp.dtype(c.dtype),
                         param_dtype=jnp.dtype(c.param_dtype))
     self.head = _dense(c, c.dim, c.vocab_size, ("embed", "vocab"), rngs,
@@ -405,7 +465,30 @@ class Llama(nnx.Module):
                        f"{c.max_seq_len}")
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     x = _named(self.embed(tokens.astype(jnp.int32)), "batch", "length", "activation_embed")
-    for layer in self.layers:
-      x = layer(x, positions)
+    x = self._blocks(x, positions)
     logits = self.head(self.norm(x)).astype(jnp.float32)
     return _named(logits, "batch", "length", "vocab")
+
+  def _blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """All blocks: a scan over the stacked params, or a loop over the list; each block under
+    ``jax.checkpoint`` with the config's remat policy."""
+    c = self.config
+    policy = REMAT_POLICIES[c.remat]
+
+    def apply(graphdef, layer_state, h):
+      return nnx.merge(graphdef, layer_state)(h, positions)
+
+    if c.remat != "none":
+      apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
+    if c.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(h, layer_state):
+        return apply(graphdef, layer_state, h), None
+
+      x, _ = jax.lax.scan(body, x, stacked)
+      return x
+    for layer in self.layers:
+      graphdef, layer_state = nnx.split(layer)
+      x = apply(graphdef, layer_state, x)
+    return x

@@ -20,6 +20,9 @@ from train.config import SUBSPACE_OPTIMIZERS, ConfigError, TrainConfig
 
 # Path components that mark a matrix the paper projects (attention and MLP weights).
 PROJECTED_MODULES = ("attention", "attn", "mlp", "feed_forward", "ffn")
+# The collection of transformer blocks: ``layers/<i>/...`` (unrolled, one entry per block) or
+# ``layers/...`` with a leading axis of size n_layers on every leaf (scanned, train.model).
+LAYERS_COLLECTION = "layers"
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -54,31 +57,46 @@ def path_str(path) -> str:
   return "/".join(_path_names(path))
 
 
+def layer_axes(path) -> int:
+  """Leading axes of a leaf that stack blocks: 1 under a scanned ``layers`` collection (the
+  component after ``layers`` is not a block index), else 0."""
+  names = _path_names(path)
+  if LAYERS_COLLECTION in names[:-1]:
+    after = names[names.index(LAYERS_COLLECTION) + 1]
+    return 0 if after.isdigit() else 1
+  return 0
+
+
 def projection_rule(params: Any, rule: str = "attn_mlp") -> Any:
   """Params-shaped tree of ``osd_jax.DimensionNumbers`` (projected) or None (full-rank AdamW).
 
-  ``attn_mlp`` (the paper): 2-D kernels under an attention or MLP module; the input axis is the
-  reduction axis. ``all``: every 2-D parameter.
+  ``attn_mlp`` (the paper): kernels under an attention or MLP module; the input axis is the
+  reduction axis. ``all``: every matrix. A matrix is a 2-D leaf, or a 3-D leaf of scanned layers
+  ``[n_layers, d_in, d_out]`` whose leading ``layers`` axis is a batch axis: each layer's matrix
+  gets its own projector (stacked, ``[n_layers, s, r]``), and the update is one batched program
+  whatever the depth.
   """
 
   def spec(path, x):
-    if x.ndim != 2:
+    stack = layer_axes(path)
+    if x.ndim != 2 + stack:
       return None
     names = [n.lower() for n in _path_names(path)]
     if rule == "all" or any(n in PROJECTED_MODULES for n in names):
-      return osd_jax.DimensionNumbers(reduction_axis=0, output_axis=1)
+      return osd_jax.DimensionNumbers(reduction_axis=stack, output_axis=stack + 1)
     return None
 
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def projected_shapes(params: Any, rule: str) -> dict[str, tuple[int, ...]]:
-  """``{path: shape}`` of the matrices the rule projects."""
+  """``{path: (d_in, d_out)}`` of the matrices the rule projects (per layer for scanned layers)."""
   specs = projection_rule(params, rule)
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: x is None or isinstance(
       x, osd_jax.DimensionNumbers))
   flat = jax.tree_util.tree_leaves_with_path(params)
-  return {path_str(p): tuple(x.shape) for (p, x), s in zip(flat, flat_specs) if s is not None}
+  return {path_str(p): (x.shape[s.reduction_axis], x.shape[s.output_axis])
+          for (p, x), s in zip(flat, flat_specs) if s is not None}
 
 
 def check_rank(params: Any, cfg: TrainConfig) -> None:
@@ -93,8 +111,9 @@ def check_rank(params: Any, cfg: TrainConfig) -> None:
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only (not on norms/biases)."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on matrices only (not on norms/biases; a scanned norm scale ``[n_layers, dim]``
+  is a stack of vectors, not a matrix)."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim - layer_axes(p) >= 2, params)
 
 
 def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):

@@ -6,7 +6,8 @@ The mesh has three named axes:
 - ``fsdp``: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style),
 - ``tensor``: tensor (model) parallelism over heads, MLP hidden units and the vocabulary.
 
-Parameters carry *logical* axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``norm``),
+Parameters carry *logical* axis names (``layers``, ``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``,
+``norm``),
 and so do the model's activations (``batch``, ``length``, ``activation_embed``, ``heads``, ``kv``,
 ``mlp``, ``vocab``; see :func:`activation_constraint`); :data:`LOGICAL_RULES` maps each to a mesh
 axis (or none). Activations are split over ``data`` and ``fsdp`` along the batch and over
@@ -38,6 +39,7 @@ BATCH_AXES = ("data", "fsdp")
 # logical axis name -> mesh axis (or tuple of axes, or None = replicated)
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
+    ("layers", None),  # the stacked-blocks axis of scanned layers: every device holds all layers
     ("length", None),
     ("activation_embed", None),
     ("vocab", "tensor"),
