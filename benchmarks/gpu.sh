@@ -65,7 +65,7 @@ else
 fi
 say "7b sections: device memory ${TOTAL_MIB:-?} MiB, cap ${CAP_MIB} MiB -> XLA_PYTHON_CLIENT_MEM_FRACTION=${FRACTION:-unset}"
 for OPT in osd_adamw adamw; do
-  CAP_S=$([[ $OPT == osd_adamw ]] && echo 240 || echo 90)
+  CAP_S=$([[ $OPT == osd_adamw ]] && echo 240 || echo 150)
   section fit-$BIG-$OPT $CAP_S env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} \
     "$PY" -m benchmarks.train_step_gpu --preset $BIG --optimizer $OPT --rank 512 \
     --batch-size 2 --seq-len 1024 --warmup 1 --repeats 3 "${SMOKE_BIG[@]}" \

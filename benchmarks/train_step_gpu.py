@@ -23,6 +23,7 @@ Example (a GPU)::
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -212,6 +213,8 @@ def main(argv=None) -> dict:
         rec.data["attention_fallback"] = f"{type(e).__name__}: {str(e)[:1000]}"
         attention = "xla"
         rec.data["stages"] = []
+        del e
+        gc.collect()  # the failed attempt's state must be freed before the retry allocates
         continue
       rec.data.update(status="oom" if oom else "error", failed_stage=rec.data.get("stage"),
                       error=f"{type(e).__name__}: {str(e)[:3000]}",

@@ -292,3 +292,19 @@ def test_is_oom_recognises_the_runtimes_out_of_memory_errors():
   assert is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 5.4GiB"))
   assert is_oom(MemoryError())
   assert not is_oom(ValueError("cuDNN attention is not supported on this platform"))
+
+
+def test_train_step_gpu_falls_back_to_xla_attention_when_cudnn_fails(tmp_path, monkeypatch):
+  """--attention-impl auto picks cuDNN on a GPU; when it fails (here: a CPU posing as a GPU), the
+  same run is redone with xla attention and the failure is recorded."""
+  from benchmarks import train_step_gpu
+
+  monkeypatch.setattr(train_step_gpu.jax, "default_backend", lambda: "gpu")
+  out = tmp_path / "fallback.json"
+  data = train_step_gpu.main(["--preset", "tiny", "--optimizer", "adamw", "--batch-size", "2",
+                              "--seq-len", "16", "--repeats", "1", "--warmup", "0",
+                              *SMALL_MODEL, "--out", str(out), "--quiet"])
+  assert data["status"] == "ok" and data["attention_impl"] == "xla"
+  assert data["attention_fallback"]
+  assert data["stages"] == ["init", "compile", "first_step", "timed"]
+  assert _load(out)["status"] == "ok"
