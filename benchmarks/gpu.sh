@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark run on one H100/H200, in under 10 minutes: first whether a LLaMA-7B
 # train step fits in an 80 GB GPU's memory (osd_adamw r=512 vs adamw, the device capped at 80 GB),
-# then update, projector and train-step costs at 350M and 1B. Needs only JAX (with CUDA), optax, flax and orbax — no grain,
-# tensorflow-datasets or installed package: the repo root is put on PYTHONPATH.
+# then update, projector and train-step costs at 350M and 1B. Needs only JAX (with CUDA), optax,
+# flax and orbax — no grain, tensorflow-datasets or installed package: the repo root is put on
+# PYTHONPATH.
 #
 #   bash benchmarks/gpu.sh            # JSON (and gpu.log) under $OUT, else benchmarks/out/
 #
@@ -63,7 +64,8 @@ if [[ "$TOTAL_MIB" =~ ^[0-9]+$ ]] && (( TOTAL_MIB > CAP_MIB )); then
 else
   FRACTION=""  # no GPU (smoke mode) or a GPU no larger than the cap: no cap
 fi
-say "7b sections: device memory ${TOTAL_MIB:-?} MiB, cap ${CAP_MIB} MiB -> XLA_PYTHON_CLIENT_MEM_FRACTION=${FRACTION:-unset}"
+say "7b sections: device memory ${TOTAL_MIB:-?} MiB, cap ${CAP_MIB} MiB" \
+  "-> XLA_PYTHON_CLIENT_MEM_FRACTION=${FRACTION:-unset}"
 for OPT in osd_adamw adamw; do
   CAP_S=$([[ $OPT == osd_adamw ]] && echo 240 || echo 150)
   section fit-$BIG-$OPT $CAP_S env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} \
