@@ -107,6 +107,9 @@ def abstract_params(preset: str, dtype: Any = jnp.float32, **overrides: Any) -> 
 
   from train.model import Llama
 
+  # one leaf per layer and matrix (unrolled), the tree the update benchmarks have always measured;
+  # scan_layers=True gives the trainer's default stacked tree
+  overrides.setdefault("scan_layers", False)
   cfg = model_config(preset, param_dtype=jnp.dtype(dtype).name, **overrides)
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))

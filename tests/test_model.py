@@ -41,39 +41,72 @@ def test_forward_shapes_and_dtypes(dtype):
   assert all(v.dtype == jnp.float32 for v in _flat_params(model).values())
 
 
-def test_param_paths_and_shapes():
-  cfg = SMALL.replace(n_kv_heads=2)
-  params = _flat_params(M.Llama(cfg, rngs=nnx.Rngs(0)))
+def _block_shapes(cfg, n_kv):
   d, h, f = cfg.dim, cfg.head_dim, cfg.hidden_dim
-  expected = {"embed/embedding": (cfg.vocab_size, d), "head/kernel": (d, cfg.vocab_size),
-              "norm/scale": (d,)}
-  for i in range(cfg.n_layers):
-    p = f"layers/{i}/"
-    expected |= {
-        p + "attention/wq/kernel": (d, cfg.n_heads * h),
-        p + "attention/wk/kernel": (d, 2 * h),
-        p + "attention/wv/kernel": (d, 2 * h),
-        p + "attention/wo/kernel": (cfg.n_heads * h, d),
-        p + "mlp/w1/kernel": (d, f), p + "mlp/w3/kernel": (d, f), p + "mlp/w2/kernel": (f, d),
-        p + "attention_norm/scale": (d,), p + "mlp_norm/scale": (d,),
-    }
-  assert {k: tuple(v.shape) for k, v in params.items()} == expected
+  return {"attention/wq/kernel": (d, cfg.n_heads * h), "attention/wk/kernel": (d, n_kv * h),
+          "attention/wv/kernel": (d, n_kv * h), "attention/wo/kernel": (cfg.n_heads * h, d),
+          "mlp/w1/kernel": (d, f), "mlp/w3/kernel": (d, f), "mlp/w2/kernel": (f, d),
+          "attention_norm/scale": (d,), "mlp_norm/scale": (d,)}
 
 
-def test_logical_axis_names_on_every_param():
-  for cfg in (SMALL, SMALL.replace(n_kv_heads=1)):
+def test_param_paths_and_shapes():
+  """Unrolled: ``layers/<i>/...``; scanned (the default): ``layers/...`` with a leading layer
+  axis on every leaf (the param-tree contract the exporters and the optimizer rules rely on)."""
+  cfg = SMALL.replace(n_kv_heads=2)
+  assert cfg.scan_layers
+  d = cfg.dim
+  top = {"embed/embedding": (cfg.vocab_size, d), "head/kernel": (d, cfg.vocab_size),
+         "norm/scale": (d,)}
+  scanned = _flat_params(M.Llama(cfg, rngs=nnx.Rngs(0)))
+  assert {k: tuple(v.shape) for k, v in scanned.items()} == top | {
+      "layers/" + k: (cfg.n_layers,) + shape for k, shape in _block_shapes(cfg, 2).items()}
+  unrolled = _flat_params(M.Llama(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
+  assert {k: tuple(v.shape) for k, v in unrolled.items()} == top | {
+      f"layers/{i}/" + k: shape for i in range(cfg.n_layers)
+      for k, shape in _block_shapes(cfg, 2).items()}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_logical_axis_names_on_every_param(scan):
+  for cfg in (SMALL.replace(scan_layers=scan), SMALL.replace(n_kv_heads=1, scan_layers=scan)):
     params = _flat_params(M.Llama(cfg, rngs=nnx.Rngs(0)))
     for path, v in params.items():
       names = v.get_metadata().get("out_sharding")
       assert names is not None and len(names) == v.ndim, path
       assert set(names) <= set(M.LOGICAL_AXIS_NAMES), (path, names)
     grouped = cfg.grouped
-    assert params["layers/0/attention/wk/kernel"].get_metadata()["out_sharding"] == (
+    layer = ("layers",) if scan else ()
+    wk, w2 = ("layers/attention/wk/kernel", "layers/mlp/w2/kernel") if scan else (
+        "layers/0/attention/wk/kernel", "layers/1/mlp/w2/kernel")
+    assert params[wk].get_metadata()["out_sharding"] == layer + (
         "embed", "kv" if grouped else "heads")
     assert params["embed/embedding"].get_metadata()["out_sharding"] == ("vocab", "embed")
     assert params["head/kernel"].get_metadata()["out_sharding"] == ("embed", "vocab")
-    assert params["layers/1/mlp/w2/kernel"].get_metadata()["out_sharding"] == ("mlp", "embed")
+    assert params[w2].get_metadata()["out_sharding"] == layer + ("mlp", "embed")
     assert params["norm/scale"].get_metadata()["out_sharding"] == ("norm",)
+    if scan:
+      assert params["layers/mlp_norm/scale"].get_metadata()["out_sharding"] == ("layers", "norm")
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_scanned_forward_equals_unrolled_forward_with_the_same_weights(n_kv):
+  """The scan over stacked params computes the loop over blocks: the unrolled model's params,
+  stacked with ``stack_layers``, give the same float32 logits (and ``unstack_layers`` inverts)."""
+  cfg = SMALL.replace(dtype="float32", n_kv_heads=n_kv, n_layers=3)
+  unrolled = M.Llama(cfg.replace(scan_layers=False), rngs=nnx.Rngs(8))
+  params = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+  stacked = M.stack_layers(params)
+  assert stacked["layers"]["attention"]["wq"]["kernel"].shape == (3, cfg.dim, cfg.dim)
+  np.testing.assert_array_equal(stacked["layers"]["mlp"]["w2"]["kernel"][1],
+                                params["layers"][1]["mlp"]["w2"]["kernel"])
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.Llama(cfg, rngs=nnx.Rngs(0))))
+  scanned = nnx.merge(graphdef, stacked)
+  tokens = _tokens(cfg, seed=9)
+  want, got = np.asarray(unrolled(tokens)), np.asarray(scanned(tokens))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(want).max() > 1e-2  # not a trivially small output
+  back = M.unstack_layers(stacked)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 @pytest.mark.parametrize("dtype,n_kv", [("bfloat16", None), ("float32", None), ("float32", 2),
@@ -126,7 +159,7 @@ def test_rope_scores_depend_on_relative_position_only():
 
 def test_grouped_kv_equals_multi_head_with_repeated_kv():
   """A GQA model equals the MHA model whose k/v heads are copies of the shared kv heads."""
-  gqa_cfg = SMALL.replace(dtype="float32", n_kv_heads=2)
+  gqa_cfg = SMALL.replace(dtype="float32", n_kv_heads=2, scan_layers=False)
   mha_cfg = gqa_cfg.replace(n_kv_heads=None)
   gqa = M.Llama(gqa_cfg, rngs=nnx.Rngs(3))
   mha = M.Llama(mha_cfg, rngs=nnx.Rngs(4))
@@ -222,16 +255,22 @@ def test_sharded_init_under_mesh_with_logical_rules():
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model = nnx.jit(lambda: M.Llama(cfg, rngs=nnx.Rngs(0)))()
   params = _flat_params(model)
-  spec = params["layers/0/attention/wq/kernel"].get_value().sharding.spec
-  assert tuple(spec) == ("fsdp", "tensor")
+  spec = params["layers/attention/wq/kernel"].get_value().sharding.spec
+  assert tuple(spec) == (None, "fsdp", "tensor")  # the layer axis is not in the rules: replicated
   assert tuple(params["embed/embedding"].get_value().sharding.spec) == ("tensor", "fsdp")
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    model = nnx.jit(lambda: M.Llama(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))()
+  spec = _flat_params(model)["layers/0/attention/wq/kernel"].get_value().sharding.spec
+  assert tuple(spec) == ("fsdp", "tensor")
 
 
-@pytest.mark.parametrize("n_kv", [None, 2])
-def test_every_activation_is_named_for_sharding(n_kv):
-  """Inside ``activation_sharding`` each block names 7 activations, plus the embedding and logits;
-  the names fit each array's rank, and the constraint's output is what the model goes on with."""
-  cfg = SMALL.replace(dtype="float32", n_kv_heads=n_kv)
+@pytest.mark.parametrize("n_kv, scan", [(None, False), (2, False), (None, True)])
+def test_every_activation_is_named_for_sharding(n_kv, scan):
+  """Inside ``activation_sharding`` each block names 7 activations, plus the embedding table (as
+  looked up), the embeddings and logits;
+  the names fit each array's rank, and the constraint's output is what the model goes on with.
+  (The scan traces its block once: 7 names for all layers.)"""
+  cfg = SMALL.replace(dtype="float32", n_kv_heads=n_kv, scan_layers=scan)
   model = M.Llama(cfg, rngs=nnx.Rngs(0))
   tokens = _tokens(cfg)
   seen = []
@@ -253,8 +292,9 @@ def test_every_activation_is_named_for_sharding(n_kv):
       (("batch", "length", "mlp"), (b, t, cfg.hidden_dim)),
       (("batch", "length", "activation_embed"), (b, t, cfg.dim)),
   ]
-  assert seen == ([(("batch", "length", "activation_embed"), (b, t, cfg.dim))]
-                  + per_layer * cfg.n_layers
+  assert seen == ([(("vocab", None), (cfg.vocab_size, cfg.dim)),  # the table, gathered over embed
+                   (("batch", "length", "activation_embed"), (b, t, cfg.dim))]
+                  + per_layer * (1 if scan else cfg.n_layers)
                   + [(("batch", "length", "vocab"), (b, t, cfg.vocab_size))])
   # outside the context the names are ignored, and the constraint never changes values
   np.testing.assert_array_equal(model(tokens), logits)

@@ -50,11 +50,16 @@ def test_model_param_specs():
   cfg = small_config(mesh="data=2,fsdp=2,tensor=2")
   setup = trainer.build(cfg, VOCAB)
   specs = jax.tree.map(lambda s: s.spec, setup.param_shardings)
-  layer = specs["layers"][0]
-  assert layer["attention"]["wq"]["kernel"] == P("fsdp", "tensor")
-  assert layer["attention"]["wo"]["kernel"] == P("tensor", "fsdp")
-  assert layer["mlp"]["w2"]["kernel"] == P("tensor", "fsdp")
+  layer = specs["layers"]  # scanned: the leading layer axis is replicated
+  assert layer["attention"]["wq"]["kernel"] == P(None, "fsdp", "tensor")
+  assert layer["attention"]["wo"]["kernel"] == P(None, "tensor", "fsdp")
+  assert layer["mlp"]["w2"]["kernel"] == P(None, "tensor", "fsdp")
   assert specs["embed"]["embedding"] == P("tensor", "fsdp")
+  assert layer["attention_norm"]["scale"] == P()
+  unrolled = trainer.build(cfg.replace(scan_layers=False), VOCAB)
+  layer = jax.tree.map(lambda s: s.spec, unrolled.param_shardings)["layers"][0]
+  assert layer["attention"]["wq"]["kernel"] == P("fsdp", "tensor")
+  assert layer["mlp"]["w2"]["kernel"] == P("tensor", "fsdp")
   assert layer["attention_norm"]["scale"] == P()
 
 

@@ -108,16 +108,29 @@ def test_tensorboard_events_after_the_resume_step_are_purged(tmp_path):
   assert _tensorboard_scalars(tmp_path / "tensorboard") == {"loss": {1: 3.0}, "eval_loss": {}}
 
 
-def test_projection_rule_follows_the_paper():
-  setup = trainer.build(small_config(), VOCAB)
-  dims = optimizers.projection_rule(setup.abstract_state.params, "attn_mlp")
-  layer = dims["layers"][0]
-  assert isinstance(layer["attention"]["wq"]["kernel"], osd_jax.DimensionNumbers)
-  assert isinstance(layer["mlp"]["w2"]["kernel"], osd_jax.DimensionNumbers)
+@pytest.mark.parametrize("scan", [True, False])
+def test_projection_rule_follows_the_paper(scan):
+  """Attention and MLP kernels are projected, per layer: a scanned kernel [layers, d_in, d_out]
+  has the layer axis as a batch axis; norms (a scanned scale [layers, dim] too) are not matrices."""
+  setup = trainer.build(small_config(scan_layers=scan), VOCAB)
+  params = setup.abstract_state.params
+  dims = optimizers.projection_rule(params, "attn_mlp")
+  layer = dims["layers"] if scan else dims["layers"][0]
+  matrix = osd_jax.DimensionNumbers(1, 2) if scan else osd_jax.DimensionNumbers(0, 1)
+  assert layer["attention"]["wq"]["kernel"] == matrix
+  assert layer["mlp"]["w2"]["kernel"] == matrix
   assert dims["embed"]["embedding"] is None and dims["head"]["kernel"] is None
   assert layer["attention_norm"]["scale"] is None
-  everything = optimizers.projection_rule(setup.abstract_state.params, "all")
-  assert isinstance(everything["head"]["kernel"], osd_jax.DimensionNumbers)
+  everything = optimizers.projection_rule(params, "all")
+  assert everything["head"]["kernel"] == osd_jax.DimensionNumbers(0, 1)
+  all_layer = everything["layers"] if scan else everything["layers"][0]
+  assert all_layer["mlp_norm"]["scale"] is None
+  mask = optimizers.decay_mask(params)
+  mask_layer = mask["layers"] if scan else mask["layers"][0]
+  assert mask_layer["mlp"]["w1"]["kernel"] and not mask_layer["mlp_norm"]["scale"]
+  assert mask["head"]["kernel"] and not mask["norm"]["scale"]
+  shapes = optimizers.projected_shapes(params, "attn_mlp")  # per-layer matrices, for --rank
+  assert shapes["layers/mlp/w2/kernel" if scan else "layers/0/mlp/w2/kernel"] == (64, 32)
 
 
 def test_schedule_warmup_then_cosine_to_ten_percent():
@@ -230,9 +243,9 @@ def test_zero_gradients_never_make_projectors_nan():
   state, m = setup.train_step(setup.init_state(), put(padding))
   assert float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0
   params = state.params
-  layer = params["layers"][0]
+  layer = params["layers"]  # scanned: every leaf has a leading layer axis
   for module, name in (("attention", "wo"), ("mlp", "w2")):
-    layer[module][name]["kernel"] = jnp.zeros_like(layer[module][name]["kernel"])
+    layer[module][name]["kernel"] = layer[module][name]["kernel"].at[0].set(0.0)
   state = state._replace(params=jax.device_put(params, setup.param_shardings))
   for i in range(1, 5):
     state, m = setup.train_step(state, put(random_batch(i, 8, 32, VOCAB)))

@@ -38,6 +38,12 @@ SCHEDULE_KEYS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", 
                  "update_proj_gap")
 
 
+def layer_layout(config: dict) -> str:
+  """``"scanned"`` or ``"unrolled"``: how a run's block params are laid out (``--scan-layers``).
+  A config without the field predates scanned layers, whose checkpoints are all unrolled."""
+  return "scanned" if config.get("scan_layers", False) else "unrolled"
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into this run; the message says what differs."""
 
@@ -169,6 +175,13 @@ class Checkpointer:
     except Exception as e:
       raise _unreadable(where, e) from e
     saved_config = dict(meta["config"] or {})
+    if config is not None and layer_layout(saved_config) != layer_layout(config):
+      saved_layout = layer_layout(saved_config)
+      flag = "--scan-layers" if saved_layout == "scanned" else "--no-scan-layers"
+      raise CheckpointError(
+          f"checkpoint {where} holds {saved_layout} layers, this run uses "
+          f"{layer_layout(config)} layers (--scan-layers); resume with {flag}, the layout the "
+          f"checkpoint was saved with")
     if config is not None:
       diffs = config_diff(saved_config, config)
       if diffs:

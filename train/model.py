@@ -464,10 +464,23 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_seq_len="
                        f"{c.max_seq_len}")
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    x = _named(self.embed(tokens.astype(jnp.int32)), "batch", "length", "activation_embed")
+    x = _named(self._embed(tokens.astype(jnp.int32)), "batch", "length", "activation_embed")
     x = self._blocks(x, positions)
     logits = self.head(self.norm(x)).astype(jnp.float32)
     return _named(logits, "batch", "length", "vocab")
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """The token embeddings, looked up in the table gathered along its model width.
+
+    The table is stored sharded over ``embed`` (FSDP) while the looked-up rows are split over the
+    batch; gathering the table first (as FSDP gathers every weight) keeps the backward
+    scatter-add of the rows' gradients local to each device's batch rows, followed by one
+    reduce-scatter of the table's gradient. Left to itself, XLA would instead move the activation
+    gradient ``[B, T, dim]`` from the batch split to a width split, which it can only do by
+    replicating it (an "involuntary full rematerialization").
+    """
+    table = _named(self.embed.embedding[...].astype(self.embed.dtype), "vocab", None)
+    return jnp.take(table, tokens, axis=0)
 
   def _blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """All blocks: a scan over the stacked params, or a loop over the list; each block under

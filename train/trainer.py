@@ -109,9 +109,12 @@ def model_config(cfg: TrainConfig, vocab_size: int):
   overrides.setdefault("max_seq_len", cfg.seq_len)
   overrides.setdefault("dtype", _dtype_name(cfg.dtype))
   overrides.setdefault("param_dtype", _dtype_name(cfg.param_dtype))
-  overrides.setdefault("scan_layers", bool(cfg.scan_layers))
+  for key in ("scan_layers", "remat"):  # flags of their own (the checkpoint records the layout)
+    if key in overrides:
+      raise ConfigError(f"--model-override {key}=...: use --{key.replace('_', '-')} instead")
+  overrides["scan_layers"] = bool(cfg.scan_layers)
   if cfg.remat != "auto":
-    overrides.setdefault("remat", cfg.remat)
+    overrides["remat"] = cfg.remat
   try:
     mcfg = model_lib.get_config(cfg.preset, **overrides)
   except (ValueError, TypeError) as e:
