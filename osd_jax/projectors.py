@@ -1,16 +1,29 @@
 """Projector rules: how the subspace P of each weight matrix is chosen and moved.
 
-A rule is a :class:`ProjectorRule`, a NamedTuple of two pure functions that act on ONE
-matrix G' ∈ ℝ^{s×L} (``scale_by_subspace_descent`` vmaps them over batch axes):
+A rule is a :class:`ProjectorRule` of pure functions that act on ONE matrix
+G' ∈ ℝ^{s×L} (``scale_by_subspace_descent`` vmaps them over batch axes). Its work is split
+in two, so that a whole tree of matrices costs one ``conditional`` per step:
 
 * ``init(s, L, rank, dtype) -> state`` allocates the state (it must have a field ``p``,
   the projector P ∈ ℝ^{s×r}); no gradient is seen yet, so P is a placeholder.
-* ``update(g, state, count, key) -> (p_t, g_hat, new_state)`` returns the projector Pₜ
-  used at step ``count`` = t, the projected gradient Ĝ = Pₜᵀ G' (r×L, float in P's dtype),
-  and the state holding the P for step t + 1.
+* ``is_refresh(count) -> bool`` says whether step ``count`` = t is a refresh step; it must
+  not depend on the matrix (t = 0 for online PCA and ``frozen``, t % T == 0 for ``svd`` and
+  ``random``).
+* ``refresh(g, state, count, key) -> state`` is the expensive part (an SVD, a QR...): the
+  state whose ``p`` is the new Pₜ.  ``scale_by_subspace_descent`` runs it for every
+  projected matrix inside ONE ``lax.cond(is_refresh(t), refresh all, keep all)``, so a
+  steady-state step executes no SVD/QR/eigh and holds no per-matrix branch.
+* ``step(g, state, count) -> (p_t, g_hat, new_state)`` is the cheap per-step part, given the
+  state after the (possible) refresh: the projector Pₜ used at step t, the projected gradient
+  Ĝ = Pₜᵀ G' (r×L, float in P's dtype) and the state holding the P for step t + 1.  It must
+  not branch: online PCA skips its projector step at t = 0 with an elementwise
+  ``jnp.where`` on the s×r results.
+* ``update(g, state, count, key) -> (p_t, g_hat, new_state)`` is the whole step of one
+  matrix on its own (refresh if due, then step), for using a rule outside the transformation.
 
 Rules: :func:`online_pca` (the paper's), :func:`svd` (GaLore), :func:`random`,
-:func:`frozen`.  Write your own with the same two functions.
+:func:`frozen`.  Write your own with :func:`projector_rule`; a rule given only as
+``ProjectorRule(init, update)`` still works, with whatever branches its ``update`` has.
 
 Singular vectors are sign-canonicalised (the largest-magnitude entry of every column of P
 is positive), so every backend gives the same P; no part of the update depends on it.
@@ -32,10 +45,65 @@ INITS = ("svd", "randomized", "random")
 
 
 class ProjectorRule(NamedTuple):
-  """A projector update rule: pure ``init`` and ``update`` functions on one matrix."""
+  """A projector rule: pure functions on one matrix (see the module docstring).
+
+  ``is_refresh``, ``refresh`` and ``step`` are None for a rule given only as
+  ``ProjectorRule(init, update)``; :func:`projector_rule` fills every field.
+  """
 
   init: Callable[[int, int, int, Any], Any]
   update: Callable[[jax.Array, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+  is_refresh: Callable[[jax.Array], Any] | None = None
+  refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None
+  step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]] | None = None
+
+  @property
+  def is_split(self) -> bool:
+    """Whether the rule has its refresh/step parts (else only ``update`` is used)."""
+    return self.step is not None
+
+
+def projector_rule(
+    init: Callable[[int, int, int, Any], Any],
+    step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]],
+    is_refresh: Callable[[jax.Array], Any] | None = None,
+    refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None,
+) -> ProjectorRule:
+  """A :class:`ProjectorRule` from its parts; ``update`` is derived from them.
+
+  Args:
+    init: ``(s, L, rank, dtype) -> state`` with a field ``p`` (s×r).
+    step: ``(g, state, count) -> (p_t, g_hat, new_state)``, the per-step part on the state
+      after any refresh (``state.p`` is Pₜ); no SVD/QR/eigh and no ``lax.cond`` here.
+    is_refresh: ``count -> bool`` (a traced scalar or a Python bool), the same for every
+      matrix; None for a rule that never refreshes.
+    refresh: ``(g, state, count, key) -> state`` with ``p`` = the new Pₜ, run only when
+      ``is_refresh(count)``; ``key`` is a fresh PRNG key per matrix and step.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, osd_jax
+    >>> from osd_jax import projectors
+    >>> rule = projectors.projector_rule(  # P = the first r coordinate axes, never moved
+    ...     init=lambda s, L, r, dtype: projectors.PeriodicProjectorState(jnp.eye(s, r)),
+    ...     step=lambda g, state, count: (state.p, state.p.T @ g, state))
+    >>> tx = osd_jax.scale_by_subspace_descent(optax.identity(), rank=2, projector=rule)
+    >>> u, _ = tx.update({"w": jnp.ones((3, 4))}, tx.init({"w": jnp.ones((3, 4))}))
+    >>> u["w"][2].tolist()
+    [0.0, 0.0, 0.0, 0.0]
+  """
+  if (is_refresh is None) != (refresh is None):
+    raise ValueError("projector_rule: give both is_refresh and refresh, or neither.")
+
+  def update(g, state, count, key):
+    if refresh is not None:
+      due = is_refresh(count)
+      if isinstance(due, (bool, np.bool_)):
+        state = refresh(g, state, count, key) if due else state
+      else:
+        state = jax.lax.cond(due, lambda: refresh(g, state, count, key), lambda: state)
+    return step(g, state, count)
+
+  return ProjectorRule(init, update, is_refresh, refresh, step)
 
 
 # --------------------------------------------------------------------------- rank-r products
@@ -178,20 +246,28 @@ def online_pca_gradient(
 ) -> jax.Array:
   """∇L(P) of :func:`online_pca_loss` in closed form, O(s·L·r) work.
 
-  With A = PᵀG̃ (r×L), B = G̃Aᵀ (s×r), C = AAᵀ and E = PᵀP − I (r×r), R = PA − G̃:
+  With A = PᵀG̃ (r×L), B = G̃Aᵀ (s×r), C = AAᵀ = PᵀB and E = PᵀP − I (r×r), R = PA − G̃:
 
-      ∇L = 2(R G̃ᵀ P + G̃ Rᵀ P) + 4λ P E = 2(P C − B + B E) + 4λ P E,
+      ∇L = 2(R G̃ᵀ P + G̃ Rᵀ P) + 4λ P E = 2(P C − B + B E) + 4λ P E
+         = 2 [P B] [C + 2λE; E − I],
 
-  since R G̃ᵀ P = P A Aᵀ − G̃ Aᵀ and Rᵀ P = Aᵀ (PᵀP − I).  No s×s, L×L or s×L temporary
-  beyond G̃ itself; pass ``g_hat = Pᵀ G'`` (already computed for the projection) to skip
-  the first matmul.
+  since R G̃ᵀ P = P A Aᵀ − G̃ Aᵀ and Rᵀ P = Aᵀ (PᵀP − I).  Besides the two s×L×r products
+  (A, B) that is one s×r×2r product for [PᵀP, PᵀB] and one for the result: no r×r×L product,
+  and no s×s, L×L or s×L temporary beyond G̃ itself.  With P and G sharded over s, A and
+  [PᵀP, PᵀB] are partial sums (one all-reduce each) and everything else stays local.  Pass
+  ``g_hat = Pᵀ G'`` (already computed for the projection) to skip the first matmul.
   """
   norm = jnp.maximum(frobenius_norm(g), jnp.finfo(g.dtype).tiny)
   a = (project(p, g) if g_hat is None else g_hat) / norm  # A = Pᵀ G̃
   b = gradient_times(g, a) / norm  # B = G̃ Aᵀ
-  c = a @ a.T  # C = A Aᵀ
-  e = p.T @ p - jnp.eye(p.shape[1], dtype=p.dtype)  # E = PᵀP − I
-  return 2.0 * (p @ c - b + b @ e) + (4.0 * orthogonality_weight) * (p @ e)
+  rank = p.shape[-1]
+  eye = jnp.eye(rank, dtype=p.dtype)
+  pb = jnp.concatenate([p, b], axis=-1)  # [P B] (s×2r)
+  gram = p.T @ pb  # [PᵀP, PᵀB] = [E + I, C]
+  e = gram[:, :rank] - eye  # E = PᵀP − I
+  c = gram[:, rank:]  # C = PᵀB = A Aᵀ
+  coeffs = jnp.concatenate([c + (2.0 * orthogonality_weight) * e, e - eye], axis=0)  # 2r×r
+  return 2.0 * (pb @ coeffs)
 
 
 class OnlinePCAState(NamedTuple):
@@ -245,26 +321,31 @@ def online_pca(
     p = jnp.zeros((s, rank), dtype)
     return OnlinePCAState(p=p, opt_state=optimizer.init(p))
 
-  def update_fn(g, state, count, key):
-    dtype = state.p.dtype
+  def is_refresh(count):
+    return count == 0
+
+  def refresh(g, state, count, key):  # P₀ = init(G'₀)
+    p = state.p
+    return state._replace(p=initial_projector(g.astype(p.dtype), p.shape[-1], key, init)
+                          .astype(p.dtype))
+
+  def step(g, state, count):
+    p_t = state.p
+    dtype = p_t.dtype
     g = g.astype(dtype)
-    rank = state.p.shape[-1]
-    first = count == 0
-    p_t = jax.lax.cond(first, lambda: initial_projector(g, rank, key, init).astype(dtype),
-                       lambda: state.p)
     g_hat = project(p_t, g)  # Ĝ = Pₜᵀ G'
+    grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat=g_hat)  # ∇L(Pₜ)
+    d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
+    eta = _schedule_value(learning_rate, count)
+    p_next = (p_t - eta * (d + weight_decay * p_t)).astype(dtype)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
+    # No projector step at t = 0: an elementwise select on the s×r results, not a branch.
+    first = count == 0
+    p_next = jnp.where(first, p_t, p_next)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(first, old, new), opt_state,
+                             state.opt_state)
+    return p_t, g_hat, OnlinePCAState(p_next, opt_state)
 
-    def projector_step():
-      grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat=g_hat)  # ∇L(Pₜ)
-      d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
-      eta = _schedule_value(learning_rate, count)
-      p_next = p_t - eta * (d + weight_decay * p_t)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
-      return OnlinePCAState(p_next.astype(dtype), opt_state)
-
-    new_state = jax.lax.cond(first, lambda: state._replace(p=p_t), projector_step)
-    return p_t, g_hat, new_state
-
-  return ProjectorRule(init_fn, update_fn)
+  return projector_rule(init_fn, step, is_refresh, refresh)
 
 
 # --------------------------------------------------------------------------- periodic rules
@@ -280,15 +361,16 @@ def _periodic(refresh_fn, is_refresh_step) -> ProjectorRule:
   def init_fn(s, L, rank, dtype):  # noqa: N803
     return PeriodicProjectorState(jnp.zeros((s, rank), dtype))
 
-  def update_fn(g, state, count, key):
+  def refresh(g, state, count, key):
     dtype = state.p.dtype
-    g = g.astype(dtype)
-    rank = state.p.shape[-1]
-    p_t = jax.lax.cond(is_refresh_step(count), lambda: refresh_fn(g, rank, key).astype(dtype),
-                       lambda: state.p)
-    return p_t, project(p_t, g), PeriodicProjectorState(p_t)  # Ĝ = Pₜᵀ G'
+    return PeriodicProjectorState(refresh_fn(g.astype(dtype), state.p.shape[-1], key)
+                                  .astype(dtype))
 
-  return ProjectorRule(init_fn, update_fn)
+  def step(g, state, count):
+    p_t = state.p
+    return p_t, project(p_t, g.astype(p_t.dtype)), state  # Ĝ = Pₜᵀ G'
+
+  return projector_rule(init_fn, step, is_refresh_step, refresh)
 
 
 def svd(every: int = 200, method: str = "svd") -> ProjectorRule:

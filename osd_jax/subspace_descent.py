@@ -209,6 +209,22 @@ def scale_by_subspace_descent(
     if project_params and params is None:
       raise ValueError("scale_by_subspace_descent(project_params=True) needs params in update().")
     param_leaves = treedef.flatten_up_to(params) if project_params else [None] * len(leaves)
+    for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
+      if _is_projected(ps) and tuple(g.shape) != ps.layout.shape:
+        raise ValueError(
+            f"Gradient leaf {i} has shape {g.shape} but the optimizer state was initialised "
+            f"for shape {ps.layout.shape}; re-run init with params of the current shapes."
+        )
+    projected = [i for i, ps in enumerate(projector_leaves) if _is_projected(ps)]
+    # Rule states for step t: refreshed (SVD/QR... of every projected matrix at once) inside
+    # ONE conditional for the whole tree, on refresh steps only.
+    rule_states = {i: projector_leaves[i].state for i in projected}
+    if projector.is_split and projector.is_refresh is not None and projected:
+      rule_states = _refresh_all(projector, [leaves[i] for i in projected],
+                                 [projector_leaves[i] for i in projected], projected, count,
+                                 base_key)
+      rule_states = dict(zip(projected, rule_states))
+
     inner_in, inner_params, projections, new_projector_leaves = [], [], [], []
     for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
       if not _is_projected(ps):
@@ -218,16 +234,15 @@ def scale_by_subspace_descent(
         new_projector_leaves.append(ps)
         continue
       layout = ps.layout
-      if tuple(g.shape) != layout.shape:
-        raise ValueError(
-            f"Gradient leaf {i} has shape {g.shape} but the optimizer state was initialised "
-            f"for shape {layout.shape}; re-run init with params of the current shapes."
-        )
       nb = len(layout.batch_shape)
-      rule_update = _vmap_batch(projector.update, nb, in_axes=(0, 0, None, 0))
-      keys = _leaf_keys(base_key, i, count, layout.batch_shape)
       with projectors_lib.transposed_view(layout.transpose):
-        p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
+        if projector.is_split:  # the cheap per-step part, on the state after any refresh
+          rule_step = _vmap_batch(projector.step, nb, in_axes=(0, 0, None))
+          p_t, g_hat, new_rule_state = rule_step(to_matrix(g, layout), rule_states[i], count)
+        else:  # a rule given as (init, update) only, with its own branches
+          rule_update = _vmap_batch(projector.update, nb, in_axes=(0, 0, None, 0))
+          keys = _leaf_keys(base_key, i, count, layout.batch_shape)
+          p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
       inner_in.append(g_hat.astype(g.dtype))  # Ĝ = Pₜᵀ G'
       if project_params:
         w = param_leaves[i]
@@ -283,6 +298,34 @@ def scale_by_subspace_descent(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> list:
+  """Rule states for step t of the projected leaves: refreshed on refresh steps, else kept.
+
+  One ``lax.cond`` for all of them: the refresh branch runs ``projector.refresh`` (vmapped over
+  batch axes) on every matrix, the other branch returns the states as they are.  The keys are
+  made inside the refresh branch; the gradients enter the branch as stored (``to_matrix``
+  inside), so the steady-state path neither copies nor gathers them.
+  """
+  states = [ps.state for ps in leaf_states]
+  due = projector.is_refresh(count)
+
+  def refresh_all(grads, states):
+    out = []
+    for g, ps, state, i in zip(grads, leaf_states, states, indices):
+      layout = ps.layout
+      rule_refresh = _vmap_batch(projector.refresh, len(layout.batch_shape),
+                                 in_axes=(0, 0, None, 0))
+      keys = _leaf_keys(base_key, i, count, layout.batch_shape)
+      with projectors_lib.transposed_view(layout.transpose):
+        new = rule_refresh(to_matrix(g, layout), state, count, keys)
+      out.append(jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, state))
+    return out
+
+  if isinstance(due, (bool, np.bool_)):  # decided at trace time
+    return refresh_all(grads, states) if due else states
+  return jax.lax.cond(due, refresh_all, lambda grads, states: states, grads, states)
 
 
 def _change_of_basis(p_new: jax.Array, p_old: jax.Array, skip) -> jax.Array:
