@@ -300,13 +300,52 @@ def scale_by_subspace_descent(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _matrix_layout(layout: MatrixLayout) -> MatrixLayout:
+  """The layout of one matrix of a leaf with batch axes: ``layout`` without them."""
+  keep = [a for a in range(len(layout.shape)) if a not in layout.batch_axes]
+  where = {a: i for i, a in enumerate(keep)}
+  return MatrixLayout(tuple(layout.shape[a] for a in keep), (),
+                      tuple(where[a] for a in layout.reduction_axes),
+                      tuple(where[a] for a in layout.output_axes), layout.transpose, layout.rank)
+
+
+def _refresh_leaf(projector, g, layout: MatrixLayout, state, count, keys):
+  """``projector.refresh`` of every matrix of one leaf, one matrix at a time.
+
+  A leaf with batch axes (stacked layers) is refreshed by a loop (``lax.map``) over its
+  matrices, not a vmap: an SVD works on a copy of its input and makes a Vᵀ as large as it, so
+  a vmapped SVD of a stacked [n_layers, s, L] gradient would hold n_layers of those at once.
+  The slices are taken from the gradient as stored (``to_matrix`` inside the loop), so a
+  transposed view is never materialised for the whole stack.
+  """
+  if not layout.batch_shape:
+    with projectors_lib.transposed_view(layout.transpose):
+      return projector.refresh(to_matrix(g, layout), state, count, keys)
+  one = _matrix_layout(layout)
+  n = math.prod(layout.batch_shape)
+  rest = tuple(a for a in range(g.ndim) if a not in layout.batch_axes)
+  g_flat = jnp.transpose(g, layout.batch_axes + rest).reshape((n,) + one.shape)
+  flat = lambda a: a.reshape((n,) + a.shape[len(layout.batch_shape):])  # noqa: E731
+  state_flat = jax.tree.map(flat, state)
+
+  def body(args):
+    g_i, state_i, key_i = args
+    with projectors_lib.transposed_view(layout.transpose):
+      return projector.refresh(to_matrix(g_i, one), state_i, count, key_i)
+
+  new = jax.lax.map(body, (g_flat, state_flat, keys.reshape((n,))))
+  return jax.tree.map(lambda a: a.reshape(layout.batch_shape + a.shape[1:]), new)
+
+
 def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> list:
   """Rule states for step t of the projected leaves: refreshed on refresh steps, else kept.
 
-  One ``lax.cond`` for all of them: the refresh branch runs ``projector.refresh`` (vmapped over
-  batch axes) on every matrix, the other branch returns the states as they are.  The keys are
-  made inside the refresh branch; the gradients enter the branch as stored (``to_matrix``
-  inside), so the steady-state path neither copies nor gathers them.
+  One ``lax.cond`` for all of them: the refresh branch runs ``projector.refresh`` on every
+  matrix, one after another (:func:`_refresh_leaf`: a loop over batch axes), so the branch's
+  temporaries are those of one matrix's refresh, however many matrices there are; the other
+  branch returns the states as they are.  The keys are made inside the refresh branch; the
+  gradients enter the branch as stored (``to_matrix`` inside), so the steady-state path
+  neither copies nor gathers them.
   """
   states = [ps.state for ps in leaf_states]
   due = projector.is_refresh(count)
@@ -314,12 +353,8 @@ def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> lis
   def refresh_all(grads, states):
     out = []
     for g, ps, state, i in zip(grads, leaf_states, states, indices):
-      layout = ps.layout
-      rule_refresh = _vmap_batch(projector.refresh, len(layout.batch_shape),
-                                 in_axes=(0, 0, None, 0))
-      keys = _leaf_keys(base_key, i, count, layout.batch_shape)
-      with projectors_lib.transposed_view(layout.transpose):
-        new = rule_refresh(to_matrix(g, layout), state, count, keys)
+      keys = _leaf_keys(base_key, i, count, ps.layout.batch_shape)
+      new = _refresh_leaf(projector, g, ps.layout, state, count, keys)
       out.append(jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, state))
     return out
 
