@@ -88,11 +88,13 @@ def step_program(family: str, args, devices) -> str:
   from train.config import TrainConfig, validate
   from train.model import PRESETS
 
+  overrides = common.parse_overrides(args.model_override)
   cfg = TrainConfig(preset=args.preset, optimizer=family, rank=args.rank, lr=1e-3, steps=1000,
                     batch_size=args.batch_size, seq_len=args.seq_len, dtype="float32",
-                    mesh=args.mesh, progress=False, tensorboard=False)
+                    mesh=args.mesh, progress=False, tensorboard=False, model_overrides=overrides)
   validate(cfg)
-  setup = trainer.build(cfg, PRESETS[args.preset].vocab_size, devices=devices)
+  vocab = int(overrides.get("vocab_size", PRESETS[args.preset].vocab_size))
+  setup = trainer.build(cfg, vocab, devices=devices)
   batch_sh = shd.batch_sharding(setup.mesh)
   assert isinstance(batch_sh, NamedSharding)
   tokens = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32, sharding=batch_sh)
@@ -109,6 +111,8 @@ def parse_args(argv):
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=256)
   p.add_argument("--no-step", action="store_true", help="Only the update, not the train step.")
+  p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
+                 help="Override a model-config field, e.g. n_layers=2 (repeatable).")
   p.add_argument("--dump", default=None, help="Directory to write each program's HLO text to.")
   args = p.parse_args(argv)
   args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -125,13 +129,15 @@ def run(args) -> dict:
 
   devices = jax.devices()
   mesh = shd.make_mesh(args.mesh, devices)
-  cfg = common.model_config(args.preset)
   from flax import nnx
+
+  overrides = common.parse_overrides(args.model_override)
+  cfg = common.model_config(args.preset, **overrides)
 
   abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   _, abs_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   param_specs = shd.param_specs(abs_params, mesh)
-  abstract = common.abstract_params(args.preset)
+  abstract = common.abstract_params(args.preset, **overrides)
   results = []
   for family in args.optimizers:
     for program in ("update",) + (() if args.no_step else ("step",)):
@@ -154,10 +160,10 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-  rows = ["| program | optimizer | conditionals (steady) | thunks (steady) | SVD/QR/eigh (steady) | "
-          "all-gather n / MiB (steady) | all-reduce n / MiB (steady) | other n (steady) | "
-          "total MiB: all / steady | largest steady all-gather |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+  header = ("| program | optimizer | conditionals (steady) | thunks (steady) | "
+            "SVD/QR/eigh (steady) | all-gather n / MiB (steady) | all-reduce n / MiB (steady) | "
+            "other n (steady) | total MiB: all / steady | largest steady all-gather |")
+  rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
   for r in report["results"]:
     c, s = r["collectives"], r["collectives_steady"]
     other = sum(c[k]["count"] for k in hlo.COLLECTIVES if k not in ("all-gather", "all-reduce"))

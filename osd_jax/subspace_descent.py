@@ -102,7 +102,20 @@ def scale_by_subspace_descent(
       Pₜ₊₁ = projector(Gₜ, Pₜ)
 
   Leaves that are not projected (ndim < 2, mapped to None, or ``rank >= min(m, n)``) get
-  ``inner`` at full rank.  Inner state is kept when P changes (the paper's choice), unless
+  ``inner`` at full rank.
+
+  The compiled update holds at most one ``conditional``, however many matrices are
+  projected: ``lax.cond(projector.is_refresh(t), refresh every matrix, keep every P)``, the
+  matrices refreshed one at a time (a loop over stacked layers, not a vmap), so the branch's
+  temporaries are one matrix's SVD workspace however many layers there are. The
+  expensive refresh (the SVD of P₀, GaLore's periodic SVD, a QR) sits in its true branch, and
+  with sharded params the full-gradient all-gathers that the SVD needs sit there too; the
+  steady-state path (the rule's ``step``, ``inner`` and U') runs no SVD/QR/eigh and, with P
+  sharded like the side it spans (:func:`osd_jax.optimizer_state_sharding`), communicates only
+  rank-r partial sums (Ĝ or B, [PᵀP, PᵀB], ‖G‖).  A rule given only as
+  ``ProjectorRule(init, update)`` keeps whatever branches its ``update`` has.
+
+  Inner state is kept when P changes (the paper's choice), unless
   ``transport_state=True``, which keeps the inner first moment M (every ``mu`` field of the
   inner state) in the basis of the stored P, as LDAdam, for any rule:
 

@@ -308,3 +308,24 @@ def test_train_step_gpu_falls_back_to_xla_attention_when_cudnn_fails(tmp_path, m
   assert data["attention_fallback"]
   assert data["stages"] == ["init", "compile", "first_step", "timed"]
   assert _load(out)["status"] == "ok"
+
+
+def test_collectives_smoke(tmp_path):
+  """benchmarks.collectives compiles the sharded update and counts its ops (8 fake devices)."""
+  import jax
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  from benchmarks import collectives
+
+  out = tmp_path / "collectives.json"
+  report = collectives.main(["--preset", "tiny", "--rank", "8", "--optimizers", "adamw,osd_adamw",
+                             "--no-step", *SMALL_MODEL, "--out", str(out), "--quiet"])
+  data = _load(out)
+  rows = {r["optimizer"]: r for r in data["results"]}
+  assert set(rows) == {"adamw", "osd_adamw"} and report["devices"] == 8
+  assert rows["adamw"]["conditionals"] == 0
+  assert rows["osd_adamw"]["conditionals"] == 1
+  assert rows["osd_adamw"]["decompositions"] > 0 == rows["osd_adamw"]["decompositions_steady"]
+  assert rows["osd_adamw"]["collectives_steady"]["all-gather"]["count"] == 0
+  assert rows["osd_adamw"]["thunks_steady"] < rows["osd_adamw"]["thunks"]

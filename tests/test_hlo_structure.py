@@ -110,8 +110,8 @@ def test_a_rule_given_as_init_and_update_keeps_its_own_branches():
   g = {"a": jax.random.normal(jax.random.key(0), (6, 10)),
        "b": jax.random.normal(jax.random.key(1), (10, 6))}
   split = osd_jax.scale_by_subspace_descent(optax.identity(), 2, projectors.frozen())
-  u_old, s_old = tx.update(g, tx.init(g))
-  u_new, s_new = split.update(g, split.init(g))
+  u_old, _ = tx.update(g, tx.init(g))
+  u_new, _ = split.update(g, split.init(g))
   np.testing.assert_allclose(u_old["a"], u_new["a"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(u_old["b"], u_new["b"], rtol=1e-5, atol=1e-6)
 
@@ -169,7 +169,11 @@ def _sharded_model():
 
 def _loss(params, tokens):
   """A small residual MLP stack; activations pinned batch-sharded, as an FSDP trainer does."""
-  pin = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(_mesh(), P("fsdp")))  # noqa: E731
+  batch = NamedSharding(_mesh(), P("fsdp"))
+
+  def pin(x):
+    return jax.lax.with_sharding_constraint(x, batch)
+
   x = pin(params["embed"][tokens])
   for i in range(2):
     layer = params[f"layer{i}"]
@@ -215,7 +219,8 @@ def _budget_bytes(params, wdn) -> int:
   (r×2r), ‖G‖ and the scalars of the inner Adam; float32."""
   total = 0
   leaves = jax.tree.leaves(params)
-  specs = jax.tree.leaves(wdn, is_leaf=lambda x: x is None or isinstance(x, osd_jax.DimensionNumbers))
+  specs = jax.tree.leaves(
+      wdn, is_leaf=lambda x: x is None or isinstance(x, osd_jax.DimensionNumbers))
   for x, spec in zip(leaves, specs):
     if spec is None:
       continue
@@ -260,7 +265,8 @@ def test_sharded_train_step_collectives_within_ten_percent_of_adamw():
       osd_jax.osd_adamw(1e-3, _R, weight_decay=0.1, weight_dimension_numbers=wdn), params,
       specs, train_step=True)
   # The FSDP parameter gathers are the same; the optimizer adds no all-gather of its own.
-  assert sorted(i.bytes for i in osd["all-gather"]) == sorted(i.bytes for i in adamw["all-gather"])
+  gathered = sorted(i.bytes for i in osd["all-gather"])
+  assert gathered == sorted(i.bytes for i in adamw["all-gather"])
   assert adamw_sum["total"]["bytes"] > 0
   extra = osd_sum["total"]["bytes"] - adamw_sum["total"]["bytes"]
   assert 0 < extra <= _budget_bytes(params, wdn)
