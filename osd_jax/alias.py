@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osd_jax import projectors
+from osd_jax import projectors, skipping
 from osd_jax.dimension_numbers import WeightDimensionNumbers
 from osd_jax.subspace_descent import scale_by_subspace_descent
 
@@ -114,7 +114,8 @@ def osd_adamw(
   Args:
     learning_rate: lr(t), a float or an optax schedule.
     rank: r.
-    b1, b2, eps, eps_root, mu_dtype: the inner ``optax.scale_by_adam``.
+    b1, b2, eps, eps_root, mu_dtype: the inner Adam (:func:`osd_jax.skipping.scale_by_adam`,
+      ``optax.scale_by_adam`` that also honours ``apply_step``).
     weight_decay: decoupled weight decay; ``mask`` selects the leaves it applies to.
     scale: multiplies the back-projected update.
     orthogonality_weight: λ.
@@ -156,7 +157,7 @@ def osd_adamw(
   )
   return optax.chain(
       scale_by_subspace_descent(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+          skipping.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
           rank, rule, scale=scale, weight_dimension_numbers=weight_dimension_numbers,
           projector_dtype=projector_dtype, side=side, transport_state=transport_state,
           seed=seed,
@@ -304,7 +305,7 @@ def galore_adamw(
   projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
   return optax.chain(
       scale_by_subspace_descent(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+          skipping.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
           rank, projectors.svd(every=update_proj_gap, method=svd_method), scale=scale,
           weight_dimension_numbers=weight_dimension_numbers, projector_dtype=projector_dtype,
           side=side, seed=seed,

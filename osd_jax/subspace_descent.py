@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from osd_jax import projectors as projectors_lib
+from osd_jax import skipping
 from osd_jax.dimension_numbers import (
     SIDES,
     MatrixLayout,
@@ -214,6 +215,7 @@ def scale_by_subspace_descent(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    apply_step = extra_args.get("apply_step")  # see osd_jax.skipping
     leaves, treedef = jax.tree.flatten(updates)
     projector_leaves = treedef.flatten_up_to(state.projector_state)
     count = state.count
@@ -303,11 +305,21 @@ def scale_by_subspace_descent(
       ]
       new_inner_state = _transport_first_moment(new_inner_state, rotations, treedef)
 
+    new_count = optax.safe_increment(count)
+    new_projector_state = treedef.unflatten(new_projector_leaves)
+    if apply_step is not None:  # a skipped step leaves the whole state as it was
+      new_count = jnp.where(apply_step, new_count, count)
+      new_projector_state = skipping.select_state(apply_step, new_projector_state,
+                                                  state.projector_state)
+      if not skipping.honours_apply_step(inner):  # else inner kept its state itself
+        new_inner_state = skipping.select_state(apply_step, new_inner_state, state.inner_state)
     new_state = SubspaceDescentState(
-        count=optax.safe_increment(count),
+        count=new_count,
         inner_state=new_inner_state,
-        projector_state=treedef.unflatten(new_projector_leaves),
+        projector_state=new_projector_state,
     )
+    if apply_step is not None:
+      skipping._record(new_state)  # noqa: SLF001
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
