@@ -147,7 +147,9 @@ def scale_by_subspace_descent(
     seed: seeds the randomized/random projector inits (a key per leaf and step).
 
   Returns:
-    A ``GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+    A ``GradientTransformationExtraArgs``; extra args are forwarded to ``inner``. With the
+    extra arg ``apply_step`` (a bool scalar, :mod:`osd_jax.skipping`) a False step returns the
+    state exactly as it was (a trainer's skipped step), the updates being left to the caller.
 
   Example:
     >>> import jax.numpy as jnp, optax, osd_jax
@@ -319,7 +321,7 @@ def scale_by_subspace_descent(
         projector_state=new_projector_state,
     )
     if apply_step is not None:
-      skipping._record(new_state)  # noqa: SLF001
+      skipping._record(new_state)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
