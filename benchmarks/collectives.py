@@ -132,7 +132,8 @@ def run(args) -> dict:
   from flax import nnx
 
   overrides = common.parse_overrides(args.model_override)
-  cfg = common.model_config(args.preset, **overrides)
+  # the update program's tree is unrolled, as common.abstract_params makes it
+  cfg = common.model_config(args.preset, **{"scan_layers": False, **overrides})
 
   abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   _, abs_params, _ = nnx.split(abstract_model, nnx.Param, ...)

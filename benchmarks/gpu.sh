@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark run: update, projector and train-step costs at 350M and 1B on one
-# H100/H200, in under 10 minutes. Needs only JAX (with CUDA), optax, flax and orbax — no grain,
-# tensorflow-datasets or installed package: the repo root is put on PYTHONPATH.
+# One prepared GPU benchmark run on one H100/H200, in under 10 minutes: first whether a LLaMA-7B
+# train step fits in an 80 GB GPU's memory (osd_adamw r=512 vs adamw, the device capped at 80 GB),
+# then update, projector and train-step costs at 350M and 1B. Needs only JAX (with CUDA), optax,
+# flax and orbax — no grain, tensorflow-datasets or installed package: the repo root is put on
+# PYTHONPATH.
 #
 #   bash benchmarks/gpu.sh            # JSON (and gpu.log) under $OUT, else benchmarks/out/
 #
 # Sections run in priority order, each under its own time cap and all under one overall budget
-# (GPU_BENCH_BUDGET_S, default 560 s); a section that runs out of time is skipped or cut, and the
+# (GPU_BENCH_BUDGET_S, default 540 s); a section that runs out of time is skipped or cut, and the
 # others still run. Costs that dominate: the SVD steps (ANCHORS.md: 15 s at 350M, 58 s at 1B per
 # call on an H200), so they run once, without warmup (compilation is ahead of time, untimed).
 set -uo pipefail
@@ -17,13 +19,15 @@ PY="${PYTHON:-python3}"
 DEST="${OUT:-benchmarks/out}"
 mkdir -p "$DEST"
 LOG="$DEST/gpu.log"
-BUDGET="${GPU_BENCH_BUDGET_S:-560}"
+BUDGET="${GPU_BENCH_BUDGET_S:-540}"
 START=$(date +%s)
 A="350m"; B="1b"
 # GPU_BENCH_SMOKE=1: the same plumbing at toy sizes (for checking this script on a CPU).
-SMOKE_UPD=(); SMOKE_STEP=(); SMOKE_PROJ=()
+BIG="7b"
+SMOKE_UPD=(); SMOKE_STEP=(); SMOKE_PROJ=(); SMOKE_BIG=()
 if [[ "${GPU_BENCH_SMOKE:-0}" == 1 ]]; then
-  A="tiny"; B="tiny"
+  A="tiny"; B="tiny"; BIG="tiny"
+  SMOKE_BIG=(--rank 8 --batch-size 4 --seq-len 32 --model-override n_layers=1 --repeats 2)
   SMOKE_UPD=(--repeats 2 --warmup 1)
   SMOKE_STEP=(--repeats 2 --warmup 1 --model-override n_layers=1 --batch-size 4 --seq-len 32)
   SMOKE_PROJ=(--shapes 128x352:32 --repeats 2 --warmup 1)
@@ -47,6 +51,28 @@ section() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
   "$PY" -c "import jax, optax, flax; print('jax', jax.__version__, 'optax', optax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1
 } | tee -a "$LOG"
+
+# 0. Does a 7B train step fit on one 80 GB GPU? The allocator is capped at an H100-80GB's memory
+#    (81559 MiB, as nvidia-smi reports it) through XLA_PYTHON_CLIENT_MEM_FRACTION; each optimizer
+#    runs in its own process (bf16 compute, fp32 master weights and state, remat as the preset's
+#    default, batch 2x1024, synthetic tokens). osd_adamw r=512 should fit; adamw's params + moments
+#    alone (75 GiB) should not: its out-of-memory error is caught and recorded in the JSON.
+CAP_MIB="${GPU_BENCH_CAP_MIB:-81559}"
+TOTAL_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+if [[ "$TOTAL_MIB" =~ ^[0-9]+$ ]] && (( TOTAL_MIB > CAP_MIB )); then
+  FRACTION=$(awk "BEGIN { printf \"%.4f\", $CAP_MIB / $TOTAL_MIB }")
+else
+  FRACTION=""  # no GPU (smoke mode) or a GPU no larger than the cap: no cap
+fi
+say "7b sections: device memory ${TOTAL_MIB:-?} MiB, cap ${CAP_MIB} MiB" \
+  "-> XLA_PYTHON_CLIENT_MEM_FRACTION=${FRACTION:-unset}"
+for OPT in osd_adamw adamw; do
+  CAP_S=$([[ $OPT == osd_adamw ]] && echo 240 || echo 150)
+  section fit-$BIG-$OPT $CAP_S env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} \
+    "$PY" -m benchmarks.train_step_gpu --preset $BIG --optimizer $OPT --rank 512 \
+    --batch-size 2 --seq-len 1024 --warmup 1 --repeats 3 "${SMOKE_BIG[@]}" \
+    --out "$DEST/fit-$BIG-$OPT.json"
+done
 
 # 1. Optimizer update alone at 350M (r=256): every case, SVD steps once.
 section update-$A 150 "$PY" -m benchmarks.update --preset $A --repeats 20 --warmup 3 \

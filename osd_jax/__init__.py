@@ -5,7 +5,7 @@
 >>> state = tx.init({"w": jnp.zeros((16, 32)), "b": jnp.zeros(32)})
 """
 
-from osd_jax import projectors
+from osd_jax import projectors, skipping
 from osd_jax.alias import (
     galore_adamw,
     osd_adamw,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osd_jax import projectors
+from osd_jax import projectors, skipping
 from osd_jax.dimension_numbers import WeightDimensionNumbers
 from osd_jax.subspace_descent import scale_by_subspace_descent
 
@@ -190,8 +190,9 @@ def osd_adamw(
   Args:
     learning_rate: lr(t), a float or an optax schedule.
     rank: r.
-    b1, b2, eps, eps_root, mu_dtype: the inner ``optax.scale_by_adam``; eps defaults to 1e-8
-      (1e-6, the official default, with ``reference_code=True``).
+    b1, b2, eps, eps_root, mu_dtype: the inner Adam (:func:`osd_jax.skipping.scale_by_adam`,
+      ``optax.scale_by_adam`` that also honours ``apply_step``); eps defaults to 1e-8 (1e-6,
+      the official default, with ``reference_code=True``).
     weight_decay: decoupled weight decay; ``mask`` selects the leaves it applies to.
     scale: multiplies the back-projected update; default 1.0 (0.25, the official README's
       OSD run, with ``reference_code=True``).
@@ -276,8 +277,8 @@ def _mode_defaults(reference_code, eps, scale, side, default_scale):
 
 
 def _adam(reference_code, b1, b2, eps, eps_root, mu_dtype):
-  if not reference_code:
-    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
+  if not reference_code:  # optax.scale_by_adam, honouring apply_step (osd_jax.skipping)
+    return skipping.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
   if not isinstance(eps_root, jax.core.Tracer) and bool(jnp.any(jnp.asarray(eps_root) != 0)):
     raise ValueError("eps_root is not used by the official code; leave it at 0.0 with "
                      "reference_code=True.")

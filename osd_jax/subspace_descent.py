@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from osd_jax import projectors as projectors_lib
+from osd_jax import skipping
 from osd_jax.dimension_numbers import (
     SIDES,
     MatrixLayout,
@@ -106,7 +107,9 @@ def scale_by_subspace_descent(
   (``warnings.simplefilter("ignore", osd_jax.FullRankWarning)`` silences it).
 
   The compiled update holds at most one ``conditional``, however many matrices are
-  projected: ``lax.cond(projector.is_refresh(t), refresh every matrix, keep every P)``. The
+  projected: ``lax.cond(projector.is_refresh(t), refresh every matrix, keep every P)``, the
+  matrices refreshed one at a time (a loop over stacked layers, not a vmap), so the branch's
+  temporaries are one matrix's SVD workspace however many layers there are. The
   expensive refresh (the SVD of P₀, GaLore's periodic SVD, a QR) sits in its true branch, and
   with sharded params the full-gradient all-gathers that the SVD needs sit there too; the
   steady-state path (the rule's ``step``, ``inner`` and U') runs no SVD/QR/eigh and, with P
@@ -146,7 +149,9 @@ def scale_by_subspace_descent(
     seed: seeds the randomized/random projector inits (a key per leaf and step).
 
   Returns:
-    A ``GradientTransformationExtraArgs``; extra args are forwarded to ``inner``.
+    A ``GradientTransformationExtraArgs``; extra args are forwarded to ``inner``. With the
+    extra arg ``apply_step`` (a bool scalar, :mod:`osd_jax.skipping`) a False step returns the
+    state exactly as it was (a trainer's skipped step), the updates being left to the caller.
 
   Example:
     >>> import jax.numpy as jnp, optax, osd_jax
@@ -215,6 +220,7 @@ def scale_by_subspace_descent(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    apply_step = extra_args.get("apply_step")  # see osd_jax.skipping
     leaves, treedef = jax.tree.flatten(updates)
     projector_leaves = treedef.flatten_up_to(state.projector_state)
     count = state.count
@@ -304,23 +310,72 @@ def scale_by_subspace_descent(
       ]
       new_inner_state = _transport_first_moment(new_inner_state, rotations, treedef)
 
+    new_count = optax.safe_increment(count)
+    new_projector_state = treedef.unflatten(new_projector_leaves)
+    if apply_step is not None:  # a skipped step leaves the whole state as it was
+      new_count = jnp.where(apply_step, new_count, count)
+      new_projector_state = skipping.select_state(apply_step, new_projector_state,
+                                                  state.projector_state)
+      if not skipping.honours_apply_step(inner):  # else inner kept its state itself
+        new_inner_state = skipping.select_state(apply_step, new_inner_state, state.inner_state)
     new_state = SubspaceDescentState(
-        count=optax.safe_increment(count),
+        count=new_count,
         inner_state=new_inner_state,
-        projector_state=treedef.unflatten(new_projector_leaves),
+        projector_state=new_projector_state,
     )
+    if apply_step is not None:
+      skipping._record(new_state)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _matrix_layout(layout: MatrixLayout) -> MatrixLayout:
+  """The layout of one matrix of a leaf with batch axes: ``layout`` without them."""
+  keep = [a for a in range(len(layout.shape)) if a not in layout.batch_axes]
+  where = {a: i for i, a in enumerate(keep)}
+  return MatrixLayout(tuple(layout.shape[a] for a in keep), (),
+                      tuple(where[a] for a in layout.reduction_axes),
+                      tuple(where[a] for a in layout.output_axes), layout.transpose, layout.rank)
+
+
+def _refresh_leaf(projector, g, layout: MatrixLayout, state, count, keys):
+  """``projector.refresh`` of every matrix of one leaf, one matrix at a time.
+
+  A leaf with batch axes (stacked layers) is refreshed by a loop (``lax.map``) over its
+  matrices, not a vmap: an SVD works on a copy of its input and makes a Vᵀ as large as it, so
+  a vmapped SVD of a stacked [n_layers, s, L] gradient would hold n_layers of those at once.
+  The slices are taken from the gradient as stored (``to_matrix`` inside the loop), so a
+  transposed view is never materialised for the whole stack.
+  """
+  if not layout.batch_shape:
+    with projectors_lib.transposed_view(layout.transpose):
+      return projector.refresh(to_matrix(g, layout), state, count, keys)
+  one = _matrix_layout(layout)
+  n = math.prod(layout.batch_shape)
+  rest = tuple(a for a in range(g.ndim) if a not in layout.batch_axes)
+  g_flat = jnp.transpose(g, layout.batch_axes + rest).reshape((n,) + one.shape)
+  flat = lambda a: a.reshape((n,) + a.shape[len(layout.batch_shape):])  # noqa: E731
+  state_flat = jax.tree.map(flat, state)
+
+  def body(args):
+    g_i, state_i, key_i = args
+    with projectors_lib.transposed_view(layout.transpose):
+      return projector.refresh(to_matrix(g_i, one), state_i, count, key_i)
+
+  new = jax.lax.map(body, (g_flat, state_flat, keys.reshape((n,))))
+  return jax.tree.map(lambda a: a.reshape(layout.batch_shape + a.shape[1:]), new)
+
+
 def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> list:
   """Rule states for step t of the projected leaves: refreshed on refresh steps, else kept.
 
-  One ``lax.cond`` for all of them: the refresh branch runs ``projector.refresh`` (vmapped over
-  batch axes) on every matrix, the other branch returns the states as they are.  The keys are
-  made inside the refresh branch; the gradients enter the branch as stored (``to_matrix``
-  inside), so the steady-state path neither copies nor gathers them.
+  One ``lax.cond`` for all of them: the refresh branch runs ``projector.refresh`` on every
+  matrix, one after another (:func:`_refresh_leaf`: a loop over batch axes), so the branch's
+  temporaries are those of one matrix's refresh, however many matrices there are; the other
+  branch returns the states as they are.  The keys are made inside the refresh branch; the
+  gradients enter the branch as stored (``to_matrix`` inside), so the steady-state path
+  neither copies nor gathers them.
   """
   states = [ps.state for ps in leaf_states]
   due = projector.is_refresh(count)
@@ -328,12 +383,8 @@ def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> lis
   def refresh_all(grads, states):
     out = []
     for g, ps, state, i in zip(grads, leaf_states, states, indices):
-      layout = ps.layout
-      rule_refresh = _vmap_batch(projector.refresh, len(layout.batch_shape),
-                                 in_axes=(0, 0, None, 0))
-      keys = _leaf_keys(base_key, i, count, layout.batch_shape)
-      with projectors_lib.transposed_view(layout.transpose):
-        new = rule_refresh(to_matrix(g, layout), state, count, keys)
+      keys = _leaf_keys(base_key, i, count, ps.layout.batch_shape)
+      new = _refresh_leaf(projector, g, ps.layout, state, count, keys)
       out.append(jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, state))
     return out
 

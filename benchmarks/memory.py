@@ -1,0 +1,225 @@
+"""XLA's memory analysis of the trainer's real train step, compiled on abstract inputs.
+
+The step is built exactly as ``python -m train`` builds it (``train.trainer.build``: mesh, model,
+optimizer, shardings, the jitted and donated train step) and lowered on ``jax.ShapeDtypeStruct``
+inputs that carry their shardings (params and optimizer state come from ``jax.eval_shape``), so
+nothing is allocated: a 7B step compiles on a laptop CPU. Reported (bytes, per device):
+
+* ``argument``: every input buffer (train state + batch);
+* ``output``: every output buffer (new train state + metrics);
+* ``alias``: outputs that reuse a donated input buffer (the whole train state when donation works);
+* ``temp``: XLA's temporaries (gradients, activations kept for the backward pass, workspace);
+* ``peak_estimate = argument + output - alias + temp``: what must fit in device memory at once
+  (XLA's buffer assignment already overlaps temporaries whose live ranges do not intersect).
+  Where the backend reports its own ``peak_memory_in_bytes`` it is recorded as well
+  (``xla_peak_bytes``); the formula is used for every comparison so that backends agree.
+
+Plus the compile time (lowering and XLA compilation, separately), the number of ``conditional``
+ops in the compiled program and the host's peak RSS. On a CPU backend the figures describe the
+CPU program; a GPU compiles a different (fused differently) program, so its figure differs by a
+few percent.
+
+Example::
+
+  python -m benchmarks.memory --preset 7b --optimizer osd_adamw --rank 512 --batch-size 2 \\
+      --seq-len 1024 --out /tmp/memory-7b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+
+GiB = 2**30
+
+
+def parse_args(argv):
+  from train.config import OPTIMIZERS
+  from train.model import PRESETS
+
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--preset", default="7b", choices=list(PRESETS))
+  p.add_argument("--optimizer", default="osd_adamw",
+                 help=f"Comma-separated train --optimizer names ({', '.join(OPTIMIZERS)}).")
+  p.add_argument("--rank", type=int, default=None,
+                 help=f"Subspace rank r (default: per preset, {common.DEFAULT_RANK}).")
+  p.add_argument("--batch-size", type=int, default=2, help="Global batch in sequences.")
+  p.add_argument("--seq-len", type=int, default=1024)
+  p.add_argument("--grad-accum", type=int, default=1)
+  p.add_argument("--dtype", default="bfloat16", help="Compute dtype.")
+  p.add_argument("--param-dtype", default="float32", help="Master-weight dtype.")
+  p.add_argument("--remat", default=None,
+                 help="Rematerialisation policy (train --remat; default: the trainer's).")
+  p.add_argument("--no-scan-layers", action="store_true",
+                 help="Unrolled layers (train --no-scan-layers).")
+  p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="train --mesh.")
+  p.add_argument("--num-devices", type=int, default=1,
+                 help="Devices in the mesh (default 1: the single-device figure).")
+  p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
+                 help="Override a model-config field, e.g. n_layers=2 (repeatable).")
+  p.add_argument("--out", default=None, help="JSON output path.")
+  p.add_argument("--quiet", action="store_true", help="Do not print the table.")
+  args = p.parse_args(argv)
+  args.optimizers = [o.strip() for o in args.optimizer.split(",") if o.strip()]
+  bad = [o for o in args.optimizers if o not in OPTIMIZERS]
+  if bad:
+    p.error(f"--optimizer {','.join(bad)}: choose from {', '.join(OPTIMIZERS)}")
+  return args
+
+
+def train_config(args, optimizer: str):
+  """The TrainConfig of ``python -m train`` with these flags."""
+  from train.config import TrainConfig
+
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  extra = {}
+  if args.remat is not None:
+    if "remat" not in fields:
+      raise SystemExit("--remat: this version of the trainer has no remat option")
+    extra["remat"] = args.remat
+  if args.no_scan_layers:
+    if "scan_layers" not in fields:
+      raise SystemExit("--no-scan-layers: this version of the trainer always unrolls its layers")
+    extra["scan_layers"] = False
+  return TrainConfig(
+      preset=args.preset, optimizer=optimizer, rank=common.resolve_rank(args.preset, args.rank),
+      steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+      dtype=args.dtype, param_dtype=args.param_dtype, mesh=args.mesh, progress=False,
+      tensorboard=False, model_overrides=common.parse_overrides(args.model_override), **extra)
+
+
+def abstract_batch(setup, batch_size: int, seq_len: int) -> dict:
+  from train import sharding as shd
+
+  sharding = shd.batch_sharding(setup.mesh)
+  spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding)
+  return {"inputs": spec, "targets": spec}
+
+
+def memory_analysis(compiled) -> dict[str, int] | None:
+  """XLA's sizes (bytes) and ``peak_estimate_bytes = argument + output - alias + temp``."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if m is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  out = {f: int(getattr(m, f, 0) or 0) for f in fields}
+  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  peak = getattr(m, "peak_memory_in_bytes", None)
+  out["xla_peak_bytes"] = int(peak) if peak else None
+  return out
+
+
+def count_ops(hlo_text: str, op: str) -> int:
+  """Instructions ``op`` in an HLO module's text (``%x = type conditional(...)``)."""
+  return len(re.findall(rf"\s{re.escape(op)}\(", hlo_text))
+
+
+def measure(args, optimizer: str) -> dict[str, Any]:
+  """Builds the trainer's step for ``optimizer`` and compiles it on abstract inputs."""
+  import osd_jax
+  from train import trainer
+  from train.config import validate
+  from train.model import PRESETS
+
+  cfg = train_config(args, optimizer)
+  validate(cfg)
+  vocab = int(dict(cfg.model_overrides).get("vocab_size", PRESETS[args.preset].vocab_size))
+  devices = jax.devices()[: args.num_devices] if args.num_devices else None
+  t0 = time.perf_counter()
+  setup = trainer.build(cfg, vocab, devices=devices)
+  build_s = time.perf_counter() - t0
+  batch = abstract_batch(setup, args.batch_size, args.seq_len)
+  t0 = time.perf_counter()
+  lowered = setup.train_step.lower(setup.abstract_state, batch)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = memory_analysis(compiled)
+  text = compiled.as_text() or ""
+  state = setup.abstract_state
+  n_dev = setup.mesh.size
+  return {
+      "optimizer": optimizer,
+      "rank": cfg.rank,
+      "config": {k: v for k, v in cfg.to_dict().items()
+                 if k in ("preset", "dtype", "param_dtype", "batch_size", "seq_len", "grad_accum",
+                          "mesh", "remat", "scan_layers", "model_overrides")},
+      "devices": n_dev,
+      "param_bytes": osd_jax.state_bytes(state.params),
+      "opt_state_bytes": osd_jax.state_bytes(state.opt_state),
+      "n_params": common.tree_size(state.params),
+      "memory": mem,
+      "build_s": build_s,
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "conditionals": count_ops(text, "conditional"),
+      "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+  }
+
+
+def _gib(n: int | None) -> str:
+  return "–" if n is None else f"{n / GiB:,.2f}"
+
+
+def run(args) -> dict:
+  results = {}
+  for name in args.optimizers:
+    common.log(f"memory: compiling the {args.preset} {name} train step on abstract inputs")
+    results[name] = measure(args, name)
+  rows = []
+  for name, r in results.items():
+    m = r["memory"] or {}
+    rows.append([name, r["rank"] if name not in ("adamw", "lion") else "–",
+                 _gib(r["param_bytes"]), _gib(r["opt_state_bytes"]),
+                 _gib(m.get("argument_size_in_bytes")), _gib(m.get("output_size_in_bytes")),
+                 _gib(m.get("alias_size_in_bytes")), _gib(m.get("temp_size_in_bytes")),
+                 _gib(m.get("peak_estimate_bytes")), f"{r['compile_s']:.1f}",
+                 r["conditionals"]])
+  header = ["optimizer", "r", "params GiB", "opt state GiB", "arguments", "outputs", "aliased",
+            "temps", "peak est.", "compile s", "conditionals"]
+  return {
+      "benchmark": "memory",
+      "preset": args.preset,
+      "batch_size": args.batch_size,
+      "seq_len": args.seq_len,
+      "peak_formula": "argument + output - alias + temp (bytes per device)",
+      "optimizers": results,
+      "table": common.table(rows, header),
+  }
+
+
+def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  result = run(args)
+  path = args.out or common.default_out_path("memory", args.preset)
+  common.write_json(path, result)
+  if not args.quiet:
+    env = common.environment()
+    print(f"\nTrain-step memory (XLA, compiled on abstract inputs) — preset {args.preset}, batch "
+          f"{args.batch_size}×{args.seq_len}, {args.dtype} compute, {args.param_dtype} master, "
+          f"{env['platform']} backend, jax {env['versions']['jax']}")
+    print(result["table"])
+    print(f"(GiB = 2^30 bytes; JSON: {path})")
+  return result
+
+
+if __name__ == "__main__":
+  main()

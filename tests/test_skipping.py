@@ -1,0 +1,96 @@
+"""apply_step: a skipped step inside the optimizer (osd_jax.skipping)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import osd_jax
+from osd_jax import skipping
+
+
+def _grads(seed, shapes):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {k: jax.random.normal(key, s) for key, (k, s) in zip(keys, shapes.items())}
+
+
+SHAPES = {"w": (12, 20), "b": (20,)}
+
+
+def test_scale_by_adam_matches_optax():
+  ours, ref = skipping.scale_by_adam(b1=0.8, b2=0.95, eps=1e-6), optax.scale_by_adam(0.8, 0.95,
+                                                                                    1e-6)
+  s_ours, s_ref = ours.init(_grads(0, SHAPES)), ref.init(_grads(0, SHAPES))
+  for t in range(3):
+    g = _grads(t + 1, SHAPES)
+    n_ours, s_ours = ours.update(g, s_ours, apply_step=jnp.bool_(True) if t else None)
+    n_ref, s_ref = ref.update(g, s_ref)
+    for a, b in zip(jax.tree.leaves((n_ours, s_ours)), jax.tree.leaves((n_ref, s_ref))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+
+
+def _assert_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: osd_jax.osd_adamw(1e-2, 4, weight_decay=0.1),
+    lambda: osd_jax.galore_adamw(1e-2, 4, update_proj_gap=2),
+    lambda: osd_jax.osd_lion(1e-3, 4),  # its inner does not honour apply_step: osd selects
+], ids=["osd_adamw", "galore_adamw", "osd_lion"])
+def test_a_skipped_step_leaves_the_whole_state_as_it_was(make):
+  tx = make()
+  params = _grads(0, SHAPES)
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, ok: tx.update(g, s, params, apply_step=ok))
+  for t in range(3):  # t = 0 (the refresh step) skipped, then applied steps and skipped ones
+    nan = jax.tree.map(lambda x: x * jnp.nan, _grads(10 + t, SHAPES))
+    _, kept = update(nan, state, jnp.bool_(False))
+    _assert_equal(kept, state)
+    _, state = update(_grads(20 + t, SHAPES), state, jnp.bool_(True))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+  # and applied steps are those of the same optimizer without apply_step
+  ref_state = tx.init(params)
+  for t in range(3):
+    _, ref_state = tx.update(_grads(20 + t, SHAPES), ref_state, params)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_honouring_apply_step_records_each_subspace_state():
+  tx = optax.chain(optax.clip_by_global_norm(1.0), osd_jax.osd_adamw(1e-3, 4))
+  params = _grads(0, SHAPES)
+  with skipping.honouring_apply_step() as seen:
+    tx.update(params, tx.init(params), params, apply_step=jnp.bool_(True))
+  assert len(seen) == 1 and isinstance(seen[0], osd_jax.SubspaceDescentState)
+  with skipping.honouring_apply_step() as seen:
+    tx.update(params, tx.init(params), params)  # not passed: nothing honoured
+  assert seen == []
+
+
+def _moment_copies(in_optimizer: bool) -> int:
+  """copy ops of the inner moments in a donated update + skip select, stacked 8×256×1024."""
+  params = {"w": jax.ShapeDtypeStruct((8, 256, 1024), jnp.float32)}
+  tx = osd_jax.osd_adamw(1e-3, 32, weight_dimension_numbers={"w": osd_jax.DimensionNumbers(1, 2)})
+  state = jax.eval_shape(tx.init, params)
+
+  def step(p, s, g, ok):
+    extra = {"apply_step": ok} if in_optimizer else {}
+    u, new = tx.update(g, s, p, **extra)
+    p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), optax.apply_updates(p, u), p)
+    if not in_optimizer:
+      new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s)
+    return p, new
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params, jax.ShapeDtypeStruct((), jnp.bool_)).compile().as_text()
+  return len(re.findall(r"f32\[8,32,1024\]\{[0-9,]*\} copy\(", text))
+
+
+def test_skipping_inside_the_optimizer_copies_no_moment():
+  assert _moment_copies(in_optimizer=False) >= 2  # where(ok, new, old) outside: m and v copied
+  assert _moment_copies(in_optimizer=True) == 0
