@@ -46,6 +46,7 @@ __all__ = [
     "osd_lion",
     "projector_orthogonality_error",
     "projectors",
+    "skipping",
     "projectors_of",
     "reference_projector_learning_rate",
     "scale_by_learning_rate_then_decay",

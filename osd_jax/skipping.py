@@ -63,7 +63,8 @@ def honouring_apply_step() -> Iterator[list]:
     _SEEN.reset(token)
 
 
-def _record(state) -> None:
+def record_honoured(state) -> None:
+  """Called (at trace time) by a transformation that kept its own state for ``apply_step``."""
   seen = _SEEN.get()
   if seen is not None:
     seen.append(state)

@@ -208,8 +208,7 @@ def scale_by_subspace_descent(
         projector_leaves.append(optax.MaskedNode())
         continue
       inner_leaves.append(jnp.zeros(layout.low_rank_shape, jnp.result_type(x)))
-      make = lambda: projector.init(layout.s, layout.L, rank, projector_dtype)  # noqa: E731
-      state = make()
+      state = projector.init(layout.s, layout.L, rank, projector_dtype)
       for n in reversed(layout.batch_shape):
         state = jax.tree.map(lambda a, n=n: jnp.broadcast_to(a, (n,) + a.shape), state)
       projector_leaves.append(ProjectedLeafState(state=state, layout=layout))
@@ -324,7 +323,7 @@ def scale_by_subspace_descent(
         projector_state=new_projector_state,
     )
     if apply_step is not None:
-      skipping._record(new_state)
+      skipping.record_honoured(new_state)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -238,3 +238,16 @@ def test_stderr_filter_drops_interleaved_closed_loop_tracebacks_only():
     stream.write(chunk)
   stream.flush()
   assert out.getvalue() == "error: one line\n" + "\n".join(real) + "\ntail"
+
+
+def test_energy_metric_default_by_preset():
+  """--energy-metric auto logs the captured energy below 1b only (it keeps the gradients alive
+  until after the update: +20 GiB on the 7B step estimate, benchmarks/RESULTS.md §7)."""
+  from train.config import TrainConfig
+
+  assert TrainConfig(preset="tiny").resolved_energy_metric
+  assert TrainConfig(preset="350m").resolved_energy_metric
+  assert not TrainConfig(preset="1b").resolved_energy_metric
+  assert not TrainConfig(preset="7b").resolved_energy_metric
+  assert TrainConfig(preset="7b", energy_metric="on").resolved_energy_metric
+  assert not TrainConfig(preset="tiny", energy_metric="off").resolved_energy_metric

@@ -27,6 +27,11 @@ DEFAULT_RANKS = {"tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7
 #: --remat values: ``auto`` is the preset's default (train.model.PRESETS), the others are
 #: train.model.REMAT_POLICIES.
 REMAT_CHOICES = ("auto", "none", "full", "dots", "dots_no_batch")
+#: --energy-metric values; ``auto`` logs the captured energy below 1b (TrainConfig.energy_metric).
+ENERGY_METRIC_CHOICES = ("auto", "on", "off")
+#: Presets whose ``--energy-metric auto`` is off: the metric keeps every gradient alive until after
+#: the update (+20.2 GiB on the 7B step estimate, 74.55 -> 94.78 GiB; benchmarks/RESULTS.md §7).
+NO_ENERGY_METRIC_PRESETS = ("1b", "7b")
 #: The smallest --vocab-size of a trained tokenizer: 4 special + 256 byte pieces + >= 1 character.
 MIN_VOCAB_SIZE = 261
 
@@ -181,6 +186,11 @@ class TrainConfig:
   eval_every: int = _f(200, "Evaluate every this many steps (and at step 0 and the end; 0: only at "
                        "the start and end).", group="logging")
   eval_batches: int = _f(8, "Number of held-out batches per evaluation.", group="logging")
+  energy_metric: str = _f("auto", "Log the captured gradient energy ||Q^T G'||^2/||G'||^2 of the "
+                          "projected matrices at log steps (subspace optimizers): on, off, or "
+                          "auto: on below 1b, off for 1b and 7b, where it keeps every gradient "
+                          "alive until after the update (+20 GiB at 7B).",
+                          choices=ENERGY_METRIC_CHOICES, group="logging")
   log_every: int = _f(10, "Write metrics every this many steps.", group="logging")
   run_dir: str | None = _f(None, "Run directory, locked while a run writes to it (default: "
                            "runs/PRESET-OPTIMIZER-TIMESTAMP-PID-RANDOM; with --config "
@@ -234,6 +244,13 @@ class TrainConfig:
     if self.rank is not None:
       return self.rank
     return DEFAULT_RANKS.get(self.preset.lower(), 128)
+
+  @property
+  def resolved_energy_metric(self) -> bool:
+    """Whether the captured energy is logged (``--energy-metric``; ``auto`` by preset)."""
+    if self.energy_metric != "auto":
+      return self.energy_metric == "on"
+    return self.preset.lower() not in NO_ENERGY_METRIC_PRESETS
 
   @property
   def resolved_warmup(self) -> int:

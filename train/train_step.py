@@ -92,10 +92,13 @@ def _micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, shardings: TrainState, *,
                     grad_accum: int = 1, loss_spike_factor: float = 0.0,
-                    subspace_metrics: bool = False, metrics_every: int = 1,
+                    subspace_metrics: bool = False, energy_metrics: bool = True,
+                    metrics_every: int = 1,
                     last_step: int = -1, donate: bool = True) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
+  ``energy_metrics=False`` leaves the captured energy out (NaN): it keeps every gradient alive
+  until after the update (+20.2 GiB on the 7B step; benchmarks/RESULTS.md §7).
   With ``subspace_metrics`` the projector metrics are computed (under ``lax.cond``, so one compiled
   program serves every step) only at the steps the trainer logs: when the step count after the
   step is a multiple of ``metrics_every`` or equals ``last_step``; they are NaN at other steps.
@@ -177,19 +180,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if subspace_metrics:
       # A QR of every projector: computed at log steps only, NaN on the others.
       def projector_metrics(old, new, g):
-        energy = osd_jax.captured_energy(g, new)  # ‖QᵀG'‖²/‖G'‖² per matrix, P after the step
+        if g is None:  # no energy: the gradients need not live until after the update
+          e_mean = e_min = jnp.full([], jnp.nan, jnp.float32)
+        else:
+          energy = osd_jax.captured_energy(g, new)  # ‖QᵀG'‖²/‖G'‖² per matrix, P after the step
+          e_mean, e_min = jnp.mean(energy), jnp.min(energy)
         return (osd_jax.projector_orthogonality_error(new).astype(jnp.float32),
-                osd_jax.subspace_drift(old, new).astype(jnp.float32),
-                jnp.mean(energy), jnp.min(energy))
+                osd_jax.subspace_drift(old, new).astype(jnp.float32), e_mean, e_min)
 
       def skip_metrics(old, new, g):
         return tuple(jnp.full([], jnp.nan, jnp.float32) for _ in range(4))
 
+      energy_grads = grads if energy_metrics else None
       if metrics_every <= 1:
-        orth, drift, e_mean, e_min = projector_metrics(state.opt_state, new_opt, grads)
+        orth, drift, e_mean, e_min = projector_metrics(state.opt_state, new_opt, energy_grads)
       else:
         orth, drift, e_mean, e_min = jax.lax.cond(at_log_step, projector_metrics, skip_metrics,
-                                                  state.opt_state, new_opt, grads)
+                                                  state.opt_state, new_opt, energy_grads)
       metrics["orthogonality_error"] = orth
       metrics["subspace_drift"] = drift
       metrics["captured_energy_mean"] = e_mean

@@ -203,7 +203,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
       graphdef, tx, schedule, mesh, state_shardings, grad_accum=cfg.grad_accum,
       loss_spike_factor=cfg.loss_spike_factor,
       subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
-      last_step=cfg.steps)
+      last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric)
   eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum)
   return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,
