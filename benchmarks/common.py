@@ -133,10 +133,6 @@ def tree_size(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def tree_nbytes(tree: Any) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -156,18 +152,6 @@ def stats(times: Sequence[float]) -> dict[str, Any]:
       "n": len(ts),
       "times_s": ts,
   }
-
-
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
-  """Times ``fn()`` (which must block on its result) ``repeats`` times after ``warmup`` calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return stats(times)
 
 
 def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,

@@ -121,7 +121,7 @@ def _projector_rule(
 ):
   """Online-PCA rule with the alias defaults (paper) or the reference-code variant."""
   if reference_code:
-    projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
+    projectors.check_every(update_proj_gap, "update_proj_gap")
     orthogonality_weight = 0.0
     if projector_weight_decay is None:
       projector_weight_decay = 0.01
@@ -486,7 +486,7 @@ def galore_adamw(
     ICML 2024.
   """
   _check_learning_rate(learning_rate)
-  projectors._check_every(update_proj_gap, "update_proj_gap")  # noqa: SLF001
+  projectors.check_every(update_proj_gap, "update_proj_gap")
   eps, scale, side = _mode_defaults(reference_code, eps, scale, side, default_scale=0.25)
   if reference_code and svd_method == "svd":
     svd_method = "official"

@@ -250,7 +250,7 @@ def _check_init(init: str) -> None:
     raise ValueError(f"init must be one of {INITS}, got {init!r}.")
 
 
-def _check_every(every, name: str = "every") -> None:
+def check_every(every, name: str = "every") -> None:
   """Validates a refresh period T: a positive int, NumPy int or integer array scalar.
 
   Traced values (e.g. from ``optax.inject_hyperparams`` under ``jit``) are used as they are:
@@ -427,7 +427,7 @@ def svd(every: int = 200, method: str = "svd", align: bool | None = None) -> Pro
     Zhao et al., *GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection*,
     ICML 2024.
   """
-  _check_every(every)
+  check_every(every)
   if method not in SVD_METHODS:
     raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}.")
   if align is None:
@@ -444,7 +444,7 @@ def random(every: int = 200, seed: int = 0, align: bool = True) -> ProjectorRule
 
   ``align``: as in :func:`svd`.
   """
-  _check_every(every)
+  check_every(every)
 
   def refresh(g, rank, key):
     return random_subspace(g.shape[0], rank, jax.random.fold_in(key, seed), g.dtype)

@@ -14,13 +14,14 @@ import optax
 from osd_jax import projectors as projectors_lib
 from osd_jax import skipping
 from osd_jax.dimension_numbers import (
-    SIDES,
-    MatrixLayout,
-    WeightDimensionNumbers,
-    from_matrix,
-    resolve_layouts,
-    to_matrix,
+  SIDES,
+  MatrixLayout,
+  WeightDimensionNumbers,
+  from_matrix,
+  resolve_layouts,
+  to_matrix,
 )
+from osd_jax.memory import state_bytes
 
 
 @jax.tree_util.register_dataclass
@@ -60,10 +61,6 @@ def _validate_rank(rank) -> int:
   if rank <= 0:
     raise ValueError(f"rank must be a positive int, got {rank}; use e.g. rank=128.")
   return int(rank)
-
-
-def _tree_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _vmap_batch(fn, num_batch_axes: int, in_axes):
@@ -186,7 +183,7 @@ def scale_by_subspace_descent(
     """State bytes of one projected matrix: projector state plus inner state."""
     proj = jax.eval_shape(lambda: projector.init(layout.s, layout.L, rank, projector_dtype))
     low = jax.ShapeDtypeStruct((rank, layout.L), dtype)
-    return _tree_bytes(proj) + _tree_bytes(jax.eval_shape(inner.init, low))
+    return state_bytes(proj) + state_bytes(jax.eval_shape(inner.init, low))
 
   def layouts_for(params, warn_full_rank=False):
     dtypes = [jnp.result_type(x) for x in jax.tree.leaves(params)]

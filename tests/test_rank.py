@@ -19,6 +19,9 @@ from train.config import DEFAULT_RANKS, ConfigError, TrainConfig
 
 
 def _abstract_params(preset, **overrides):
+  """Abstract params of a preset, unrolled by default (one path per layer, so that the messages
+  below name ``layers/*/...``); pass ``scan_layers=True`` for the stacked layout."""
+  overrides.setdefault("scan_layers", False)
   mcfg = model_lib.get_config(preset, **overrides)
   model = nnx.eval_shape(lambda: model_lib.Llama(mcfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -36,6 +39,10 @@ def test_every_preset_default_rank_projects_every_selected_matrix(preset):
   assert all(cfg.resolved_rank < min(s) for s in shapes.values())
   assert optimizers.check_rank(params, cfg) == []
   assert optimizers.unprojected_by_rank(params, cfg) == {}
+  # the scanned layout: one stacked leaf per matrix kind, checked on each layer's matrix shape
+  stacked = optimizers.projected_shapes(_abstract_params(preset, scan_layers=True), cfg.project)
+  assert len(stacked) == 7 and set(stacked.values()) == set(shapes.values())
+  assert optimizers.check_rank(_abstract_params(preset, scan_layers=True), cfg) == []
 
 
 def test_a_rank_that_projects_nothing_is_an_error_naming_the_flag_and_the_side():

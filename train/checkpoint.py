@@ -23,6 +23,7 @@ at the next start).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,18 @@ def layer_layout(config: dict) -> str:
   """``"scanned"`` or ``"unrolled"``: how a run's block params are laid out (``--scan-layers``).
   A config without the field predates scanned layers, whose checkpoints are all unrolled."""
   return "scanned" if config.get("scan_layers", False) else "unrolled"
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Keeps orbax's (absl) warnings below ERROR out of the log while inside."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_log.setLevel(level)
 
 
 class CheckpointError(RuntimeError):
@@ -239,7 +252,9 @@ class Checkpointer:
   def metadata(self, step: int) -> dict:
     """The step's custom metadata (:func:`checkpoint_metadata`; ``{}`` for format version 1)."""
     try:
-      return dict(self.manager.metadata(step).custom_metadata or {})
+      # orbax notes, once per item, that reading step metadata restores no item: not news
+      with _quiet_orbax():
+        return dict(self.manager.metadata(step).custom_metadata or {})
     except Exception as e:
       raise _unreadable(os.path.join(self.directory, str(step)), e) from e
 
@@ -351,13 +366,8 @@ def _open_read_only(run_dir: str):
                                          max_to_keep=None)
   handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
               "config": ocp.JsonCheckpointHandler(), "signature": ocp.JsonCheckpointHandler()}
-  absl_log = logging.getLogger("absl")  # orbax warns that the directory is read only
-  level = absl_log.level
-  absl_log.setLevel(logging.ERROR)
-  try:
+  with _quiet_orbax():  # orbax warns that the directory is read only
     manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=handlers)
-  finally:
-    absl_log.setLevel(level)
   return cfg, ckpt_dir, manager
 
 

@@ -61,7 +61,7 @@ def init_state(params: Any, opt_state: Any) -> TrainState:
 
 
 def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> TrainState:
-  rep = NamedSharding(mesh, P())
+  rep = shd.replicated(mesh)
   return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep, rep, rep)
 
 
@@ -203,7 +203,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       metrics["captured_energy_min"] = e_min
     return new_state, metrics
 
-  rep = NamedSharding(mesh, P())
+  rep = shd.replicated(mesh)
   return jax.jit(step_fn, in_shardings=(shardings, shd.batch_sharding(mesh)),
                  out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
 
@@ -231,6 +231,6 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, *,
     (loss_sum, count), _ = jax.lax.scan(body, (zero, zero), micro)
     return loss_sum, count
 
-  rep = NamedSharding(mesh, P())
+  rep = shd.replicated(mesh)
   return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
                  out_shardings=(rep, rep))
