@@ -32,7 +32,7 @@ from flax import nnx
 
 import osd_jax
 from train import checkpoint as ckpt_lib
-from train import health, optimizers, preflight
+from train import health, optimizers, preflight, xla_cpu
 from train import metrics as metrics_lib
 from train import rundir as rundir_lib
 from train import sharding as shd
@@ -174,6 +174,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
   from train import model as model_lib
 
   mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh, devices)
+  xla_cpu.warn_if_missing(mesh.devices.flat[0].platform)
   dp = shd.data_parallel_size(mesh)
   if cfg.batch_size % (dp * cfg.grad_accum):
     raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {dp} "
