@@ -147,6 +147,44 @@ def test_schedule_warmup_then_cosine_to_ten_percent():
   np.testing.assert_allclose(sched(55), 0.55, rtol=1e-5)  # cosine midpoint: (1 + 0.1) / 2
 
 
+def test_adamw_scale_multiplies_only_the_projected_matrices_update():
+  """``--optimizer adamw --scale s``: AdamW whose direction on the --project matrices is s times
+  as large (GaLore's scale without the projection); float64 NumPy Adam as the reference."""
+  rng = np.random.default_rng(0)
+  shapes = {"layers": {"0": {"attention": {"wq": {"kernel": (4, 6)}}}},
+            "head": {"kernel": (6, 5)}, "norm": {"scale": (6,)}}
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s)), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+  cfg = small_config(optimizer="adamw", scale=0.25, weight_decay=0.1, grad_clip=0.0, lr=1e-2,
+                     warmup_steps=2, steps=10)
+  tx, schedule = optimizers.make_optimizer(cfg, params)
+  state = tx.init(params)
+  ref = {k: np.asarray(v, np.float64) for k, v in {
+      "wq": params["layers"]["0"]["attention"]["wq"]["kernel"], "head": params["head"]["kernel"],
+      "norm": params["norm"]["scale"]}.items()}
+  m = {k: np.zeros_like(v) for k, v in ref.items()}
+  v2 = {k: np.zeros_like(v) for k, v in ref.items()}
+  factor = {"wq": 0.25, "head": 1.0, "norm": 1.0}
+  decays = {"wq": True, "head": True, "norm": False}
+  for t in range(1, 4):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params)
+    g = {"wq": grads["layers"]["0"]["attention"]["wq"]["kernel"], "head": grads["head"]["kernel"],
+         "norm": grads["norm"]["scale"]}
+    updates, state = tx.update(grads, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    lr = float(schedule(t - 1))
+    for k in ref:
+      gk = np.asarray(g[k], np.float64)
+      m[k] = 0.9 * m[k] + 0.1 * gk
+      v2[k] = 0.999 * v2[k] + 0.001 * gk**2
+      direction = (m[k] / (1 - 0.9**t)) / (np.sqrt(v2[k] / (1 - 0.999**t)) + 1e-8)
+      ref[k] = ref[k] - lr * (factor[k] * direction + (0.1 * ref[k] if decays[k] else 0.0))
+  np.testing.assert_allclose(params["layers"]["0"]["attention"]["wq"]["kernel"], ref["wq"],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(params["head"]["kernel"], ref["head"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(params["norm"]["scale"], ref["norm"], rtol=1e-5, atol=1e-6)
+
+
 def _steps(cfg, batches, devices=None):
   setup = trainer.build(cfg, VOCAB, devices=devices)
   state = setup.init_state()

@@ -163,7 +163,9 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
                    update_proj_gap=cfg.update_proj_gap) if ref else {}
   lion = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.99 if cfg.b2 is None else cfg.b2)
   if name == "adamw":
-    return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=mask, **adam)
+    if cfg.scale is None:
+      return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=mask, **adam)
+    return _scaled_adamw(cfg, schedule, params, mask, adam)
   if name == "lion":
     return optax.lion(schedule, weight_decay=cfg.weight_decay, mask=mask, **lion)
   dims = projection_rule(params, cfg.project)
@@ -184,6 +186,25 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   if name == "osd_lion":
     return osd_jax.osd_lion(schedule, cfg.resolved_rank, **lion, **osd)
   raise ConfigError(f"unknown --optimizer {name!r}")
+
+
+def _scaled_adamw(cfg: TrainConfig, schedule: optax.Schedule, params: Any, mask: Any,
+                  adam: dict) -> optax.GradientTransformation:
+  """AdamW whose direction on the matrices ``--project`` selects is multiplied by ``--scale``:
+
+      W ← W − lr(t)·(scale·m̂/(√v̂ + ε) + λ·W)   (other leaves: scale 1)
+
+  i.e. galore_adamw/osd_adamw's back-projection scale without the projection (their full-rank
+  limit). The control for the quality study: does a subspace method win by its subspace or by
+  the smaller step on the block matrices (benchmarks/RESULTS.md §8)?
+  """
+  selected = jax.tree.map(lambda d: d is not None, projection_rule(params, cfg.project),
+                          is_leaf=lambda d: d is None or isinstance(d, osd_jax.DimensionNumbers))
+  return optax.chain(
+      optax.scale_by_adam(**adam),
+      optax.masked(optax.scale(cfg.scale), selected),
+      optax.add_decayed_weights(cfg.weight_decay, mask),
+      optax.scale_by_learning_rate(schedule))
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> tuple[optax.GradientTransformation,
