@@ -258,6 +258,7 @@ class Checkpointer:
     except Exception as e:
       raise _unreadable(os.path.join(self.directory, str(step)), e) from e
 
+  # long on purpose: the checks, in order, each raise one error line before any array is read
   def restore(self, abstract_state: Any, *, config: dict | None = None,
               step: int | None = None,
               data_rows: tuple[int, int] | None = None) -> tuple[Any, Any, dict]:
