@@ -91,6 +91,31 @@ def default_out_path(script: str, preset: str, suffix: str = ".json") -> str:
   return os.path.join(root, f"{script}-{preset}{suffix}")
 
 
+def cli_main(script: str, argv: Sequence[str] | None, parse_args: Callable[[list[str]], Any],
+             run: Callable[[Any, list[str]], dict[str, Any]], *,
+             heading: Callable[[Any, dict[str, Any], dict[str, Any]], str],
+             notes: Callable[[dict[str, Any]], Sequence[str]] | None = None,
+             out_preset: Callable[[Any], str] = lambda args: args.preset,
+             path_note: str = "JSON: {path}") -> dict[str, Any]:
+  """A benchmark script's ``main``: parses ``argv`` (default: the command line), runs
+  ``run(args, argv)``, writes its result as JSON (``--out``, else :func:`default_out_path` of
+  ``script`` and ``out_preset(args)``) and, unless ``--quiet``, prints ``heading(args, result,
+  environment())``, ``result["table"]``, the lines of ``notes(result)`` and ``(path_note)``."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  result = run(args, argv)
+  path = args.out or default_out_path(script, out_preset(args))
+  write_json(path, result)
+  if not args.quiet:
+    env = environment()
+    print("\n" + heading(args, result, env))
+    print(result["table"])
+    for line in notes(result) if notes else ():
+      print(line)
+    print(f"({path_note.format(path=path)})")
+  return result
+
+
 # ----------------------------------------------------------------------------- model shapes
 
 

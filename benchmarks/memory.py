@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import re
 import resource
-import sys
 import time
 from typing import Any
 
@@ -206,19 +205,13 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
-  result = run(args)
-  path = args.out or common.default_out_path("memory", args.preset)
-  common.write_json(path, result)
-  if not args.quiet:
-    env = common.environment()
-    print(f"\nTrain-step memory (XLA, compiled on abstract inputs) — preset {args.preset}, batch "
+  return common.cli_main(
+      "memory", argv, parse_args, lambda args, _: run(args),
+      path_note="GiB = 2^30 bytes; JSON: {path}",
+      heading=lambda args, result, env: (
+          f"Train-step memory (XLA, compiled on abstract inputs) — preset {args.preset}, batch "
           f"{args.batch_size}×{args.seq_len}, {args.dtype} compute, {args.param_dtype} master, "
-          f"{env['platform']} backend, jax {env['versions']['jax']}")
-    print(result["table"])
-    print(f"(GiB = 2^30 bytes; JSON: {path})")
-  return result
+          f"{env['platform']} backend, jax {env['versions']['jax']}"))
 
 
 if __name__ == "__main__":

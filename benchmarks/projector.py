@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
@@ -168,17 +167,11 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  result = run(args)
-  path = args.out or common.default_out_path("projector", args.preset or "paper")
-  common.write_json(path, result)
-  if not args.quiet:
-    env = common.environment()
-    print(f"\nProjector cost per matrix (median of {args.repeats}) — "
-          f"{common.describe_machine(env)}, jax {env['versions']['jax']}")
-    print(result["table"])
-    print(f"(JSON: {path})")
-  return result
+  return common.cli_main(
+      "projector", argv, parse_args, lambda args, _: run(args),
+      out_preset=lambda args: args.preset or "paper", heading=lambda args, result, env: (
+          f"Projector cost per matrix (median of {args.repeats}) — "
+          f"{common.describe_machine(env)}, jax {env['versions']['jax']}"))
 
 
 if __name__ == "__main__":

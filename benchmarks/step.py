@@ -253,19 +253,11 @@ def run(args, argv) -> dict:
 
 
 def main(argv=None) -> dict:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
-  result = run(args, argv)
-  path = args.out or common.default_out_path("step", args.preset)
-  common.write_json(path, result)
-  if not args.quiet:
-    env = common.environment()
-    print(f"\nFull train step — preset {args.preset}, rank {result['rank']}, batch "
+  return common.cli_main(
+      "step", argv, parse_args, run, heading=lambda args, result, env: (
+          f"Full train step — preset {args.preset}, rank {result['rank']}, batch "
           f"{args.batch_size}×{args.seq_len}, {result['dtype']}, {common.describe_machine(env)}, "
-          f"jax {env['versions']['jax']}")
-    print(result["table"])
-    print(f"(JSON: {path})")
-  return result
+          f"jax {env['versions']['jax']}"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -330,25 +329,23 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> dict:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  result = run(args)
-  path = args.out or common.default_out_path("update", args.preset)
-  common.write_json(path, result)
-  if not args.quiet:
-    env = common.environment()
-    print(f"\nOptimizer update alone — preset {result['preset']}, rank {result['rank']}, "
-          f"{common.describe_machine(env)}, jax {env['versions']['jax']}")
-    print(result["table"])
-    ps = result["projected_matrices_state_bytes"]
-    print("state of the projected matrices alone: " + ", ".join(
-        f"{k} {common.fmt_bytes(v)} ({common.fmt_ratio(v / ps['adamw'])})" for k, v in ps.items()))
-    if result["osd_adamw_floor_s"] is not None:
-      print(f"osd_adamw lower bound (sum of the floor cases): "
-            f"{common.fmt_seconds(result['osd_adamw_floor_s'])} = "
-            f"{common.fmt_ratio(result['osd_adamw_floor_vs_adamw'])} optax.adamw; osd_adamw is "
-            f"{common.fmt_ratio(result['osd_adamw_vs_floor'])} its bound")
-    print(f"(JSON: {path})")
-  return result
+  return common.cli_main(
+      "update", argv, parse_args, lambda args, _: run(args), notes=_notes,
+      heading=lambda args, result, env: (
+          f"Optimizer update alone — preset {result['preset']}, rank {result['rank']}, "
+          f"{common.describe_machine(env)}, jax {env['versions']['jax']}"))
+
+
+def _notes(result: dict) -> list[str]:
+  ps = result["projected_matrices_state_bytes"]
+  lines = ["state of the projected matrices alone: " + ", ".join(
+      f"{k} {common.fmt_bytes(v)} ({common.fmt_ratio(v / ps['adamw'])})" for k, v in ps.items())]
+  if result["osd_adamw_floor_s"] is not None:
+    lines.append(f"osd_adamw lower bound (sum of the floor cases): "
+                 f"{common.fmt_seconds(result['osd_adamw_floor_s'])} = "
+                 f"{common.fmt_ratio(result['osd_adamw_floor_vs_adamw'])} optax.adamw; osd_adamw "
+                 f"is {common.fmt_ratio(result['osd_adamw_vs_floor'])} its bound")
+  return lines
 
 
 if __name__ == "__main__":

@@ -331,15 +331,12 @@ def hook(event, args):
 sys.addaudithook(hook)
 from train import trainer
 from train.__main__ import main
-_global_batch = trainer._global_batch
 
-def recording_global_batch(batch, sharding, batch_size):
+def record(split, step, batch):
   batches.append(np.asarray(batch["inputs"]).tolist())
-  return _global_batch(batch, sharding, batch_size)
 
-trainer._global_batch = recording_global_batch
 try:
-  rc = main(argv)
+  rc = main(argv, hooks=trainer.TrainHooks(on_batch=record))
 finally:
   with open(log_path, "w") as f:
     json.dump({"writes": writes, "batches": batches}, f)
@@ -348,7 +345,7 @@ sys.exit(rc)
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_save_and_resume(tmp_path, train_tokenizer, monkeypatch):
+def test_two_processes_match_one_process_save_and_resume(tmp_path, train_tokenizer):
   """Two local processes (CPU collectives over a localhost coordinator, 2 devices each) train 2
   steps, save and resume to step 4. Each process reads its own rows of every global batch (disjoint
   from the other's), the losses equal those of one process with the same global batch and mesh,
@@ -380,18 +377,15 @@ def test_two_processes_match_one_process_save_and_resume(tmp_path, train_tokeniz
   from train.__main__ import parse_config
 
   single_batches = []
-  # The one seam every step's global batch passes through; no public hook records it.
-  original = trainer._global_batch  # noqa: SLF001
 
-  def recording(batch, sharding, batch_size):
+  def record(split, step, batch):
     single_batches.append(np.asarray(batch["inputs"]).tolist())
-    return original(batch, sharding, batch_size)
 
-  monkeypatch.setattr(trainer, "_global_batch", recording)
   cfg = parse_config(cli_args(train_tokenizer.model_path, tmp_path / "single", "--log-every", "1",
                               "--ckpt-every", "2", "--eval-every", "0", "--mesh", "data=2,fsdp=2",
                               "--steps", "4"))
-  single = trainer.train(cfg, devices=jax.devices()[:4]).history
+  single = trainer.train(cfg, devices=jax.devices()[:4],
+                         hooks=trainer.TrainHooks(on_batch=record)).history
 
   def series(records, key):
     return [(r["step"], r[key]) for r in records if key in r]
@@ -437,24 +431,16 @@ def test_auto_resume_starts_fresh_then_continues(tmp_path, train_tokenizer):
   assert [s for s, _ in _train_losses(tmp_path / "run")] == [1, 2, 3, 4]
 
 
-def test_sigterm_while_starting_up_stops_before_the_first_step(tmp_path, train_tokenizer,
-                                                                monkeypatch):
-  """SIGTERM before the first step (here: right after the data is opened) stops cleanly with
-  nothing saved; the same command then starts the run afresh, and metrics.jsonl holds one run."""
-  make_datasets = trainer.make_datasets
-
-  def make_datasets_then_sigterm(*args, **kwargs):
-    out = make_datasets(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
+def test_sigterm_while_starting_up_stops_before_the_first_step(tmp_path, train_tokenizer):
+  """SIGTERM before the first step (here: once the model, data and checkpointer are ready) stops
+  cleanly with nothing saved; the same command then starts the run afresh, and metrics.jsonl
+  holds one run."""
   cfg = small_config(tmp_path / "run", optimizer="adamw", steps=3, log_every=1, auto_resume=True)
-  monkeypatch.setattr(trainer, "make_datasets", make_datasets_then_sigterm)
-  stopped = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
+  sigterm = trainer.TrainHooks(on_start=lambda: os.kill(os.getpid(), signal.SIGTERM))
+  stopped = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer, hooks=sigterm)
   assert stopped.preempted and int(stopped.state.step) == 0
   assert committed_steps(str(tmp_path / "run" / "checkpoints")) == []
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
-  monkeypatch.undo()
   done = trainer.train(cfg, devices=one_device(), tokenizer=train_tokenizer)
   assert not done.preempted and int(done.state.step) == 3
   with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:

@@ -12,11 +12,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.train_utils import assert_trees_equal, host, one_device, small_config
 from train import checkpoint as ckpt_lib
+from train import optimizers, trainer
 from train import sharding as shd
-from train import trainer
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -44,7 +45,7 @@ def _stacked(params):
 def test_load_params_onto_any_mesh_without_the_optimizer(saved_run, monkeypatch):
   run_dir, result = saved_run
   # no optimizer is built: make_optimizer would fail
-  monkeypatch.setattr(trainer.optimizers, "make_optimizer", lambda *a, **k: 1 / 0)
+  monkeypatch.setattr(optimizers, "make_optimizer", lambda *a, **k: 1 / 0)
   want = host(result.state.params)
   default = ckpt_lib.load_params(run_dir)  # every device on fsdp
   assert_trees_equal(default, want)
@@ -164,7 +165,7 @@ def test_eval_matches_the_trainer_and_a_float64_reference(saved_run, tmp_path):
   ds = data_lib.make_dataset(f"text:{corpus}", tokenizer, split="eval", seq_len=32,
                              batch_size=4)
   loaded = ckpt_lib.load_model(run_dir, step=2, mesh=shd.make_mesh("data=-1", one_device()))
-  model = trainer.nnx.merge(loaded.graphdef, loaded.params)
+  model = nnx.merge(loaded.graphdef, loaded.params)
   nll = []
   it = iter(ds)
   for batch in (next(it), next(it)):
@@ -228,18 +229,14 @@ def _losses(history):
   return {r["step"]: r["loss"] for r in history if "loss" in r}
 
 
-def _recording_batches(monkeypatch):
-  """Records the global batch (inputs) of every train and eval step of this process."""
+def _recording_batches():
+  """Hooks that record the batch (inputs) of every train and eval step of this process."""
   seen = []
-  # The one seam every step's global batch passes through; no public hook records it.
-  original = trainer._global_batch  # noqa: SLF001
 
-  def record(batch, sharding, batch_size):
+  def record(split, step, batch):
     seen.append(np.asarray(batch["inputs"]).copy())
-    return original(batch, sharding, batch_size)
 
-  monkeypatch.setattr(trainer, "_global_batch", record)
-  return seen
+  return trainer.TrainHooks(on_batch=record), seen
 
 
 @pytest.fixture(scope="module")
@@ -282,16 +279,16 @@ def test_resume_on_another_mesh_or_device_count(mesh, n_devices, fsdp8_checkpoin
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(setup.abstract_state)):
     assert got.sharding == want.sharding
 
-  seen = _recording_batches(monkeypatch)
+  hooks, seen = _recording_batches()
   with caplog.at_level("INFO", logger="train"):
-    resumed = trainer.train(resumed_cfg, devices=devices, tokenizer=train_tokenizer)
+    resumed = trainer.train(resumed_cfg, devices=devices, tokenizer=train_tokenizer, hooks=hooks)
   assert f"resuming at step 2 on mesh {dict(setup.mesh.shape)} ({n_devices} devices, 1 " \
          f"process) (saved on mesh {{'data': 1, 'fsdp': 8, 'tensor': 1}} (8 devices, 1 " \
          f"process)): params and optimizer state resharded" in caplog.text
   resumed_batches = list(seen)
   seen.clear()
   reference = trainer.train(cfg.replace(run_dir=str(tmp_path / "ref"), mesh=mesh),
-                            devices=devices, tokenizer=train_tokenizer)
+                            devices=devices, tokenizer=train_tokenizer, hooks=hooks)
   # reference: [eval@0, train 1..4, eval@4]; resumed: [train 3, train 4, eval@4]
   for got, want in zip(resumed_batches, seen[3:]):
     np.testing.assert_array_equal(got, want)
@@ -327,18 +324,16 @@ def gathered(tree):
                                                                     tiled=True)]
 
 batches, restored = [], []
-global_batch = trainer._global_batch
-def record(batch, sharding, batch_size):
+def record(split, step, batch):
   batches.append(np.asarray(batch["inputs"]).tolist())
-  return global_batch(batch, sharding, batch_size)
-trainer._global_batch = record
 restore = ckpt_lib.Checkpointer.restore
 def restore_and_keep(self, *args, **kwargs):
   result = restore(self, *args, **kwargs)
   restored.extend(gathered(result[0]))
   return result
 ckpt_lib.Checkpointer.restore = restore_and_keep
-result = trainer.train(parse_config(argv), stop_at=stop_at or None)
+result = trainer.train(parse_config(argv), stop_at=stop_at or None,
+                       hooks=trainer.TrainHooks(on_batch=record))
 final = gathered(result.state)
 if jax.process_index() == 0:
   np.savez(out + "-final.npz", *final)
@@ -393,7 +388,7 @@ def test_two_processes_to_one_and_back(tmp_path, train_tokenizer, monkeypatch):
   first_batches, first_history, _ = two_processes("first", 2)  # [eval@0, train 1, train 2]
   saved_at_2 = _npz_leaves(str(tmp_path / "first-final.npz"))
 
-  seen = _recording_batches(monkeypatch)
+  hooks, seen = _recording_batches()
   kept = []
   restore = ckpt_lib.Checkpointer.restore
 
@@ -405,7 +400,7 @@ def test_two_processes_to_one_and_back(tmp_path, train_tokenizer, monkeypatch):
   monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", restore_and_keep)
   one = trainer.train(parse_config(cli_args(train_tokenizer.model_path, run_dir, *flags,
                                             "--resume")),
-                      devices=jax.devices()[:4], stop_at=4)
+                      devices=jax.devices()[:4], stop_at=4, hooks=hooks)
   assert one.preempted and int(one.state.step) == 4
   for got, want in zip(jax.tree.leaves(kept[0]), saved_at_2, strict=True):
     np.testing.assert_array_equal(got, want)
@@ -423,7 +418,7 @@ def test_two_processes_to_one_and_back(tmp_path, train_tokenizer, monkeypatch):
   seen.clear()
   reference = trainer.train(parse_config(cli_args(train_tokenizer.model_path,
                                                   tmp_path / "reference", *flags)),
-                            devices=jax.devices()[:4])
+                            devices=jax.devices()[:4], hooks=hooks)
   # reference: [eval@0, train 1..6, eval@6]
   got = first_batches + middle_batches + last_batches
   assert len(got) == len(seen) == 8

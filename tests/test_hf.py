@@ -24,7 +24,7 @@ from tests.train_utils import (
   small_config,
 )
 from train import export as export_cli
-from train import hf, trainer
+from train import hf, startup, trainer
 from train.config import ConfigError
 from train.model import Llama, LlamaConfig
 
@@ -324,7 +324,7 @@ def test_init_from_a_hand_made_hf_dir(tmp_path, tokenizer):
                                  "norm_eps": 1e-5}
   setup = trainer.build(cfg, tokenizer.vocab_size, devices=one_device())
   # The trainer's own --init-from step (hf.load_params into this run's layout), without a run.
-  state = setup.init_state(trainer._init_from(cfg, setup))  # noqa: SLF001
+  state = setup.init_state(startup.init_from(cfg, setup))
   params = host(state.params)
   for ours, name, t in DOCUMENTED:
     for i in range(2) if "{i}" in ours else [None]:

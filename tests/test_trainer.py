@@ -19,6 +19,7 @@ from tests.train_utils import (
 )
 from train import optimizers, trainer
 from train import sharding as shd
+from train import train_step as step_lib
 
 VOCAB = 256
 
@@ -356,20 +357,18 @@ def test_a_streak_of_skips_that_ends_between_log_steps_still_stops(tmp_path, tra
   """--max-consecutive-skips is checked at log steps over every step since the previous one (no
   host sync per step): a streak of 2 skipped steps (steps 2-3) that has ended by the log step 4
   stops the run there. The train step's bad_streak metric is scripted."""
-  build = trainer.build
+  make_train_step = step_lib.make_train_step
 
-  def scripted_build(*args, **kwargs):
-    setup = build(*args, **kwargs)
-    step_fn, script = setup.train_step, iter([0, 1, 2, 0, 0, 0])
+  def scripted_make_train_step(*args, **kwargs):
+    step_fn, script = make_train_step(*args, **kwargs), iter([0, 1, 2, 0, 0, 0])
 
     def train_step(state, batch):
       state, metrics = step_fn(state, batch)
       return state, {**metrics, "bad_streak": jnp.asarray(next(script), jnp.int32)}
 
-    setup.train_step = train_step
-    return setup
+    return train_step
 
-  monkeypatch.setattr(trainer, "build", scripted_build)
+  monkeypatch.setattr(step_lib, "make_train_step", scripted_make_train_step)
   cfg = small_config(tmp_path / "run", optimizer="adamw", steps=6, log_every=4,
                      max_consecutive_skips=2)
   with pytest.raises(FloatingPointError, match="2 steps in a row .* stopped at step 4"):

@@ -195,7 +195,8 @@ def _quiet_libraries() -> None:
     pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, hooks: Any = None) -> int:
+  """The command line; ``hooks`` (a :class:`train.trainer.TrainHooks`) watch the run."""
   cfg = parse_config(argv)
   _quiet_libraries()
   from train import trainer
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
   from train.config import ConfigError
 
   try:
-    result = trainer.train(cfg)
+    result = trainer.train(cfg, hooks=hooks)
   except (ConfigError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -32,6 +32,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from train import model as model_lib
+from train import setup as setup_lib
+from train import sharding as shd
+from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +131,6 @@ def _gather_json(obj: Any) -> list[Any]:
   """Every process's JSON-able ``obj``, in process order (a collective when multi-process)."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils
-
   raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32))
   padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -167,8 +172,6 @@ def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
 def _batch_rows(tree: Any, config: dict | None) -> tuple[int, int] | None:
   """The rows of each global batch that this process's devices hold under the mesh of ``tree``
   (:func:`train.sharding.process_batch_rows`), or None when that is not known."""
-  from train import sharding as shd
-
   mesh = _mesh_of(tree)
   if mesh is None or not (config or {}).get("batch_size"):
     return None
@@ -258,6 +261,7 @@ class Checkpointer:
     except Exception as e:
       raise _unreadable(os.path.join(self.directory, str(step)), e) from e
 
+  # long on purpose: the checks, in order, each raise one error line before any array is read
   def restore(self, abstract_state: Any, *, config: dict | None = None,
               step: int | None = None,
               data_rows: tuple[int, int] | None = None) -> tuple[Any, Any, dict]:
@@ -342,8 +346,6 @@ _ITEM_HANDLERS = ("state", "data", "config", "signature")
 
 def load_run_config(run_dir: str):
   """The :class:`train.config.TrainConfig` of the run in ``run_dir`` (its ``config.json``)."""
-  from train.config import TrainConfig
-
   path = os.path.join(run_dir, "config.json")
   try:
     with open(path, encoding="utf-8") as f:
@@ -470,8 +472,6 @@ def load_model_config(run_dir: str, step: int | None = None):
 
 
 def _saved_config_and_params(manager, ckpt_dir: str, step: int):
-  from train.config import TrainConfig
-
   where = os.path.join(ckpt_dir, str(step))
   try:
     meta = dict(manager.metadata(step).custom_metadata or {})
@@ -495,20 +495,13 @@ def _saved_config_and_params(manager, ckpt_dir: str, step: int):
 
 
 def _model_config(cfg, saved_params: Any):
-  from train import trainer
-
   vocab = int(saved_params["embed"]["embedding"].shape[0])
-  return trainer.model_config(cfg, vocab)
+  return setup_lib.model_config(cfg, vocab)
 
 
 def abstract_params(model_config, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """``(graphdef, params)`` of ``Llama(model_config)``: params as a pure dict of
   ShapeDtypeStructs sharded on ``mesh`` by the trainer's logical-axis rules."""
-  from flax import nnx
-
-  from train import model as model_lib
-  from train import sharding as shd
-
   abstract_model = nnx.eval_shape(lambda: model_lib.Llama(model_config, rngs=nnx.Rngs(0)))
   graphdef, abs_params = nnx.split(abstract_model, nnx.Param)
   shardings = shd.named(mesh, shd.param_specs(abs_params, mesh))
@@ -560,8 +553,6 @@ class LoadedModel(NamedTuple):
 def load_model(run_dir: str, step: int | None = None,
                mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   """:func:`load_params` with the model definition and configs that go with them."""
-  from train import sharding as shd
-
   _, ckpt_dir, manager = _open_read_only(run_dir)
   try:
     step = _pick_step(manager, ckpt_dir, step)

@@ -266,6 +266,7 @@ def _positive(cfg: TrainConfig, *names: str) -> None:
       raise ConfigError(f"--{n.replace('_', '-')} must be positive, got {getattr(cfg, n)}")
 
 
+# long on purpose: a flat list of independent flag checks, each one error line
 def validate(cfg: TrainConfig) -> None:
   """Checks that need nothing but the config. Raises ConfigError."""
   from train.model import PRESETS  # light import; keeps a typo from costing a tokenizer build

@@ -483,6 +483,7 @@ def _write_json(path: str, obj: Any) -> None:
     f.write("\n")
 
 
+# long on purpose: the files of one HF directory written in order (config, weight shards, tokenizer)
 def export(params: Mapping, config: LlamaConfig, tokenizer_path: str, out_dir: str, *,
            dtype: str = "float32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
   """Writes a transformers ``LlamaForCausalLM`` directory for ``params`` (either layout).

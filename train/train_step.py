@@ -89,6 +89,8 @@ def _micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
 
 
+# long on purpose: the whole jitted step (accumulate, update, skip, metrics) reads as one traced
+# program; step_fn is that program
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, shardings: TrainState, *,
                     grad_accum: int = 1, loss_spike_factor: float = 0.0,
@@ -106,6 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   pin_activations = shd.activation_constraint(mesh)
 
+  # long on purpose: the one traced program of a train step (see the comment above)
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
 

@@ -1,0 +1,130 @@
+"""What a run is made of, before any array is allocated: ``build(cfg, vocab_size) -> Setup``
+(mesh, model definition, optimizer, shardings and the jitted train/eval steps)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from train import model as model_lib
+from train import optimizers, preflight, xla_cpu
+from train import sharding as shd
+from train import train_step as step_lib
+from train.config import ConfigError, TrainConfig
+
+
+def _dtype_name(name: str) -> str:
+  return jnp.dtype(name).name
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+  """The LlamaConfig for ``cfg`` with the tokenizer's vocabulary (unless overridden)."""
+  if cfg.preset.lower() not in model_lib.PRESETS:
+    raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of "
+                      f"{', '.join(model_lib.PRESETS)}")
+  overrides = dict(cfg.model_overrides)
+  if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
+    raise ConfigError(f"--model-override vocab_size={overrides['vocab_size']} is smaller than the "
+                      f"tokenizer's vocabulary ({vocab_size}); drop the override or use a "
+                      f"matching --tokenizer")
+  overrides.setdefault("vocab_size", vocab_size)
+  overrides.setdefault("max_seq_len", cfg.seq_len)
+  overrides.setdefault("dtype", _dtype_name(cfg.dtype))
+  overrides.setdefault("param_dtype", _dtype_name(cfg.param_dtype))
+  for key in ("scan_layers", "remat"):  # flags of their own (the checkpoint records the layout)
+    if key in overrides:
+      raise ConfigError(f"--model-override {key}=...: use --{key.replace('_', '-')} instead")
+  overrides["scan_layers"] = bool(cfg.scan_layers)
+  if cfg.remat != "auto":
+    overrides["remat"] = cfg.remat
+  try:
+    mcfg = model_lib.get_config(cfg.preset, **overrides)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"--preset/--model-override: {e}") from None
+  if mcfg.max_seq_len < cfg.seq_len:
+    raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+                      f"{mcfg.max_seq_len}")
+  return mcfg
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config and the mesh, before any array is allocated."""
+
+  cfg: TrainConfig
+  mesh: jax.sharding.Mesh
+  model_config: Any
+  graphdef: Any
+  tx: Any
+  schedule: Any
+  param_shardings: Any
+  state_shardings: step_lib.TrainState
+  abstract_state: step_lib.TrainState  # ShapeDtypeStructs with shardings
+  train_step: Any
+  eval_step: Any
+  flops_per_token: float
+
+  def init_state(self, params: Any = None) -> step_lib.TrainState:
+    """Fresh params (seeded by ``cfg.seed``) and optimizer state, created directly sharded; with
+    ``params`` (host arrays shaped like ``abstract_state.params``) the optimizer starts there."""
+    mcfg, tx, seed = self.model_config, self.tx, self.cfg.seed
+    if params is not None:
+      params = jax.device_put(params, self.param_shardings)
+      return jax.jit(lambda p: step_lib.init_state(p, tx.init(p)),
+                     out_shardings=self.state_shardings)(params)
+
+    def init():
+      model = model_lib.Llama(mcfg, rngs=nnx.Rngs(seed))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return step_lib.init_state(params, tx.init(params))
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def model(self, params: Any) -> nnx.Module:
+    """The Llama module holding ``params``."""
+    return nnx.merge(self.graphdef, params)
+
+
+def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None = None,
+          devices: Any = None) -> Setup:
+  """Builds mesh, model definition, optimizer, shardings and the jitted steps for ``cfg``."""
+  mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh, devices)
+  xla_cpu.warn_if_missing(mesh.devices.flat[0].platform)
+  dp = shd.data_parallel_size(mesh)
+  if cfg.batch_size % (dp * cfg.grad_accum):
+    raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by data x fsdp = {dp} "
+                      f"devices times --grad-accum {cfg.grad_accum}")
+  if cfg.batch_size % jax.process_count():
+    raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the "
+                      f"{jax.process_count()} processes")
+  mcfg = model_config(cfg, vocab_size)
+  preflight.check_step_memory(cfg, mcfg, mesh)  # e.g. a huge --seq-len: one line, not an OOM
+  abstract_model = nnx.eval_shape(lambda: model_lib.Llama(mcfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ConfigError("the model has non-parameter state, which this trainer does not handle")
+  param_specs = shd.param_specs(abs_params, mesh)
+  param_shardings = shd.named(mesh, param_specs)
+  abs_params = nnx.to_pure_dict(abs_params)
+  abs_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), abs_params)
+
+  tx, schedule = optimizers.make_optimizer(cfg, abs_params)
+  opt_shapes = jax.eval_shape(tx.init, abs_params)
+  opt_shardings = optimizers.state_shardings(opt_shapes, param_shardings, mesh)
+  state_shardings = step_lib.state_shardings(param_shardings, opt_shardings, mesh)
+  abstract = jax.eval_shape(step_lib.init_state, abs_params, opt_shapes)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+  train_step = step_lib.make_train_step(
+      graphdef, tx, schedule, mesh, state_shardings, grad_accum=cfg.grad_accum,
+      loss_spike_factor=cfg.loss_spike_factor,
+      subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
+      last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric)
+  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum)
+  return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
+               abstract, train_step, eval_step,
+               float(model_lib.flops_per_token(mcfg, cfg.seq_len)))
