@@ -5,7 +5,8 @@ Every run goes through the trainer's Python API (``train.trainer.train``) with o
 ``osd_adamw (reference code)`` — the trainer's ``--reference-code``
 (``osd_jax.osd_adamw(reference_code=True)``: the official PyTorch code's update).
 
-More variants by name: ``osd_adamw (scale 0.25)`` (``osd_adamw_s025``), ``galore_adamw (no sign
+More variants by name: ``osd_adamw (scale 1)`` (``osd_adamw_s1``; the trainer's OSD default is
+scale 0.25 since the study in benchmarks/RESULTS.md §4c), ``galore_adamw (no sign
 alignment)`` (``galore_noalign``) and ``adamw (scale 0.25)`` (``adamw_s025``: AdamW with GaLore's
 scale on the attention/MLP matrices and no projection, the control for "is it the subspace or the
 smaller step?").
@@ -45,7 +46,8 @@ VARIANTS = {
     "osd_adamw": {"optimizer": "osd_adamw"},
     "osd_lion": {"optimizer": "osd_lion"},
     "osd_adamw (reference code)": {"optimizer": "osd_adamw", "reference_code": True},
-    "osd_adamw (scale 0.25)": {"optimizer": "osd_adamw", "scale": 0.25},
+    "osd_adamw (scale 0.25)": {"optimizer": "osd_adamw", "scale": 0.25},  # the trainer's default
+    "osd_adamw (scale 1)": {"optimizer": "osd_adamw", "scale": 1.0},  # the paper's equations
     # the control: GaLore's smaller step on the projected matrices, without any projection
     "adamw (scale 0.25)": {"optimizer": "adamw", "scale": 0.25},
     "galore_adamw (no sign alignment)": {"optimizer": "galore_adamw", "align_signs": False},
@@ -53,6 +55,7 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("adamw", "galore_adamw", "osd_adamw", "osd_lion", "osd_adamw (reference code)")
 ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)",
            "osd_adamw_s025": "osd_adamw (scale 0.25)",
+           "osd_adamw_s1": "osd_adamw (scale 1)",
            "adamw_s025": "adamw (scale 0.25)",
            "galore_noalign": "galore_adamw (no sign alignment)"}
 

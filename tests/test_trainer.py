@@ -186,6 +186,24 @@ def test_adamw_scale_multiplies_only_the_projected_matrices_update():
   np.testing.assert_allclose(params["norm"]["scale"], ref["norm"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["osd_adamw", "galore_adamw"])
+def test_subspace_optimizers_default_to_scale_a_quarter(optimizer):
+  """The trainer's default back-projection scale is 0.25 for OSD too (the quality study in
+  benchmarks/RESULTS.md §4c): the update equals the explicit scale=0.25 one, not scale=1's."""
+  rng = np.random.default_rng(1)
+  params = {"layers": {"0": {"mlp": {"w1": {"kernel": jnp.asarray(rng.normal(size=(8, 12)),
+                                                                  jnp.float32)}}}}}
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+
+  def update(**kw):
+    tx, _ = optimizers.make_optimizer(small_config(optimizer=optimizer, rank=2, **kw), params)
+    return jax.tree.leaves(tx.update(grads, tx.init(params), params)[0])[0]
+
+  default, quarter, one = update(), update(scale=0.25), update(scale=1.0)
+  np.testing.assert_array_equal(default, quarter)
+  np.testing.assert_allclose(one, 4 * quarter, rtol=1e-5, atol=1e-7)
+
+
 def _steps(cfg, batches, devices=None):
   setup = trainer.build(cfg, VOCAB, devices=devices)
   state = setup.init_state()

@@ -116,7 +116,7 @@ class TrainConfig:
                         "only when r is below its smaller side (default: the preset's: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_RANKS.items()) + ").",
                         group="optimizer")
-  scale: float | None = _f(None, "Back-projection scale (default: 1.0 for OSD, 0.25 for GaLore; "
+  scale: float | None = _f(None, "Back-projection scale (default 0.25 for osd_* and galore_adamw; "
                            "with adamw: multiplies the update of the --project matrices).",
                            group="optimizer")
   orthogonality_weight: float = _f(0.1, "OSD: weight lambda of the ||P^T P - I||^2 term.",
