@@ -339,3 +339,21 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
+
+
+def memory_analysis(compiled) -> dict[str, int] | None:
+  """XLA's sizes (bytes) and ``peak_estimate_bytes = argument + output - alias + temp``."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if m is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  out = {f: int(getattr(m, f, 0) or 0) for f in fields}
+  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  peak = getattr(m, "peak_memory_in_bytes", None)
+  out["xla_peak_bytes"] = int(peak) if peak else None
+  return out

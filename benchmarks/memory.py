@@ -106,24 +106,6 @@ def abstract_batch(setup, batch_size: int, seq_len: int) -> dict:
   return {"inputs": spec, "targets": spec}
 
 
-def memory_analysis(compiled) -> dict[str, int] | None:
-  """XLA's sizes (bytes) and ``peak_estimate_bytes = argument + output - alias + temp``."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
-  if m is None:
-    return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-  out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-  peak = getattr(m, "peak_memory_in_bytes", None)
-  out["xla_peak_bytes"] = int(peak) if peak else None
-  return out
-
-
 def count_ops(hlo_text: str, op: str) -> int:
   """Instructions ``op`` in an HLO module's text (``%x = type conditional(...)``)."""
   return len(re.findall(rf"\s{re.escape(op)}\(", hlo_text))
@@ -150,7 +132,7 @@ def measure(args, optimizer: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  mem = memory_analysis(compiled)
+  mem = common.memory_analysis(compiled)
   text = compiled.as_text() or ""
   state = setup.abstract_state
   n_dev = setup.mesh.size

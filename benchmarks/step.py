@@ -102,7 +102,7 @@ class Case:
     t0 = time.perf_counter()
     self.compiled = self.setup.train_step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
-    self.memory = _memory_analysis(self.compiled)
+    self.memory = common.memory_analysis(self.compiled)
     self.state_bytes = osd_jax.state_bytes(self.state.opt_state)
     self.param_bytes = osd_jax.state_bytes(self.state.params)
     self.tokens_per_step = args.batch_size * args.seq_len
@@ -114,21 +114,6 @@ class Case:
   def __call__(self) -> None:
     self.state, self.metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, self.metrics))
-
-
-def _memory_analysis(compiled) -> dict[str, int] | None:
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
-  if m is None:
-    return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-  out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-  return out
 
 
 def _runtime_memory() -> dict[str, int] | None:

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from benchmarks import memory as memory_lib
 
 ATTENTION = ("auto", "xla", "jax", "cudnn")
 
@@ -157,7 +156,7 @@ def run(args, rec: Recorder, attention: str) -> None:
   t0 = time.perf_counter()
   compiled = setup.train_step.lower(state, batch).compile()
   rec.stage("compile", compile_s=time.perf_counter() - t0,
-            memory_analysis=memory_lib.memory_analysis(compiled))
+            memory_analysis=common.memory_analysis(compiled))
 
   def step():
     nonlocal state
