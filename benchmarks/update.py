@@ -229,6 +229,9 @@ def parse_args(argv):
                  help="Which matrices the subspace optimizers project.")
   p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                  help="Override a model-config field, e.g. n_layers=2 (repeatable).")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="The trainer's default stacked tree (one [n_layers, ...] leaf per matrix "
+                      "kind, projected through the layer axis) instead of one leaf per layer.")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   args.cases = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",")
@@ -243,7 +246,8 @@ def parse_args(argv):
 
 def run(args) -> dict:
   rank = common.resolve_rank(args.preset, args.rank)
-  abstract = common.abstract_params(args.preset, **common.parse_overrides(args.model_override))
+  abstract = common.abstract_params(args.preset, scan_layers=args.scan_layers,
+                                    **common.parse_overrides(args.model_override))
   grads = common.random_tree(abstract, args.seed + 1)
   n_params = common.tree_size(abstract)
   specs = projection_specs(abstract, args.project)
@@ -251,6 +255,7 @@ def run(args) -> dict:
                                          jax.tree.leaves(specs, is_leaf=_is_spec))
                   if s is not None)
   common.log(f"update: preset {args.preset} ({n_params / 1e6:.1f}M params, "
+             f"{'scanned' if args.scan_layers else 'unrolled'} layers, "
              f"{projected / 1e6:.1f}M projected), rank {rank}, cases {args.cases}")
   cases = {}
   for name in args.cases:
@@ -294,9 +299,11 @@ def run(args) -> dict:
                  common.fmt_bytes(out_cases[name]["state_bytes"]),
                  common.fmt_ratio(out_cases[name]["state_bytes_vs_adamw"])])
   # Closed-form state bytes of the projected matrices alone (embeddings/head/norms excluded).
-  proj_leaves = [x for x, s in zip(jax.tree.leaves(abstract),
-                                   jax.tree.leaves(specs, is_leaf=_is_spec)) if s is not None]
-  proj_specs = [osd_jax.DimensionNumbers(0, 1)] * len(proj_leaves)
+  projected_pairs = [(x, s) for x, s in zip(jax.tree.leaves(abstract),
+                                            jax.tree.leaves(specs, is_leaf=_is_spec))
+                     if s is not None]
+  proj_leaves = [x for x, _ in projected_pairs]
+  proj_specs = [s for _, s in projected_pairs]  # the trainer's (batch axes when scanned)
   projected_state = {
       name: osd_jax.expected_state_bytes(proj_leaves, rank, optimizer=name,
                                          weight_dimension_numbers=proj_specs)
@@ -312,6 +319,7 @@ def run(args) -> dict:
       "preset": args.preset,
       "rank": rank,
       "project": args.project,
+      "scan_layers": args.scan_layers,
       "model_overrides": common.parse_overrides(args.model_override),
       "params": n_params,
       "projected_params": projected,

@@ -52,6 +52,33 @@ def test_update_smoke(tmp_path):
   assert "| osd_adamw" in result["table"]
 
 
+def test_update_scanned_tree_with_floor(tmp_path):
+  """--scan-layers: the trainer's stacked tree, projected through the layer axis, floors included;
+  the closed-form state of the projected matrices uses those batch-axis layouts."""
+  from benchmarks import update
+
+  out = tmp_path / "update.json"
+  update.main(["--preset", "tiny", "--rank", "8", "--repeats", "1", "--warmup", "0",
+               "--cases", "optax.adamw,osd_adamw", "--floor", "--scan-layers",
+               "--model-override", "n_layers=2", "--model-override", "dim=32",
+               "--model-override", "hidden_dim=64", "--model-override", "n_heads=2",
+               "--out", str(out), "--quiet"])
+  data = _load(out)
+  assert data["scan_layers"] is True
+  assert set(update.FLOOR_CASES) <= set(data["cases"])
+  osd = data["cases"]["osd_adamw"]
+  assert osd["state_bytes"] == osd["expected_state_bytes"]
+  # per stacked [2, 32, 64] MLP / [2, 32, 32] attention leaf: m, v (2·s·L) for adamw against
+  # P, its Adam moments (3·s·r) and the inner moments (2·r·L) for osd_adamw, per layer
+  per = data["projected_matrices_state_bytes"]
+  assert per["osd_adamw"] < per["adamw"]
+  dims = [(32, 32)] * 4 + [(32, 64)] * 3
+  arrays = {"adamw": 2 * sum(2 * s * L * 4 for s, L in dims),
+            "osd_adamw": 2 * sum((3 * s * 8 + 2 * 8 * L) * 4 for s, L in dims)}
+  for name, expected in arrays.items():  # plus a few scalar step counters
+    assert 0 <= per[name] - expected <= 64, (name, per[name], expected)
+
+
 def test_update_with_count_sets_every_count():
   import jax
   import jax.numpy as jnp

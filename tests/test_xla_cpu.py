@@ -32,10 +32,13 @@ def test_users_setting_wins_and_a_started_backend_is_left_alone(monkeypatch):
 
 def test_warning_names_the_fix_only_on_cpu_without_the_flag(monkeypatch, caplog):
   monkeypatch.setattr(xla_cpu, "APPLIED_AT_IMPORT", False)
+  monkeypatch.setattr(xla_cpu, "_warned", False)
   xla_cpu.warn_if_missing("gpu")
   assert not caplog.records
   xla_cpu.warn_if_missing("cpu")
   assert len(caplog.records) == 1 and xla_cpu.FLAG in caplog.records[0].getMessage()
+  xla_cpu.warn_if_missing("cpu")  # a second trainer build in the same process: no repeat
+  assert len(caplog.records) == 1
 
 
 def test_scanned_osd_step_with_projector_metrics_finishes(tmp_path):

@@ -55,13 +55,10 @@ def lock_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-  """``cfg`` validated, with ``--init-from``'s architecture and tokenizer, the rank used and the
-  run directory filled in (``jax.distributed`` started when asked for)."""
-  validate(cfg)
+  """``cfg`` from :func:`lock_run_dir` (validated, run directory set) with ``--init-from``'s
+  architecture and tokenizer and the rank used filled in."""
   cfg = hf.resolve_init_from(cfg)  # the HF directory's architecture and tokenizer
-  cfg = cfg.replace(rank=cfg.resolved_rank)  # config.json and checkpoints hold the rank used
-  maybe_initialize_distributed(cfg)
-  return cfg.replace(run_dir=cfg.run_dir or default_run_dir(cfg))
+  return cfg.replace(rank=cfg.resolved_rank)  # config.json and checkpoints hold the rank used
 
 
 def truncate_metrics(path: str, last_step: int) -> None:

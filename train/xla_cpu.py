@@ -46,12 +46,15 @@ def apply() -> bool:
 
 
 APPLIED_AT_IMPORT = apply()
+_warned = False
 
 
 def warn_if_missing(platform: str) -> None:
   """One warning when a CPU step is built without the workaround (a jax computation ran before
   ``import train``, so XLA had read its flags already)."""
-  if platform == "cpu" and not APPLIED_AT_IMPORT:
+  global _warned
+  if platform == "cpu" and not APPLIED_AT_IMPORT and not _warned:
+    _warned = True  # once per process, not once per trainer build
     log.warning("warning: jax computed something before `import train`, so XLA_FLAGS could not "
                 "get %s; the scanned OSD step may hang on CPU (train/xla_cpu.py). Import train "
                 "first, or start Python with XLA_FLAGS=%s", FLAG, FLAG)
