@@ -186,6 +186,57 @@ def test_adamw_scale_multiplies_only_the_projected_matrices_update():
   np.testing.assert_allclose(params["norm"]["scale"], ref["norm"], rtol=1e-5, atol=1e-6)
 
 
+def test_full_rank_adamw_train_step_matches_an_independent_float64_adamw():
+  """Rules out a trainer bug in the full-rank path (the quality study's AdamW deficit,
+  benchmarks/RESULTS.md §4c): the trainer's whole adamw step (mean token loss, global-norm clip,
+  warmup-cosine schedule, decay on matrices only) against the model's gradient of a separately
+  written loss fed to a float64 NumPy AdamW."""
+  from flax import nnx
+
+  cfg = small_config(optimizer="adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.5,
+                     warmup_steps=2, steps=6, min_lr_ratio=0.1)
+  setup = trainer.build(cfg, VOCAB, devices=one_device())
+  state = setup.init_state()
+  params0 = host(state.params)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params0)]
+  leaves0, treedef = jax.tree.flatten(params0)
+  decays = ["kernel" in p or "embedding" in p for p in paths]  # norm scales are not decayed
+  assert sum(decays) == len(decays) - 3
+
+  def mean_loss(params, batch):  # written here, not train_step.token_loss
+    logits = nnx.merge(setup.graphdef, params)(batch["inputs"]).astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)
+
+  grad_fn = jax.jit(jax.grad(mean_loss))
+  ref = [np.asarray(x, np.float64) for x in leaves0]
+  m = [np.zeros_like(x) for x in ref]
+  v = [np.zeros_like(x) for x in ref]
+  clipped = 0
+  for t in range(1, 5):
+    batch = random_batch(t, 8, 32, VOCAB)
+    state, _ = setup.train_step(state, batch)
+    g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grad_fn(
+        jax.tree.unflatten(treedef, [jnp.asarray(x, jnp.float32) for x in ref]), batch))]
+    norm = np.sqrt(sum(np.sum(x**2) for x in g))
+    clipped += norm > 0.5
+    g = [x * min(1.0, 0.5 / norm) for x in g]
+    k = t - 1  # lr(k): linear warmup from lr/2 over 2 steps, then cosine to lr/10 at step 6
+    lr = 1e-2 * (k + 1) / 2 if k < 2 else 1e-3 + 9e-3 * 0.5 * (1 + np.cos(np.pi * (k - 2) / 4))
+    for i in range(len(ref)):
+      m[i] = 0.9 * m[i] + 0.1 * g[i]
+      v[i] = 0.999 * v[i] + 0.001 * g[i] ** 2
+      direction = (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
+      ref[i] = ref[i] - lr * (direction + (0.1 * ref[i] if decays[i] else 0.0))
+    got = jax.tree.leaves(host(state.params))
+    for path, x0, want, have in zip(paths, leaves0, ref, got):
+      change_want, change_have = want - x0, np.asarray(have, np.float64) - x0
+      err = np.linalg.norm(change_have - change_want) / np.linalg.norm(change_want)
+      assert err < 1e-4, (t, path, err)
+  assert clipped >= 1  # the clip was exercised
+
+
 @pytest.mark.parametrize("optimizer", ["osd_adamw", "galore_adamw"])
 def test_subspace_optimizers_default_to_scale_a_quarter(optimizer):
   """The trainer's default back-projection scale is 0.25 for OSD too (the quality study in
