@@ -9,7 +9,8 @@ More variants by name: ``osd_adamw (scale 1)`` (``osd_adamw_s1``; the trainer's 
 scale 0.25 since the study in benchmarks/RESULTS.md §4c), ``galore_adamw (no sign
 alignment)`` (``galore_noalign``) and ``adamw (scale 0.25)`` (``adamw_s025``: AdamW with GaLore's
 scale on the attention/MLP matrices and no projection, the control for "is it the subspace or the
-smaller step?").
+smaller step?"), ``adamw (scale 0.125)`` (``adamw_s0125``: also the √(r/s) = 1/2 by which a rank-32
+back-projection shrinks the step's norm at tiny).
 
 The fair-study design: ``--lrs`` trains every optimizer once per learning rate (first seed) and
 keeps each one's best (lowest final eval loss); ``--repeats N`` then trains N seeds at that lr and
@@ -50,6 +51,9 @@ VARIANTS = {
     "osd_adamw (scale 1)": {"optimizer": "osd_adamw", "scale": 1.0},  # the paper's equations
     # the control: GaLore's smaller step on the projected matrices, without any projection
     "adamw (scale 0.25)": {"optimizer": "adamw", "scale": 0.25},
+    # ... and with the step norm of a rank-r back-projection too: ‖P N‖ = ‖N‖ ≈ √(r/s)·‖full-rank
+    # Adam direction‖, so 0.25·√(32/128) = 0.125 for tiny at rank 32
+    "adamw (scale 0.125)": {"optimizer": "adamw", "scale": 0.125},
     "galore_adamw (no sign alignment)": {"optimizer": "galore_adamw", "align_signs": False},
 }
 DEFAULT_VARIANTS = ("adamw", "galore_adamw", "osd_adamw", "osd_lion", "osd_adamw (reference code)")
@@ -57,6 +61,7 @@ ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)",
            "osd_adamw_s025": "osd_adamw (scale 0.25)",
            "osd_adamw_s1": "osd_adamw (scale 1)",
            "adamw_s025": "adamw (scale 0.25)",
+           "adamw_s0125": "adamw (scale 0.125)",
            "galore_noalign": "galore_adamw (no sign alignment)"}
 
 
