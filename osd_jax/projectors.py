@@ -17,7 +17,10 @@ in two, so that a whole tree of matrices costs one ``conditional`` per step:
   state after the (possible) refresh: the projector Pₜ used at step t, the projected gradient
   Ĝ = Pₜᵀ G' (r×L, float in P's dtype) and the state holding the P for step t + 1.  It must
   not branch: online PCA skips its projector step at t = 0 with an elementwise
-  ``jnp.where`` on the s×r results.
+  ``jnp.where`` on the s×r results.  A rule built with ``honours_apply_step=True`` also takes
+  ``step(..., apply_step=ok)`` (a traced bool, see :mod:`osd_jax.skipping`) and then keeps
+  every field of its state but ``p`` when ``ok`` is False (the transformation restores ``p``,
+  which a refresh may have replaced), so a skipped step costs no copy of its moments.
 * ``update(g, state, count, key) -> (p_t, g_hat, new_state)`` is the whole step of one
   matrix on its own (refresh if due, then step), for using a rule outside the transformation.
 
@@ -51,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from osd_jax import skipping
+
 INITS = ("svd", "randomized", "random")
 
 
@@ -66,6 +71,7 @@ class ProjectorRule(NamedTuple):
   is_refresh: Callable[[jax.Array], Any] | None = None
   refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None
   step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]] | None = None
+  honours_apply_step: bool = False  # step(..., apply_step=ok) keeps the state (but p) if not ok
 
   @property
   def is_split(self) -> bool:
@@ -78,6 +84,7 @@ def projector_rule(
     step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]],
     is_refresh: Callable[[jax.Array], Any] | None = None,
     refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None,
+    honours_apply_step: bool = False,
 ) -> ProjectorRule:
   """A :class:`ProjectorRule` from its parts; ``update`` is derived from them.
 
@@ -89,6 +96,8 @@ def projector_rule(
       matrix; None for a rule that never refreshes.
     refresh: ``(g, state, count, key) -> state`` with ``p`` = the new Pₜ, run only when
       ``is_refresh(count)``; ``key`` is a fresh PRNG key per matrix and step.
+    honours_apply_step: ``step`` also takes ``apply_step=ok`` and, when ``ok`` is False,
+      returns the state it was given except for ``p`` (the state must be a NamedTuple).
 
   Example:
     >>> import jax.numpy as jnp, optax, osd_jax
@@ -113,7 +122,7 @@ def projector_rule(
         state = jax.lax.cond(due, lambda: refresh(g, state, count, key), lambda: state)
     return step(g, state, count)
 
-  return ProjectorRule(init, update, is_refresh, refresh, step)
+  return ProjectorRule(init, update, is_refresh, refresh, step, honours_apply_step)
 
 
 # --------------------------------------------------------------------------- rank-r products
@@ -335,8 +344,8 @@ def online_pca(
 
   Args:
     learning_rate: η, a float or a schedule of the global step t (the aliases pass α·lr(t)).
-    optimizer: the projector optimizer; default ``optax.scale_by_adam(0.9, 0.999, 1e-8)``.
-      Its count starts at its first step (t = 1).
+    optimizer: the projector optimizer; default ``osd_jax.skipping.scale_by_adam(0.9, 0.999,
+      1e-8)`` (``optax.scale_by_adam``'s values). Its count starts at its first step (t = 1).
     orthogonality_weight: λ, the weight of the ‖PᵀP − I‖² penalty (0 in the reference code).
     weight_decay: decoupled weight decay on P (0.01 in the reference code).
     init: ``"svd"`` (top-r singular vectors of G'₀), ``"randomized"`` or ``"random"``.
@@ -351,8 +360,8 @@ def online_pca(
     arXiv:2408.12857, 2024.
   """
   _check_init(init)
-  if optimizer is None:
-    optimizer = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+  if optimizer is None:  # optax.scale_by_adam's values; it also honours apply_step
+    optimizer = skipping.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
   def init_fn(s, L, rank, dtype):  # noqa: N803
     p = jnp.zeros((s, rank), dtype)
@@ -366,23 +375,30 @@ def online_pca(
     return state._replace(p=initial_projector(g.astype(p.dtype), p.shape[-1], key, init)
                           .astype(p.dtype))
 
-  def step(g, state, count):
+  def step(g, state, count, apply_step=None):
     p_t = state.p
     dtype = p_t.dtype
     g = g.astype(dtype)
     g_hat = project(p_t, g)  # Ĝ = Pₜᵀ G'
     grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat=g_hat)  # ∇L(Pₜ)
-    d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
+    # No projector step at t = 0 (nor on a skipped step): an elementwise select on the s×r
+    # results, not a branch.
+    hold = count == 0 if apply_step is None else (count == 0) | ~apply_step
+    if skipping.honours_apply_step(optimizer):
+      # the optimizer keeps its own state and computes D from the kept moments, so the select
+      # is written in place (selecting its outputs here instead made XLA copy P's moments at
+      # every step: D is computed from the unselected ones)
+      d, opt_state = optimizer.update(grad, state.opt_state, p_t, apply_step=~hold)  # D
+    else:
+      d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
+      opt_state = jax.tree.map(lambda new, old: jnp.where(hold, old, new), opt_state,
+                               state.opt_state)
     eta = _schedule_value(learning_rate, count)
     p_next = (p_t - eta * (d + weight_decay * p_t)).astype(dtype)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
-    # No projector step at t = 0: an elementwise select on the s×r results, not a branch.
-    first = count == 0
-    p_next = jnp.where(first, p_t, p_next)
-    opt_state = jax.tree.map(lambda new, old: jnp.where(first, old, new), opt_state,
-                             state.opt_state)
+    p_next = jnp.where(hold, p_t, p_next)
     return p_t, g_hat, OnlinePCAState(p_next, opt_state)
 
-  return projector_rule(init_fn, step, is_refresh, refresh)
+  return projector_rule(init_fn, step, is_refresh, refresh, honours_apply_step=True)
 
 
 # --------------------------------------------------------------------------- periodic rules

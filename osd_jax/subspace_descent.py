@@ -241,6 +241,8 @@ def scale_by_subspace_descent(
                                  base_key)
       rule_states = dict(zip(projected, rule_states))
 
+    rule_keeps_state = (apply_step is not None and projector.is_split
+                        and projector.honours_apply_step)
     inner_in, inner_params, projections, new_projector_leaves = [], [], [], []
     for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
       if not _is_projected(ps):
@@ -252,7 +254,16 @@ def scale_by_subspace_descent(
       layout = ps.layout
       nb = len(layout.batch_shape)
       with projectors_lib.transposed_view(layout.transpose):
-        if projector.is_split:  # the cheap per-step part, on the state after any refresh
+        if rule_keeps_state:  # skips by itself: no select (and no copy) of its moments
+          rule_step = _vmap_batch(
+              lambda g_, s_, c_, ok: projector.step(g_, s_, c_, apply_step=ok), nb,
+              in_axes=(0, 0, None, None))
+          p_t, g_hat, new_rule_state = rule_step(to_matrix(g, layout), rule_states[i], count,
+                                                 apply_step)
+          # ... but P may have been refreshed at this step: back to the stored one
+          new_rule_state = new_rule_state._replace(
+              p=jnp.where(apply_step, new_rule_state.p, ps.state.p))
+        elif projector.is_split:  # the cheap per-step part, on the state after any refresh
           rule_step = _vmap_batch(projector.step, nb, in_axes=(0, 0, None))
           p_t, g_hat, new_rule_state = rule_step(to_matrix(g, layout), rule_states[i], count)
         else:  # a rule given as (init, update) only, with its own branches
@@ -310,8 +321,9 @@ def scale_by_subspace_descent(
     new_projector_state = treedef.unflatten(new_projector_leaves)
     if apply_step is not None:  # a skipped step leaves the whole state as it was
       new_count = jnp.where(apply_step, new_count, count)
-      new_projector_state = skipping.select_state(apply_step, new_projector_state,
-                                                  state.projector_state)
+      if not rule_keeps_state:
+        new_projector_state = skipping.select_state(apply_step, new_projector_state,
+                                                    state.projector_state)
       if not skipping.honours_apply_step(inner):  # else inner kept its state itself
         new_inner_state = skipping.select_state(apply_step, new_inner_state, state.inner_state)
     new_state = SubspaceDescentState(

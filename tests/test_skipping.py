@@ -94,3 +94,22 @@ def _moment_copies(in_optimizer: bool) -> int:
 def test_skipping_inside_the_optimizer_copies_no_moment():
   assert _moment_copies(in_optimizer=False) >= 2  # where(ok, new, old) outside: m and v copied
   assert _moment_copies(in_optimizer=True) == 0
+
+
+@pytest.mark.parametrize("with_apply_step", [False, True])
+def test_online_pca_copies_no_projector_moment(with_apply_step):
+  """P's Adam moments skip their t = 0 (and skipped) steps inside the projector optimizer, so
+  the donated update copies at most P itself (read by the back-projection after Pₜ₊₁ is
+  written), not P's moments: selecting the optimizer's outputs copied all three [8, 256, 32]."""
+  params = {"w": jax.ShapeDtypeStruct((8, 256, 1024), jnp.float32)}
+  tx = osd_jax.osd_adamw(1e-3, 32, weight_dimension_numbers={"w": osd_jax.DimensionNumbers(1, 2)})
+  state = jax.eval_shape(tx.init, params)
+
+  def step(p, s, g, ok):
+    extra = {"apply_step": ok} if with_apply_step else {}
+    u, new = tx.update(g, s, p, **extra)
+    return optax.apply_updates(p, u), new
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params, jax.ShapeDtypeStruct((), jnp.bool_)).compile().as_text()
+  assert len(re.findall(r"f32\[8,256,32\]\{[0-9,]*\} copy\(", text)) <= 1
