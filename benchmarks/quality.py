@@ -90,7 +90,9 @@ def parse_args(argv):
   p.add_argument("--lion-lr-factor", type=float, default=1 / 3,
                  help="osd_lion's lr is --lr times this (Lion wants a smaller step).")
   p.add_argument("--projector-lr-ratio", type=float, default=2.0,
-                 help="α for osd_adamw/osd_lion (projector step α·lr(t)).")
+                 help="α for osd_adamw/osd_lion (projector step α·lr(t)); 2, the value of the "
+                      "studies in benchmarks/RESULTS.md §4c/§4d (the trainer's default 5 was "
+                      "better at lr 1e-2 there).")
   p.add_argument("--weight-decay", type=float, default=0.0)
   p.add_argument("--update-proj-gap", type=int, default=200)
   p.add_argument("--dtype", default="float32", help="Compute dtype.")

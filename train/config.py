@@ -122,7 +122,8 @@ class TrainConfig:
   orthogonality_weight: float = _f(0.1, "OSD: weight lambda of the ||P^T P - I||^2 term.",
                                    group="optimizer")
   projector_lr_ratio: float = _f(5.0, "OSD: projector step size alpha, as a multiple of the lr "
-                                 "(paper: 5 at lr 1e-3; use ~0.5 at lr 1e-2).", group="optimizer")
+                                 "(the paper's 5; also the best of 0.5/2/5 at lr 1e-2 in "
+                                 "benchmarks/RESULTS.md 4d).", group="optimizer")
   projector_weight_decay: float | None = _f(None, "OSD: weight decay on P "
                                             "(default: --weight-decay).",
                                             group="optimizer")
