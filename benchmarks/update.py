@@ -251,9 +251,11 @@ def run(args) -> dict:
   grads = common.random_tree(abstract, args.seed + 1)
   n_params = common.tree_size(abstract)
   specs = projection_specs(abstract, args.project)
-  projected = sum(x.size for x, s in zip(jax.tree.leaves(abstract),
-                                         jax.tree.leaves(specs, is_leaf=_is_spec))
-                  if s is not None)
+  # the projected leaves with the trainer's layouts (batch axes when scanned)
+  projected_pairs = [(x, s) for x, s in zip(jax.tree.leaves(abstract),
+                                            jax.tree.leaves(specs, is_leaf=_is_spec))
+                     if s is not None]
+  projected = sum(x.size for x, _ in projected_pairs)
   common.log(f"update: preset {args.preset} ({n_params / 1e6:.1f}M params, "
              f"{'scanned' if args.scan_layers else 'unrolled'} layers, "
              f"{projected / 1e6:.1f}M projected), rank {rank}, cases {args.cases}")
@@ -299,11 +301,8 @@ def run(args) -> dict:
                  common.fmt_bytes(out_cases[name]["state_bytes"]),
                  common.fmt_ratio(out_cases[name]["state_bytes_vs_adamw"])])
   # Closed-form state bytes of the projected matrices alone (embeddings/head/norms excluded).
-  projected_pairs = [(x, s) for x, s in zip(jax.tree.leaves(abstract),
-                                            jax.tree.leaves(specs, is_leaf=_is_spec))
-                     if s is not None]
   proj_leaves = [x for x, _ in projected_pairs]
-  proj_specs = [s for _, s in projected_pairs]  # the trainer's (batch axes when scanned)
+  proj_specs = [s for _, s in projected_pairs]
   projected_state = {
       name: osd_jax.expected_state_bytes(proj_leaves, rank, optimizer=name,
                                          weight_dimension_numbers=proj_specs)

@@ -72,44 +72,42 @@ def test_honouring_apply_step_records_each_subspace_state():
   assert seen == []
 
 
-def _moment_copies(in_optimizer: bool) -> int:
-  """copy ops of the inner moments in a donated update + skip select, stacked 8×256×1024."""
+def _donated_update_hlo(apply_step: str) -> str:
+  """The compiled donated update of a stacked 8×256×1024 leaf (r = 32) with the skip decision
+  ``"outside"`` (the caller selects params and state with ``where(ok, new, old)``), ``"inside"``
+  (passed as ``apply_step``; the caller selects params only) or ``"none"`` (no skipping)."""
   params = {"w": jax.ShapeDtypeStruct((8, 256, 1024), jnp.float32)}
   tx = osd_jax.osd_adamw(1e-3, 32, weight_dimension_numbers={"w": osd_jax.DimensionNumbers(1, 2)})
   state = jax.eval_shape(tx.init, params)
 
   def step(p, s, g, ok):
-    extra = {"apply_step": ok} if in_optimizer else {}
+    extra = {"apply_step": ok} if apply_step == "inside" else {}
     u, new = tx.update(g, s, p, **extra)
-    p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), optax.apply_updates(p, u), p)
-    if not in_optimizer:
+    p_new = optax.apply_updates(p, u)
+    if apply_step == "none":
+      return p_new, new
+    p_new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), p_new, p)
+    if apply_step == "outside":
       new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s)
-    return p, new
+    return p_new, new
 
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+  return jax.jit(step, donate_argnums=(0, 1)).lower(
       params, state, params, jax.ShapeDtypeStruct((), jnp.bool_)).compile().as_text()
-  return len(re.findall(r"f32\[8,32,1024\]\{[0-9,]*\} copy\(", text))
+
+
+def _copies(text: str, shape: str) -> int:
+  return len(re.findall(rf"f32\[{shape}\]\{{[0-9,]*\}} copy\(", text))
 
 
 def test_skipping_inside_the_optimizer_copies_no_moment():
-  assert _moment_copies(in_optimizer=False) >= 2  # where(ok, new, old) outside: m and v copied
-  assert _moment_copies(in_optimizer=True) == 0
+  # the inner moments, r × L per layer; where(ok, new, old) outside: m and v copied
+  assert _copies(_donated_update_hlo("outside"), "8,32,1024") >= 2
+  assert _copies(_donated_update_hlo("inside"), "8,32,1024") == 0
 
 
-@pytest.mark.parametrize("with_apply_step", [False, True])
-def test_online_pca_copies_no_projector_moment(with_apply_step):
+@pytest.mark.parametrize("apply_step", ["none", "inside"])
+def test_online_pca_copies_no_projector_moment(apply_step):
   """P's Adam moments skip their t = 0 (and skipped) steps inside the projector optimizer, so
   the donated update copies at most P itself (read by the back-projection after Pₜ₊₁ is
   written), not P's moments: selecting the optimizer's outputs copied all three [8, 256, 32]."""
-  params = {"w": jax.ShapeDtypeStruct((8, 256, 1024), jnp.float32)}
-  tx = osd_jax.osd_adamw(1e-3, 32, weight_dimension_numbers={"w": osd_jax.DimensionNumbers(1, 2)})
-  state = jax.eval_shape(tx.init, params)
-
-  def step(p, s, g, ok):
-    extra = {"apply_step": ok} if with_apply_step else {}
-    u, new = tx.update(g, s, p, **extra)
-    return optax.apply_updates(p, u), new
-
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, state, params, jax.ShapeDtypeStruct((), jnp.bool_)).compile().as_text()
-  assert len(re.findall(r"f32\[8,256,32\]\{[0-9,]*\} copy\(", text)) <= 1
+  assert _copies(_donated_update_hlo(apply_step), "8,256,32") <= 1
