@@ -33,6 +33,7 @@ import optax
 
 import osd_jax
 from benchmarks import common
+from osd_jax.dimension_numbers import is_dimension_numbers_leaf
 
 #: case name -> (optimizer family, step count t it is timed at)
 CASES = {
@@ -64,10 +65,6 @@ def projection_specs(params: Any, project: str) -> Any:
   return projection_rule(params, project)
 
 
-def _is_spec(x) -> bool:
-  return x is None or isinstance(x, osd_jax.DimensionNumbers)
-
-
 def make_optimizer(family: str, params: Any, rank: int, *, project: str = "attn_mlp",
                    learning_rate: float = 1e-3, weight_decay: float = 0.1,
                    update_proj_gap: int = 200) -> optax.GradientTransformation:
@@ -95,7 +92,7 @@ def make_optimizer(family: str, params: Any, rank: int, *, project: str = "attn_
     galore_specs = jax.tree.map(
         lambda s: None if s is None else optax.contrib.GaLoreDimensionNumbers(
             reduction_axis=s.reduction_axis, output_axis=s.output_axis),
-        specs, is_leaf=_is_spec)
+        specs, is_leaf=is_dimension_numbers_leaf)
     return optax.contrib.galore(learning_rate, rank=rank, update_proj_gap=update_proj_gap,
                                 scale=0.25, weight_decay=weight_decay, mask=mask,
                                 weight_dimension_numbers=galore_specs)
@@ -252,8 +249,8 @@ def run(args) -> dict:
   n_params = common.tree_size(abstract)
   specs = projection_specs(abstract, args.project)
   # the projected leaves with the trainer's layouts (batch axes when scanned)
-  projected_pairs = [(x, s) for x, s in zip(jax.tree.leaves(abstract),
-                                            jax.tree.leaves(specs, is_leaf=_is_spec))
+  flat_specs = jax.tree.leaves(specs, is_leaf=is_dimension_numbers_leaf)
+  projected_pairs = [(x, s) for x, s in zip(jax.tree.leaves(abstract), flat_specs)
                      if s is not None]
   projected = sum(x.size for x, _ in projected_pairs)
   common.log(f"update: preset {args.preset} ({n_params / 1e6:.1f}M params, "

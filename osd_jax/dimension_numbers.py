@@ -42,6 +42,13 @@ class DimensionNumbers(NamedTuple):
   output_axis: Sequence[int] | int = 1
 
 
+def is_dimension_numbers_leaf(x) -> bool:
+  """A leaf of a params-shaped ``weight_dimension_numbers`` tree: a :class:`DimensionNumbers`
+  or None (not projected). Pass it as ``is_leaf`` when mapping or flattening such a tree, since
+  a :class:`DimensionNumbers` is a NamedTuple, which JAX would otherwise descend into."""
+  return x is None or isinstance(x, DimensionNumbers)
+
+
 WeightDimensionNumbers = (
     DimensionNumbers | Any | Callable[[Any], Any] | None
 )

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 import osd_jax
 from benchmarks import hlo
 from osd_jax import projectors
+from osd_jax.dimension_numbers import is_dimension_numbers_leaf
 
 
 def _many_matrices():
@@ -219,8 +220,7 @@ def _budget_bytes(params, wdn) -> int:
   (r×2r), ‖G‖ and the scalars of the inner Adam; float32."""
   total = 0
   leaves = jax.tree.leaves(params)
-  specs = jax.tree.leaves(
-      wdn, is_leaf=lambda x: x is None or isinstance(x, osd_jax.DimensionNumbers))
+  specs = jax.tree.leaves(wdn, is_leaf=is_dimension_numbers_leaf)
   for x, spec in zip(leaves, specs):
     if spec is None:
       continue

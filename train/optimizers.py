@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import osd_jax
+from osd_jax.dimension_numbers import is_dimension_numbers_leaf
 from train.config import SUBSPACE_OPTIMIZERS, ConfigError, TrainConfig
 
 # Path components that mark a matrix the paper projects (attention and MLP weights).
@@ -93,15 +94,10 @@ def projection_rule(params: Any, rule: str = "attn_mlp") -> Any:
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def _is_spec(x) -> bool:
-  """A leaf of a :func:`projection_rule` tree (None: not projected)."""
-  return x is None or isinstance(x, osd_jax.DimensionNumbers)
-
-
 def projected_shapes(params: Any, rule: str) -> dict[str, tuple[int, ...]]:
   """``{path: (d_in, d_out)}`` of the matrices the rule projects (per layer for scanned layers)."""
   specs = projection_rule(params, rule)
-  flat_specs = jax.tree.leaves(specs, is_leaf=_is_spec)
+  flat_specs = jax.tree.leaves(specs, is_leaf=is_dimension_numbers_leaf)
   flat = jax.tree_util.tree_leaves_with_path(params)
   return {path_str(p): (x.shape[s.reduction_axis], x.shape[s.output_axis])
           for (p, x), s in zip(flat, flat_specs) if s is not None}
@@ -205,7 +201,7 @@ def _scaled_adamw(cfg: TrainConfig, schedule: optax.Schedule, params: Any, mask:
   the smaller step on the block matrices (benchmarks/RESULTS.md §4c, §4d)?
   """
   selected = jax.tree.map(lambda d: d is not None, projection_rule(params, cfg.project),
-                          is_leaf=_is_spec)
+                          is_leaf=is_dimension_numbers_leaf)
   return optax.chain(
       optax.scale_by_adam(**adam),
       optax.masked(optax.scale(cfg.scale), selected),
