@@ -122,8 +122,9 @@ class TrainConfig:
   orthogonality_weight: float = _f(0.1, "OSD: weight lambda of the ||P^T P - I||^2 term.",
                                    group="optimizer")
   projector_lr_ratio: float = _f(5.0, "OSD: projector step size alpha, as a multiple of the lr "
-                                 "(the paper's 5; also the best of 0.5/2/5 at lr 1e-2 in "
-                                 "benchmarks/RESULTS.md 4d).", group="optimizer")
+                                 "(the paper's 5; also the best of 0.5/2/5/10 at tiny scale and "
+                                 "of 2/5 at 60M, benchmarks/RESULTS.md 4d, 4e).",
+                                 group="optimizer")
   projector_weight_decay: float | None = _f(None, "OSD: weight decay on P "
                                             "(default: --weight-decay).",
                                             group="optimizer")
