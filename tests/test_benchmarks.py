@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import osd_jax
@@ -158,6 +159,71 @@ def test_quality_smoke(tmp_path, train_tokenizer):
   assert os.path.isfile(result["png"])
   runs = data["runs"]["osd_adamw (reference code)"]
   assert len(runs[0]["train_curve"]) == 3
+
+
+def _run(optimizer, lr, seed, loss, rank=128, alpha=None, gap=None, energy=None):
+  return {"optimizer": optimizer, "lr": lr, "seed": seed, "rank": rank,
+          "projector_lr_ratio": alpha, "update_proj_gap": gap, "final_eval_loss": loss,
+          "final_eval_perplexity": float(np.exp(loss)), "mean_captured_energy": energy,
+          "wall_time_s": 1}
+
+
+def test_quality_tables_pick_the_best_lr_and_pair_by_seed():
+  """Against NumPy on a made-up log: best lr from seed 0's sweep, sample std, paired s.e."""
+  from benchmarks import quality_tables
+
+  osd = [5.30, 5.41, 5.36]
+  galore = [5.32, 5.38, 5.40]
+  runs = [_run("osd_adamw", 1e-3, 0, 5.9, alpha=5.0, energy=0.8),
+          _run("osd_adamw", 1e-2, 0, 5.5, alpha=5.0, energy=0.8),
+          *[_run("osd_adamw", 3e-3, s, v, alpha=5.0, energy=0.8 + s / 100)
+            for s, v in enumerate(osd)],
+          _run("galore_adamw", 1e-2, 0, 5.31, energy=0.4),  # best at seed 0: only seed 0 there
+          *[_run("galore_adamw", 3e-3, s, v, energy=0.4) for s, v in enumerate(galore)],
+          _run("osd_adamw", 3e-3, 0, 5.5, rank=32, alpha=5.0, energy=0.6),
+          _run("galore_adamw", 3e-3, 0, 5.6, rank=32, energy=0.2),
+          _run("galore_adamw", 3e-3, 1, 5.7, rank=32, energy=0.2)]  # no OSD partner: not paired
+  best = quality_tables.best_lr_runs(runs)
+  assert best["OSD α 5"]["best"] == 3e-3 and best["GaLore T 200"]["best"] == 1e-2
+  assert list(best["OSD α 5"]["sweep"]) == [1e-3, 3e-3, 1e-2]
+  out = quality_tables.tables(runs)
+  osd_row = next(row for row in out["best lr"].splitlines() if row.startswith("| osd_adamw, α 5"))
+  assert "| 1e-3 5.9000, 3e-3 5.3000, 1e-2 5.5000 | 3e-3 |" in osd_row
+  assert f"| {np.mean(osd):.4f} ± {np.std(osd, ddof=1):.4f} |" in osd_row
+  assert f"| {np.mean(np.exp(osd)):.1f} | 0.81 |" in osd_row
+  pair = next(row for row in out["paired"].splitlines()
+              if row.startswith("| OSD α 5 − GaLore T 200"))
+  assert pair.endswith(f"| {5.30 - 5.31:+.4f} (one seed) |".replace("-", "−"))
+  ranks = out["rank sweep"].splitlines()[2:]
+  assert ranks[0].startswith("| 32 | 0 | 5.5000 | 5.6000 | −0.1000 (one seed) | 0.60 / 0.20 |")
+  assert quality_tables.lr_text(3e-4) == "3e-4" and quality_tables.lr_text(1e-2) == "1e-2"
+  d = np.array(osd) - np.array(galore)
+  expected = f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(3):.4f}"
+  assert quality_tables.paired_difference(
+      {s: _run("x", 0, s, v) for s, v in enumerate(osd)},
+      {s: _run("x", 0, s, v) for s, v in enumerate(galore)})[1] == expected
+
+
+def test_results_tables_match_the_60m_run_log(tmp_path):
+  """RESULTS.md §4f prints exactly what benchmarks/data/quality-60m-runs.json gives; --write
+  rebuilds the marked tables and leaves the rest of the file alone."""
+  from benchmarks import quality_tables
+
+  with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), encoding="utf-8") as f:
+    results = f.read()
+  expected = quality_tables.tables(quality_tables.load_runs())
+  assert quality_tables.marked_tables(results) == expected, (
+      "RESULTS.md is out of date: python -m benchmarks.quality_tables --write "
+      "benchmarks/RESULTS.md")
+  stale = tmp_path / "RESULTS.md"
+  stale.write_text(results.replace(expected["paired"], "| stale |"), encoding="utf-8")
+  quality_tables.main(["--write", str(stale)])
+  assert stale.read_text(encoding="utf-8") == results
+  other = tmp_path / "other.md"
+  other.write_text("no markers", encoding="utf-8")
+  with pytest.raises(ValueError, match="markers of the 'best lr' table"):
+    quality_tables.write_tables(str(other), quality_tables.load_runs())
+  assert other.read_text(encoding="utf-8") == "no markers"
 
 
 def test_reference_code_flag_builds_the_reference_optimizer():
