@@ -80,6 +80,7 @@ PAIRS: list[tuple[str, str]] = [
     ("OSD reference code", "OSD α 5"),
     ("OSD reference code", "GaLore T 200"),
     ("osd_lion", "OSD α 5"),
+    ("osd_lion", "adamw"),
 ]
 
 
