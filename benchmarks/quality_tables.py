@@ -32,7 +32,7 @@ from typing import Any
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                             "quality-60m-runs.json")
-FULL_RANK = 128  # the paper's rank for the 60M preset
+PAPER_RANK = 128  # the paper's rank for the 60M preset: the best-lr and paired tables use it
 
 Run = dict[str, Any]
 
@@ -45,29 +45,19 @@ def _is(optimizer: str, alpha: float | None = None, gap: int | None = None
   return match
 
 
-# (label, which runs belong to the variant, lr sweep borrowed from another variant or None)
-VARIANTS: list[tuple[str, Callable[[Run], bool], str | None]] = [
-    ("adamw", _is("adamw"), None),
-    ("adamw, scale 0.125 on attention/MLP (step-matched)", _is("adamw (scale 0.125)"), None),
-    ("galore_adamw, T = 200 (the official period)", _is("galore_adamw"), None),
-    ("galore_adamw, T = 50", _is("galore_adamw", gap=50), None),
-    ("osd_adamw, α 2", _is("osd_adamw", alpha=2.0), None),
-    ("osd_adamw, α 5 (the trainer's default)", _is("osd_adamw", alpha=5.0), None),
-    ("osd_adamw, reference code (official choices, scale 0.25)",
-     _is("osd_adamw (reference code)", alpha=5.0), None),
-    ("osd_lion, α 5 (Lion lr = value/3)", _is("osd_lion", alpha=5.0), None),
+# (short name, table label, which runs belong to the variant)
+VARIANTS: list[tuple[str, str, Callable[[Run], bool]]] = [
+    ("adamw", "adamw", _is("adamw")),
+    ("step-matched AdamW", "adamw, scale 0.125 on attention/MLP (step-matched)",
+     _is("adamw (scale 0.125)")),
+    ("GaLore T 200", "galore_adamw, T = 200 (the official period)", _is("galore_adamw")),
+    ("GaLore T 50", "galore_adamw, T = 50", _is("galore_adamw", gap=50)),
+    ("OSD α 2", "osd_adamw, α 2", _is("osd_adamw", alpha=2.0)),
+    ("OSD α 5", "osd_adamw, α 5 (the trainer's default)", _is("osd_adamw", alpha=5.0)),
+    ("OSD reference code", "osd_adamw, reference code (official choices, scale 0.25)",
+     _is("osd_adamw (reference code)", alpha=5.0)),
+    ("osd_lion", "osd_lion, α 5 (Lion lr = value/3)", _is("osd_lion", alpha=5.0)),
 ]
-
-SHORT = {
-    "adamw": "adamw",
-    "adamw, scale 0.125 on attention/MLP (step-matched)": "step-matched AdamW",
-    "galore_adamw, T = 200 (the official period)": "GaLore T 200",
-    "galore_adamw, T = 50": "GaLore T 50",
-    "osd_adamw, α 2": "OSD α 2",
-    "osd_adamw, α 5 (the trainer's default)": "OSD α 5",
-    "osd_adamw, reference code (official choices, scale 0.25)": "OSD reference code",
-    "osd_lion, α 5 (Lion lr = value/3)": "osd_lion",
-}
 
 # (a, b): the table reports loss(a) − loss(b) at each seed both have at their best lr.
 PAIRS: list[tuple[str, str]] = [
@@ -105,14 +95,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def best_lr_runs(runs: list[Run]) -> dict[str, dict[str, Any]]:
   """Per variant (short name): the seed-0 lr sweep, the best lr, and its runs by seed (r = 128)."""
   out = {}
-  for label, match, _ in VARIANTS:
-    mine = [r for r in runs if match(r) and r["rank"] == FULL_RANK]
+  for short, label, match in VARIANTS:
+    mine = [r for r in runs if match(r) and r["rank"] == PAPER_RANK]
     if not mine:
       continue
     sweep = {r["lr"]: r["final_eval_loss"] for r in mine if r["seed"] == 0}
     best = min(sweep, key=sweep.get)
     by_seed = {r["seed"]: r for r in mine if r["lr"] == best}
-    out[SHORT[label]] = {"label": label, "sweep": dict(sorted(sweep.items())), "best": best,
+    out[short] = {"label": label, "sweep": dict(sorted(sweep.items())), "best": best,
                          "by_seed": dict(sorted(by_seed.items()))}
   return out
 
