@@ -325,15 +325,16 @@ def fmt_bytes(n: int | None) -> str:
   return f"{n} B"
 
 
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-  """A Markdown table (also readable as plain text)."""
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str], *, pad: bool = True) -> str:
+  """A Markdown table; ``pad`` aligns the columns for plain text, ``pad=False`` keeps each cell
+  as short as it is (for tables kept in a markdown file)."""
   cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  widths = [max(len(r[i]) for r in cells) if pad else 0 for i in range(len(header))]
 
   def line(r):
     return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
-  sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  sep = "|" + "|".join("-" * (max(w, 1) + 2) for w in widths) + "|"
   return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 

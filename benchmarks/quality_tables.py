@@ -30,6 +30,8 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from benchmarks.common import table
+
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                             "quality-60m-runs.json")
 PAPER_RANK = 128  # the paper's rank for the 60M preset: the best-lr and paired tables use it
@@ -103,16 +105,20 @@ def best_lr_runs(runs: list[Run]) -> dict[str, dict[str, Any]]:
     best = min(sweep, key=sweep.get)
     by_seed = {r["seed"]: r for r in mine if r["lr"] == best}
     out[short] = {"label": label, "sweep": dict(sorted(sweep.items())), "best": best,
-                         "by_seed": dict(sorted(by_seed.items()))}
+                  "by_seed": dict(sorted(by_seed.items()))}
   return out
 
 
-def best_lr_table(runs: list[Run]) -> str:
-  best = best_lr_runs(runs)
-  seeds = sorted({s for v in best.values() for s in v["by_seed"]})
+def _seeds(best: dict[str, dict[str, Any]]) -> list[int]:
+  return sorted({s for v in best.values() for s in v["by_seed"]})
+
+
+def best_lr_table(best: dict[str, dict[str, Any]]) -> str:
+  """``best``: what best_lr_runs gives."""
+  seeds = _seeds(best)
   head = ["optimizer (60M, r = 128)", "lrs tried (seed 0)", "best lr",
           *[f"seed {s}" for s in seeds], "mean ± std", "eval ppl (mean)", "captured energy"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  rows = []
   for v in best.values():
     tried = ", ".join(f"{lr_text(lr)} {loss:.4f}" for lr, loss in v["sweep"].items())
     losses = [r["final_eval_loss"] for r in v["by_seed"].values()]
@@ -124,9 +130,8 @@ def best_lr_table(runs: list[Run]) -> str:
     energies = [r["mean_captured_energy"] for r in v["by_seed"].values()
                 if r["mean_captured_energy"] is not None]
     energy = f"{statistics.fmean(energies):.2f}" if energies else "–"
-    lines.append("| " + " | ".join([v["label"], tried, lr_text(v["best"]), *cells, spread,
-                                    f"{ppl:.1f}", energy]) + " |")
-  return "\n".join(lines)
+    rows.append([v["label"], tried, lr_text(v["best"]), *cells, spread, f"{ppl:.1f}", energy])
+  return table(rows, head, pad=False)
 
 
 def paired_difference(a: dict[int, Run], b: dict[int, Run]) -> tuple[dict[int, float], str]:
@@ -139,56 +144,60 @@ def paired_difference(a: dict[int, Run], b: dict[int, Run]) -> tuple[dict[int, f
   return diffs, (f"{values[0]:+.4f} (one seed)" if values else "")
 
 
-def paired_table(runs: list[Run]) -> str:
-  best = best_lr_runs(runs)
-  seeds = sorted({s for v in best.values() for s in v["by_seed"]})
+def paired_table(best: dict[str, dict[str, Any]]) -> str:
+  """``best``: what best_lr_runs gives."""
+  seeds = _seeds(best)
   head = ["comparison", *[f"seed {s}" for s in seeds], "mean ± s.e."]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  rows = []
   for a, b in PAIRS:
     if a not in best or b not in best:
       continue
     diffs, summary = paired_difference(best[a]["by_seed"], best[b]["by_seed"])
     cells = [f"{diffs[s]:+.4f}".replace("-", "−") if s in diffs else "" for s in seeds]
-    lines.append("| " + " | ".join([f"{a} − {b}", *cells, summary.replace("-", "−")]) + " |")
-  return "\n".join(lines)
+    rows.append([f"{a} − {b}", *cells, summary.replace("-", "−")])
+  return table(rows, head, pad=False)
+
+
+def _loss_text(side: dict[int, Run]) -> str:
+  mean, std = mean_std([r["final_eval_loss"] for r in side.values()])
+  return f"{mean:.4f}" + (f" ± {std:.4f}" if len(side) > 1 else "")
+
+
+def _energy(side: dict[int, Run]) -> float:
+  return statistics.fmean(r["mean_captured_energy"] for r in side.values())
 
 
 def rank_table(runs: list[Run]) -> str:
   """OSD α 5 against GaLore T 200 at lr 3e-3 at each rank; paired over the seeds both ran."""
+  matchers = {short: match for short, _, match in VARIANTS}
+  osd, galore = matchers["OSD α 5"], matchers["GaLore T 200"]
+
   def at(match, rank):
     return {r["seed"]: r for r in runs if match(r) and r["rank"] == rank and r["lr"] == 3e-3}
 
-  osd, galore = _is("osd_adamw", alpha=5.0), _is("galore_adamw")
   ranks = sorted({r["rank"] for r in runs if osd(r) or galore(r)})
   head = ["r", "seeds", "osd_adamw α 5", "galore_adamw T 200", "OSD − GaLore (mean ± s.e.)",
           "captured energy OSD / GaLore"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  rows = []
   for rank in ranks:
     o, g = at(osd, rank), at(galore, rank)
     common = sorted(set(o) & set(g))
     if not common:
       continue
     o, g = {s: o[s] for s in common}, {s: g[s] for s in common}
-
-    def loss(side):
-      mean, std = mean_std([r["final_eval_loss"] for r in side.values()])
-      return f"{mean:.4f}" + (f" ± {std:.4f}" if len(side) > 1 else "")
-
-    def energy(side):
-      return statistics.fmean(r["mean_captured_energy"] for r in side.values())
-
     _, diff = paired_difference(o, g)
-    lines.append("| " + " | ".join([
-        str(rank), ", ".join(map(str, common)), loss(o), loss(g), diff.replace("-", "−"),
-        f"{energy(o):.2f} / {energy(g):.2f}"]) + " |")
-  return "\n".join(lines)
+    rows.append([str(rank), ", ".join(map(str, common)), _loss_text(o), _loss_text(g),
+                 diff.replace("-", "−"), f"{_energy(o):.2f} / {_energy(g):.2f}"])
+  return table(rows, head, pad=False)
 
 
-TABLES = {"best lr": best_lr_table, "paired": paired_table, "rank sweep": rank_table}
+TABLE_NAMES = ("best lr", "paired", "rank sweep")
 
 
 def tables(runs: list[Run]) -> dict[str, str]:
-  return {name: make(runs) for name, make in TABLES.items()}
+  """The three tables, by the names their markers in RESULTS.md use."""
+  best = best_lr_runs(runs)
+  return dict(zip(TABLE_NAMES, (best_lr_table(best), paired_table(best), rank_table(runs))))
 
 
 def _marked(name: str) -> re.Pattern[str]:
@@ -198,15 +207,15 @@ def _marked(name: str) -> re.Pattern[str]:
 
 def marked_tables(text: str) -> dict[str, str]:
   """The tables between the markers in a markdown text, by name."""
-  return {name: m.group(2) for name in TABLES if (m := _marked(name).search(text))}
+  return {name: m.group(2) for name in TABLE_NAMES if (m := _marked(name).search(text))}
 
 
-def write_tables(path: str, runs: list[Run]) -> None:
-  """Replace every marked table in the markdown file at ``path`` with the log's."""
+def write_tables(path: str, new: dict[str, str]) -> None:
+  """Replace every marked table in the markdown file at ``path`` with ``new`` (from tables())."""
   with open(path, encoding="utf-8") as f:
     text = f.read()
-  for name, table in tables(runs).items():
-    text, found = _marked(name).subn(lambda m, t=table: m.group(1) + t + m.group(3), text)
+  for name, body in new.items():
+    text, found = _marked(name).subn(lambda m, t=body: m.group(1) + t + m.group(3), text)
     if found != 1:
       raise ValueError(f"{path} must hold the markers of the {name!r} table exactly once "
                        f"(found {found}): <!-- begin quality_tables: {name} --> ... "
@@ -221,12 +230,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   parser.add_argument("--write", metavar="MARKDOWN",
                       help="Replace the marked tables in this file (e.g. benchmarks/RESULTS.md).")
   args = parser.parse_args(argv)
-  runs = load_runs(args.data)
-  out = tables(runs)
+  out = tables(load_runs(args.data))
   if args.write:
-    write_tables(args.write, runs)
-  for name, table in out.items():
-    print(f"### {name}\n\n{table}\n")
+    write_tables(args.write, out)
+  for name, body in out.items():
+    print(f"### {name}\n\n{body}\n")
   return out
 
 

@@ -222,7 +222,7 @@ def test_results_tables_match_the_60m_run_log(tmp_path):
   other = tmp_path / "other.md"
   other.write_text("no markers", encoding="utf-8")
   with pytest.raises(ValueError, match="markers of the 'best lr' table"):
-    quality_tables.write_tables(str(other), quality_tables.load_runs())
+    quality_tables.write_tables(str(other), expected)
   assert other.read_text(encoding="utf-8") == "no markers"
 
 
