@@ -8,6 +8,7 @@ table. The transformers comparison runs only where torch and transformers are im
 import importlib.util
 import json
 import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,18 @@ def test_export_reads_back_to_identical_logits(trained, exported):
       ["config.json", "generation_config.json", "model.safetensors.index.json",
        "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
       + sorted(set(weight_map.values())))
+
+
+def test_exported_files_all_get_the_umask_mode(exported, tmp_path):
+  """Every exported file, the safetensors ones too (safetensors itself writes 0600), has the mode
+  a new file gets under the umask, e.g. 0644 under umask 022."""
+  probe = tmp_path / "probe"
+  probe.write_text("")
+  expected = stat.S_IMODE(os.stat(probe).st_mode)
+  modes = {name: stat.S_IMODE(os.stat(os.path.join(exported, name)).st_mode)
+           for name in os.listdir(exported)}
+  assert any(name.endswith(".safetensors") for name in modes)
+  assert modes == dict.fromkeys(modes, expected), {k: oct(v) for k, v in modes.items()}
 
 
 def test_export_config_and_tokenizer_files(trained, exported, tokenizer):

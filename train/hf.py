@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -483,6 +484,11 @@ def _write_json(path: str, obj: Any) -> None:
     f.write("\n")
 
 
+def _mode_of(path: str) -> int:
+  """The permission bits of ``path``."""
+  return stat.S_IMODE(os.stat(path).st_mode)
+
+
 # long on purpose: the files of one HF directory written in order (config, weight shards, tokenizer)
 def export(params: Mapping, config: LlamaConfig, tokenizer_path: str, out_dir: str, *,
            dtype: str = "float32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
@@ -541,6 +547,9 @@ def export(params: Mapping, config: LlamaConfig, tokenizer_path: str, out_dir: s
       weight_map[name] = fname
       total += x.nbytes
     save_file(chunk, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    # safetensors writes its file with mode 0600; give it the mode of its siblings (which open()
+    # created: 0666 less the umask)
+    os.chmod(os.path.join(out_dir, fname), _mode_of(os.path.join(out_dir, "config.json")))
     written.append(fname)
   if len(shards) > 1:
     _write_json(os.path.join(out_dir, _INDEX),
