@@ -103,9 +103,32 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         path = os.path.join(d, name)
         with open(path, "r+b") as f:
           f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match="unreadable .*its files are damaged: delete it to resume from an "
+                           "earlier one"):
     with ckpt_lib.Checkpointer(str(tmp_path / "ck")) as ck:
       ck.restore(setup.abstract_state)
+
+
+def test_only_damaged_files_are_called_a_reason_to_delete_a_checkpoint():
+  """An error in how a checkpoint was asked for (here orbax's, for the relative path that the
+  read-only loaders once passed) never tells the user to delete the checkpoint; missing,
+  truncated or unparseable files do."""
+  ours = ckpt_lib.unreadable_error("runs/x/checkpoints/4", ValueError(
+      "Checkpoint path should be absolute. Got runs/x/checkpoints/4"))
+  assert "delete" not in str(ours) and "keep it" in str(ours)
+  assert str(ours).startswith("checkpoint runs/x/checkpoints/4 could not be read (ValueError: "
+                              "Checkpoint path should be absolute.")
+  wrapped = RuntimeError("restore failed")
+  wrapped.__cause__ = ValueError('OUT_OF_RANGE: Error reading "b/.zarray" in OCDBT database')
+  damaged = [FileNotFoundError(2, "No such file or directory"), EOFError("truncated"),
+             json.JSONDecodeError("Expecting value", "{", 1), wrapped,
+             ValueError('DATA_LOSS: Error reading local file "d/abc"')]
+  for e in damaged:
+    assert "its files are damaged: delete it" in str(ckpt_lib.unreadable_error("c/1", e)), e
+  for e in (PermissionError(13, "Permission denied"), TypeError("unexpected keyword"),
+            ValueError("INVALID_ARGUMENT: dtype mismatch")):
+    assert "delete" not in str(ckpt_lib.unreadable_error("c/1", e)), e
 
 
 def test_partial_save_is_ignored_and_cleaned(tmp_path):

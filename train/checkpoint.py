@@ -24,9 +24,11 @@ at the next start).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -153,11 +155,40 @@ def decode_data_state(state: Any) -> Any:
   return state
 
 
-def _unreadable(where: str, e: Exception) -> CheckpointError:
+#: tensorstore's status codes (a ValueError's message prefix) for files that are missing,
+#: truncated or damaged.
+_DATA_STATUS = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b")
+#: OSError numbers of a file that is missing or cannot be read back (not: no permission, too
+#: many open files, ...); None: an OSError without a number, such as a truncated file's.
+_DATA_ERRNOS = (None, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EIO)
+
+
+def _is_damaged_data(e: BaseException) -> bool:
+  """Whether ``e`` (or an exception it was raised from) says the checkpoint's own files are
+  missing, truncated or not parseable, as opposed to an error in how they were asked for."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (EOFError, json.JSONDecodeError, UnicodeDecodeError)):
+      return True
+    if isinstance(e, OSError) and e.errno in _DATA_ERRNOS:
+      return True
+    if isinstance(e, ValueError) and _DATA_STATUS.match(str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def unreadable_error(where: str, e: Exception) -> CheckpointError:
+  """The one-line error for a checkpoint that could not be read. Deleting it is suggested only
+  when its files are damaged (:func:`_is_damaged_data`): never for an error of ours."""
   first = (str(e).splitlines() or [""])[0]
   first = first if len(first) <= 200 else first[:200] + "..."
-  return CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first}); "
-                         f"delete it to resume from an earlier one")
+  if _is_damaged_data(e):
+    return CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first}); "
+                           f"its files are damaged: delete it to resume from an earlier one")
+  return CheckpointError(f"checkpoint {where} could not be read ({type(e).__name__}: {first}); "
+                         f"nothing shows that its files are damaged, so keep it")
 
 
 def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
@@ -259,7 +290,7 @@ class Checkpointer:
       with _quiet_orbax():
         return dict(self.manager.metadata(step).custom_metadata or {})
     except Exception as e:
-      raise _unreadable(os.path.join(self.directory, str(step)), e) from e
+      raise unreadable_error(os.path.join(self.directory, str(step)), e) from e
 
   # long on purpose: the checks, in order, each raise one error line before any array is read
   def restore(self, abstract_state: Any, *, config: dict | None = None,
@@ -288,7 +319,7 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), signature=ocp.args.JsonRestore()))
     except Exception as e:
-      raise _unreadable(where, e) from e
+      raise unreadable_error(where, e) from e
     saved_config = dict(meta["config"] or {})
     if config is not None and layer_layout(saved_config) != layer_layout(config):
       saved_layout = layer_layout(saved_config)
@@ -315,7 +346,7 @@ class Checkpointer:
       out = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:
-      raise _unreadable(where, e) from e
+      raise unreadable_error(where, e) from e
     data = out["data"] or {}
     states = data.get("states") or [None]
     rows = data.get("rows")  # absent before format version 2: the rows follow from the count
@@ -361,7 +392,10 @@ def _open_read_only(run_dir: str):
   """``(config, checkpoint dir, read-only CheckpointManager)`` of a run: nothing is created,
   cleaned up or deleted, so a live run's saves are safe."""
   cfg = load_run_config(run_dir)
+  # orbax takes absolute paths only; a relative --ckpt-dir (config.json before it was stored
+  # absolute) is relative to the working directory, as the trainer read it
   ckpt_dir = cfg.ckpt_dir or os.path.join(run_dir, "checkpoints")
+  ckpt_dir = ckpt_dir if "://" in ckpt_dir else os.path.abspath(ckpt_dir)
   if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"no checkpoint directory {ckpt_dir}")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -476,14 +510,14 @@ def _saved_config_and_params(manager, ckpt_dir: str, step: int):
   try:
     meta = dict(manager.metadata(step).custom_metadata or {})
   except Exception as e:
-    raise _unreadable(where, e) from e
+    raise unreadable_error(where, e) from e
   check_format_version(meta, where)
   try:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     tree = manager.item_metadata(step)["state"]
     tree = tree.tree if hasattr(tree, "tree") else tree
   except Exception as e:
-    raise _unreadable(where, e) from e
+    raise unreadable_error(where, e) from e
   if not isinstance(tree, dict) or "params" not in tree:
     raise CheckpointError(f"checkpoint {where} holds no params")
   try:
@@ -582,6 +616,6 @@ def _restore_params(manager, step: int, where: str, saved_params: Any, target: A
     out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": read}, restore_args={"params": restore_args}, partial_restore=True)))
   except Exception as e:
-    raise _unreadable(where, e) from e
+    raise unreadable_error(where, e) from e
   params = _keys_as_target(out["state"]["params"], read)
   return _to_target_layout(params, target)

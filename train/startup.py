@@ -46,11 +46,16 @@ def default_run_dir(cfg: TrainConfig) -> str:
 
 
 def lock_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
-  """Validates ``cfg``, resolves its run directory (absolute) and locks it on process 0."""
+  """Validates ``cfg``, resolves its run and checkpoint directories (absolute, so that its
+  ``config.json`` continues the run from any working directory) and locks the run directory on
+  process 0."""
   validate(cfg)
   maybe_initialize_distributed(cfg)
   run_dir = os.path.abspath(cfg.run_dir or default_run_dir(cfg))
-  cfg = cfg.replace(run_dir=run_dir)
+  ckpt_dir = cfg.ckpt_dir
+  if ckpt_dir is not None and "://" not in ckpt_dir:
+    ckpt_dir = os.path.abspath(ckpt_dir)
+  cfg = cfg.replace(run_dir=run_dir, ckpt_dir=ckpt_dir)
   return cfg, rundir_lib.RunDirLock(run_dir) if jax.process_index() == 0 else None
 
 
