@@ -218,6 +218,60 @@ def test_plot_labels_runs_by_what_differs_and_writes_what_it_says(tmp_path, caps
   np.testing.assert_allclose(plot.ema([1.0, 0.0], 0.5), [1.0, 0.5 * 0.5 / 0.75])
 
 
+def test_plot_labels_only_what_changes_the_result_and_keeps_the_legend_off_the_curves(tmp_path):
+  """`train.plot runs/*` over runs that also differ in how they were watched and stored
+  (--eval-every, --log-every, --tokenizer path, --progress, --ckpt-every, directories): only the
+  result-changing flags label them, each differing --model-override on its own; one legend for
+  the four panels sits below them, overlapping none, and matplotlib warns of nothing."""
+  import warnings
+
+  import matplotlib.pyplot as plt
+
+  records = [{"step": s, "loss": 6 - s / 10, "lr": 1e-3, "grad_norm": 1.0} for s in range(1, 6)]
+  records.append({"step": 5, "eval_loss": 5.5, "eval_perplexity": 244.7})
+  watched = [dict(eval_every=100, log_every=10, tokenizer="/a/tok.model", progress=True,
+                  ckpt_every=500, run_dir="/runs/a", cache_dir="/c1", remat="none"),
+             dict(eval_every=50, log_every=1, tokenizer="/b/other/tok.model", progress=False,
+                  ckpt_every=0, run_dir="/runs/b", cache_dir="/c2", remat="full")]
+  runs = [_fake_run(tmp_path / f"run{i}", records, optimizer="osd_adamw", rank=8, **watched[i % 2],
+                    lr=lr, seed=seed, model_overrides={"n_layers": layers, "dim": 64})
+          for i, (lr, seed, layers) in enumerate([(1e-3, 0, 2), (3e-3, 0, 4), (1e-3, 1, 4)])]
+  assert plot.labels_for(runs) == ["osd_adamw (r=8) lr=0.001 seed=0 n_layers=2",
+                                   "osd_adamw (r=8) lr=0.003 seed=0 n_layers=4",
+                                   "osd_adamw (r=8) lr=0.001 seed=1 n_layers=4"]
+  for key in ("eval_every", "log_every", "tokenizer", "progress", "ckpt_every", "run_dir",
+              "remat", "grad_accum", "tensorboard"):
+    assert key not in plot.RESULT_KEYS, key
+  for key in ("preset", "model_overrides", "lr", "rank", "projector_lr_ratio", "steps",
+              "batch_size", "seq_len", "seed", "data", "vocab_size"):
+    assert key in plot.RESULT_KEYS, key
+  # a long value (a path) keeps its end
+  far = _fake_run(tmp_path / "far", records, optimizer="adamw", data="text:/a/very/long/path/"
+                  "to/the/corpus/of/this/run/*.txt")
+  near = _fake_run(tmp_path / "near", records, optimizer="adamw", data="embedded")
+  assert plot.labels_for([far, near]) == ["adamw data=…to/the/corpus/of/this/run/*.txt",
+                                          "adamw data=embedded"]
+
+  many = runs + [far, near] + [_fake_run(tmp_path / f"x{i}", records, optimizer="lion", lr=i / 7)
+                               for i in range(1, 4)]
+  for run_dirs in (runs, many):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      out = plot.plot(run_dirs, str(tmp_path / "curves.png"))
+      fig = plot.figure(run_dirs)
+      fig.canvas.draw()
+    assert not caught, [str(w.message) for w in caught]
+    assert os.path.getsize(out) > 1000
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == plot.labels_for(run_dirs)
+    box = legend.get_window_extent()
+    assert box.y0 >= fig.bbox.y0 and box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1
+    for ax in fig.axes:
+      assert ax.get_legend() is None
+      assert not box.overlaps(ax.get_tightbbox()), ax.get_title()
+    plt.close(fig)
+
+
 def test_stderr_filter_drops_interleaved_closed_loop_tracebacks_only():
   import io
 

@@ -2,25 +2,39 @@
 
 Four panels: training loss per step (each log step's mean over the steps since the previous one,
 faint, with an exponential moving average over log steps on top), eval perplexity, the learning
-rate and the gradient norm. Each run is labelled by its optimizer (and rank) from ``config.json``
-plus every config key whose value differs between the runs given (e.g. ``lr=0.003``), unless
-``--labels`` are given. ``--out`` is the file written; without a suffix ``.png`` is added, and
-the path written is printed.
+rate and the gradient norm, and one legend for all four below them. Each run is labelled by its
+optimizer (and rank) from ``config.json`` plus every flag that changes what is trained
+(:data:`RESULT_KEYS`: the model, the optimizer and its hyperparameters, the training shape and
+seed, the data) whose value differs between the runs given (e.g. ``lr=0.003``; each differing
+``--model-override`` as ``KEY=VALUE``), unless ``--labels`` are given. Flags that only change how a
+run is watched or stored (``--eval-every``, ``--log-every``, ``--tokenizer`` paths, ``--progress``,
+directories ...) never label it. ``--out`` is the file written; without a suffix ``.png`` is
+added, and the path written is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
+from train.config import TrainConfig
 from train.metrics import read_jsonl
 
 SERIES = ("loss", "eval_perplexity", "lr", "grad_norm")
-# keys that differ between runs without describing them
-_NOT_LABELS = {"run_dir", "ckpt_dir", "resume", "auto_resume", "progress", "tensorboard",
-               "coordinator_address", "process_id", "cache_dir"}
+# Of the flags of the model, optimizer, training and data groups, those that do not change what
+# is trained: how it is computed or stored (remat, layer layout, micro-batches), when a run stops
+# on trouble, and where files are (the tokenizer's vocabulary is --vocab-size's, or the run's
+# tokenizer.model, not its path).
+_NOT_RESULT = {"remat", "scan_layers", "grad_accum", "max_consecutive_skips", "stop_on_divergence",
+               "tokenizer", "tfds_data_dir", "cache_dir", "optimizer"}
+#: The config keys that label runs when they differ: every flag that changes what is trained.
+RESULT_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                    if f.metadata.get("group") in ("model", "optimizer", "training", "data")
+                    and f.name not in _NOT_RESULT)
+_MAX_VALUE_CHARS = 32  # longer values (paths) keep their end
 
 
 def load_config(run_dir: str) -> dict:
@@ -38,15 +52,33 @@ def base_label(run_dir: str, cfg: dict) -> str:
   return label
 
 
+def _result_items(cfg: dict) -> dict:
+  """The config's :data:`RESULT_KEYS`, each ``--model-override`` as its own key (prefixed with
+  ``model.`` where it shares a flag's name)."""
+  items = {k: cfg[k] for k in RESULT_KEYS if k in cfg and k != "model_overrides"}
+  for k, v in (cfg.get("model_overrides") or {}).items():
+    items[f"model.{k}" if k in items else k] = v
+  return items
+
+
+def _show(value) -> str:
+  """A label's value: floats in their shortest form (0.003, 1e-05), long strings by their end."""
+  text = f"{value:g}" if isinstance(value, float) else str(value)
+  return text if len(text) <= _MAX_VALUE_CHARS else "…" + text[-(_MAX_VALUE_CHARS - 1):]
+
+
 def labels_for(run_dirs: list[str]) -> list[str]:
-  """One legend label per run: optimizer (rank), then the config keys whose values differ."""
+  """One legend label per run: optimizer (rank), then the result-changing config keys
+  (:data:`RESULT_KEYS`, each model override on its own) whose values differ between the runs."""
   cfgs = [load_config(d) for d in run_dirs]
-  keys = sorted({k for c in cfgs for k in c} - _NOT_LABELS - {"optimizer"})
-  differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+  items = [_result_items(c) for c in cfgs]
+  keys = sorted({k for i in items for k in i}, key=lambda k: (k not in RESULT_KEYS, k))
+  differing = [k for k in keys if len({json.dumps(i.get(k), sort_keys=True) for i in items}) > 1]
   labels = []
-  for d, c in zip(run_dirs, cfgs):
+  for d, c, i in zip(run_dirs, cfgs, items):
     shown = base_label(d, c)
-    extra = [f"{k}={c.get(k)}" for k in differing if not (k == "rank" and "(r=" in shown)]
+    extra = [f"{k}={_show(i.get(k))}" for k in differing
+             if not (k == "rank" and "(r=" in shown)]
     labels.append(" ".join([shown, *extra]))
   if len(set(labels)) < len(labels):  # identical configs: tell them apart by directory
     labels = [f"{lab} [{os.path.basename(os.path.normpath(d))}]"
@@ -82,16 +114,22 @@ def output_path(out: str) -> str:
   return out if os.path.splitext(out)[1] else out + ".png"
 
 
-def plot(run_dirs: list[str], out: str, labels: list[str] | None = None,
-         title: str | None = None, smoothing: float = 0.8) -> str:
-  """Writes the comparison figure and returns the path written (:func:`output_path` of ``out``)."""
+def figure(run_dirs: list[str], labels: list[str] | None = None, title: str | None = None,
+           smoothing: float = 0.8):
+  """The comparison figure (a matplotlib Figure; the caller closes it): four panels and one legend
+  for them all below (a run's colour is the same in every panel), laid out by matplotlib's
+  constrained layout, which makes room for the legend whatever the labels' length."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
 
   labels = labels or labels_for(run_dirs)
-  fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+  longest = max(len(label) for label in labels)
+  ncol = max(1, min(len(labels), 3 if longest <= 30 else 2 if longest <= 50 else 1))
+  rows = -(-len(labels) // ncol)
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8 + 0.25 * rows), layout="constrained")
   ax_loss, ax_ppl, ax_lr, ax_gn = axes.flat
   for i, run_dir in enumerate(run_dirs):
     _, series = load_run(run_dir)
@@ -99,14 +137,12 @@ def plot(run_dirs: list[str], out: str, labels: list[str] | None = None,
     if series["loss"]:
       steps, values = zip(*series["loss"])
       ax_loss.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
-      ax_loss.plot(steps, ema(list(values), smoothing), color=color, label=labels[i],
-                   linewidth=1.5)
+      ax_loss.plot(steps, ema(list(values), smoothing), color=color, linewidth=1.5)
     if series["eval_perplexity"]:
-      ax_ppl.plot(*zip(*series["eval_perplexity"]), color=color, marker="o", markersize=3,
-                  label=labels[i])
+      ax_ppl.plot(*zip(*series["eval_perplexity"]), color=color, marker="o", markersize=3)
     for ax, key in ((ax_lr, "lr"), (ax_gn, "grad_norm")):
       if series[key]:
-        ax.plot(*zip(*series[key]), color=color, label=labels[i], linewidth=1.2)
+        ax.plot(*zip(*series[key]), color=color, linewidth=1.2)
   ax_loss.set(xlabel="step", ylabel="training loss (nats/token)",
               title=f"training loss (faint: per log step; solid: EMA {smoothing:g})")
   ax_ppl.set(xlabel="step", ylabel="eval perplexity", title="eval perplexity", yscale="log")
@@ -115,15 +151,26 @@ def plot(run_dirs: list[str], out: str, labels: list[str] | None = None,
             yscale="log")
   for ax in axes.flat:
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=8)
+  handles = [Line2D([], [], color=f"C{i}", linewidth=1.5, label=label)
+             for i, label in enumerate(labels)]
+  fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  path = output_path(out)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def plot(run_dirs: list[str], out: str, labels: list[str] | None = None,
+         title: str | None = None, smoothing: float = 0.8) -> str:
+  """Writes the comparison figure and returns the path written (:func:`output_path` of ``out``)."""
+  import matplotlib.pyplot as plt
+
+  fig = figure(run_dirs, labels, title, smoothing)
+  try:
+    path = output_path(out)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+  finally:
+    plt.close(fig)
   return path
 
 
