@@ -80,7 +80,7 @@ def make_optimizer(family: str, params: Any, rank: int, *, project: str = "attn_
                              weight_dimension_numbers=specs)
   if family == "osd_adamw_randomized":
     return osd_jax.osd_adamw(learning_rate, rank, weight_decay=weight_decay, mask=mask,
-                             weight_dimension_numbers=specs, projector_init="randomized")
+        weight_dimension_numbers=specs, projector=osd_jax.ProjectorOptions(init="randomized"))
   if family == "osd_lion":
     return osd_jax.osd_lion(learning_rate / 10, rank, weight_decay=weight_decay, mask=mask,
                             weight_dimension_numbers=specs)

@@ -7,6 +7,8 @@
 
 from osd_jax import projectors, skipping
 from osd_jax.alias import (
+    DEFAULT_SCALE,
+    ProjectorOptions,
     galore_adamw,
     osd_adamw,
     osd_lion,
@@ -21,26 +23,35 @@ from osd_jax.diagnostics import (
     projectors_of,
     subspace_drift,
 )
-from osd_jax.dimension_numbers import DimensionNumbers, FullRankWarning, MatrixLayout
+from osd_jax.dimension_numbers import (
+    DimensionNumbers,
+    FullRankWarning,
+    MatrixLayout,
+    UnprojectedWarning,
+)
 from osd_jax.memory import expected_state_bytes, state_bytes
 from osd_jax.sharding import optimizer_state_sharding
 from osd_jax.subspace_descent import (
     ProjectedLeafState,
     SubspaceDescentState,
+    is_projected_leaf,
     scale_by_subspace_descent,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_SCALE",
     "DimensionNumbers",
     "FullRankWarning",
     "MatrixLayout",
     "ProjectedLeafState",
+    "ProjectorOptions",
     "SubspaceDescentState",
     "captured_energy",
     "expected_state_bytes",
     "galore_adamw",
+    "is_projected_leaf",
     "optimizer_state_sharding",
     "osd_adamw",
     "osd_lion",
@@ -55,4 +66,5 @@ __all__ = [
     "scale_by_subspace_descent",
     "state_bytes",
     "subspace_drift",
+    "UnprojectedWarning",
 ]

@@ -114,34 +114,82 @@ def reference_projector_learning_rate(
   return learning_rate / peak / update_proj_gap
 
 
-def _projector_rule(
-    learning_rate, *, orthogonality_weight, projector_lr_ratio, projector_learning_rate,
-    projector_weight_decay, weight_decay, projector_init, projector_optimizer, reference_code,
-    peak_learning_rate, update_proj_gap,
-):
+class ProjectorOptions(NamedTuple):
+  """How :func:`osd_adamw` and :func:`osd_lion` build and move each projector P (online PCA).
+
+  Example:
+    >>> import osd_jax
+    >>> tx = osd_jax.osd_adamw(3e-3, rank=32,
+    ...                        projector=osd_jax.ProjectorOptions(lr_ratio=2.0))
+  """
+
+  lr_ratio: float = 5.0  # α: the projector's step is α·lr(t)
+  orthogonality_weight: float = 0.1  # λ, the weight of ‖PᵀP − I‖² (0 with reference_code)
+  learning_rate: optax.ScalarOrSchedule | None = None  # the step η(t), instead of α·lr(t)
+  weight_decay: float | None = None  # wd_P (default: the optimizer's weight_decay)
+  init: str = "svd"  # P₀: "svd", "randomized" (range finder) or "random"
+  optimizer: optax.GradientTransformation | None = None  # default skipping.scale_by_adam()
+  dtype: Any = None  # of P and its optimizer state (None: float32)
+  side: str | None = None  # the side P spans; "smaller" ("reference" with reference_code)
+  seed: int = 0  # seeds the randomized/random inits
+  # reference_code only: the projector step lr(t)/peak_learning_rate/update_proj_gap
+  update_proj_gap: int = 200
+  peak_learning_rate: float | None = None  # lr_max; needed when learning_rate is a schedule
+
+
+def _online_pca_rule(learning_rate, weight_decay, options: ProjectorOptions, reference_code):
   """Online-PCA rule with the alias defaults (paper) or the reference-code variant."""
+  orthogonality_weight, wd_p, eta = (options.orthogonality_weight, options.weight_decay,
+                                     options.learning_rate)
   if reference_code:
-    projectors.check_every(update_proj_gap, "update_proj_gap")
+    projectors.check_every(options.update_proj_gap, "update_proj_gap")
     orthogonality_weight = 0.0
-    if projector_weight_decay is None:
-      projector_weight_decay = 0.01
-    if projector_learning_rate is None:
-      projector_learning_rate = reference_projector_learning_rate(
-          learning_rate, peak_learning_rate, update_proj_gap)
-  if projector_weight_decay is None:
-    projector_weight_decay = weight_decay  # wd_P = wd (docs/design.md §2)
-  if projector_learning_rate is None:  # η(t) = α · lr(t)
-    if callable(learning_rate):
-      projector_learning_rate = lambda count: projector_lr_ratio * learning_rate(count)  # noqa: E731
-    else:
-      projector_learning_rate = projector_lr_ratio * learning_rate
-  return projectors.online_pca(
-      learning_rate=projector_learning_rate,
-      optimizer=projector_optimizer,
-      orthogonality_weight=orthogonality_weight,
-      weight_decay=projector_weight_decay,
-      init=projector_init,
+    wd_p = 0.01 if wd_p is None else wd_p
+    if eta is None:
+      eta = reference_projector_learning_rate(learning_rate, options.peak_learning_rate,
+                                              options.update_proj_gap)
+  if wd_p is None:
+    wd_p = weight_decay  # wd_P = wd (docs/design.md §2)
+  if eta is None:  # η(t) = α · lr(t)
+    ratio = options.lr_ratio
+    eta = ((lambda count: ratio * learning_rate(count)) if callable(learning_rate)
+           else ratio * learning_rate)
+  return projectors.online_pca(learning_rate=eta, optimizer=options.optimizer,
+                               orthogonality_weight=orthogonality_weight, weight_decay=wd_p,
+                               init=options.init)
+
+
+def _projector_options(projector) -> ProjectorOptions:
+  if projector is None:
+    return ProjectorOptions()
+  if not isinstance(projector, ProjectorOptions):
+    raise TypeError(f"projector must be an osd_jax.ProjectorOptions, e.g. "
+                    f"ProjectorOptions(lr_ratio=2.0), got {type(projector).__name__}.")
+  return projector
+
+
+def _online_subspace_descent(inner, learning_rate, rank, *, weight_decay, mask, scale,
+                             projector, weight_dimension_numbers, transport_state,
+                             reference_code, tail=()):
+  """``inner`` in the subspace online PCA moves, then [tail,] weight decay and the lr."""
+  _check_learning_rate(learning_rate)
+  options = _projector_options(projector)
+  side = options.side or ("reference" if reference_code else "smaller")
+  return skipping.chain(
+      scale_by_subspace_descent(
+          inner, rank, _online_pca_rule(learning_rate, weight_decay, options, reference_code),
+          scale=DEFAULT_SCALE if scale is None else scale,
+          weight_dimension_numbers=weight_dimension_numbers, projector_dtype=options.dtype,
+          side=side, transport_state=transport_state, seed=options.seed),
+      *tail,
+      *_learning_rate_and_decay(reference_code, learning_rate, weight_decay, mask),
   )
+
+
+#: The back-projection scale of every alias: GaLore's α, the official OSD run's, and the
+#: trainer's; at tiny scale, each at its best lr, eval perplexity 115.0 ± 1.7 against 182.0 ± 8.3
+#: with scale 1 (benchmarks/RESULTS.md §4c).
+DEFAULT_SCALE = 0.25
 
 
 def osd_adamw(
@@ -152,25 +200,15 @@ def osd_adamw(
     b2: float = 0.999,
     eps: float | None = None,
     eps_root: float = 0.0,
-    weight_decay: float = 0.0,
-    scale: float | None = None,
-    orthogonality_weight: float = 0.1,
-    projector_lr_ratio: float = 5.0,
-    projector_learning_rate: optax.ScalarOrSchedule | None = None,
-    projector_weight_decay: float | None = None,
-    projector_init: str = "svd",
-    projector_optimizer: optax.GradientTransformation | None = None,
-    weight_dimension_numbers: WeightDimensionNumbers = None,
-    mask: Any = None,
     mu_dtype: Any = None,
-    projector_dtype: Any = None,
-    side: str | None = None,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    scale: float | None = None,
+    projector: ProjectorOptions | None = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
     transport_state: bool = False,
     reference_code: bool = False,
-    peak_learning_rate: float | None = None,
-    update_proj_gap: int = 200,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> skipping.SkippableTransformation:
   r"""AdamW in a rank-r subspace moved every step by online PCA (Online Subspace Descent).
 
   Per projected weight (G' ∈ ℝ^{s×L}, P ∈ ℝ^{s×r}):
@@ -179,57 +217,32 @@ def osd_adamw(
       Pₜ₊₁ = Pₜ − α·lr(t)·(Adam_P(∇L(Pₜ)) + wd_P·Pₜ),
       L(P) = ‖PPᵀG̃ − G̃‖²_F + λ‖PᵀP − I‖²_F,  G̃ = G'/‖G'‖_F,
 
-  with P₀ the top-r singular vectors of G'₀ and no projector step at t = 0.  Other leaves
-  (vectors, ``rank >= min(m, n)``, or mapped to None) get plain AdamW.
+  with P₀ the top-r singular vectors of G'₀ and no projector step at t = 0 (docs/design.md §2).
+  Other leaves (vectors, ``rank >= min(m, n)``, or mapped to None) get plain AdamW.
 
   Under ``optax.inject_hyperparams`` every numeric argument may be an (array) hyperparameter;
   ``rank`` sets shapes and goes in ``static_args``, as does any callable that is not a schedule
-  (``mu_dtype``, a callable ``weight_dimension_numbers`` or ``mask``).  The same holds for
-  :func:`osd_lion` and :func:`galore_adamw`.
+  (``mu_dtype``, a callable ``weight_dimension_numbers`` or ``mask``). The ``projector`` options
+  are passed as they are.
 
   Args:
     learning_rate: lr(t), a float or an optax schedule.
     rank: r.
-    b1, b2, eps, eps_root, mu_dtype: the inner Adam (:func:`osd_jax.skipping.scale_by_adam`,
-      ``optax.scale_by_adam`` that also honours ``apply_step``); eps defaults to 1e-8 (1e-6,
-      the official default, with ``reference_code=True``).
+    b1, b2, eps, eps_root, mu_dtype: the inner Adam (:func:`osd_jax.skipping.scale_by_adam`);
+      eps defaults to 1e-8 (1e-6, the official default, with ``reference_code=True``).
     weight_decay: decoupled weight decay; ``mask`` selects the leaves it applies to.
-    scale: multiplies the back-projected update; default 1.0 (0.25, the official README's
-      OSD run, with ``reference_code=True``).
-    orthogonality_weight: λ.
-    projector_lr_ratio: α; the projector's step is α·lr(t).
-    projector_learning_rate: overrides α·lr(t) with any float or schedule.
-    projector_weight_decay: wd_P; defaults to ``weight_decay``.
-    projector_init: ``"svd"``, ``"randomized"`` (range finder, no full SVD) or ``"random"``.
-    projector_optimizer: default ``optax.scale_by_adam(0.9, 0.999, 1e-8)``.
+    scale: multiplies the back-projected update; default :data:`DEFAULT_SCALE` (0.25).
+    projector: :class:`ProjectorOptions` (α, λ, P's init, optimizer and dtype...).
     weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
-    projector_dtype: dtype of P and its optimizer state (None = float32).
-    side, transport_state, seed: see :func:`osd_jax.scale_by_subspace_descent`; ``side``
-      defaults to ``"smaller"`` (``"reference"`` with ``reference_code=True``).
+    transport_state: see :func:`osd_jax.scale_by_subspace_descent`.
     reference_code: reproduce the official PyTorch code (kyleliang919/Online-Subspace-Descent,
-      ``GaLoreAdamW`` with ``proj_type="continuous"``) instead of the paper's equations:
-
-      * λ = 0 (whatever ``orthogonality_weight`` is); P moved by AdamW with weight decay 0.01
-        (unless ``projector_weight_decay`` is given) at step lr(t)/lr_max/``update_proj_gap``
-        (unless ``projector_learning_rate`` is given; ``peak_learning_rate`` = lr_max is
-        needed for schedules); no projector step at t = 0 (the official P optimizer has no
-        gradient then).
-      * Adam with eps added before the bias corrections (:func:`scale_by_reference_adam`),
-        eps = 1e-6 unless given; scale = 0.25 unless given (the README's OSD command: lr
-        1e-2, rank 128, update_proj_gap 200, weight decay 0, warmup 1000 of 10000 steps).
-      * Decay of the updated weights, W ← (W − lr·U)(1 − lr·wd)
-        (:func:`scale_by_learning_rate_then_decay`).
-      * Square matrices project their reduction (input) side (``side="reference"``).
-
-      Deliberate exceptions, not reproduced: (a) matrices with ``rank >= min(m, n)`` stay
-      unprojected (plain AdamW); the official code still projects them with a square
-      orthogonal P, i.e. Adam in a rotated basis times ``scale``, which saves no memory.
-      (b) P and the SVD run in ``projector_dtype`` (float32 by default); the official code
-      takes the SVD in float32 (also for float64 gradients) and stores P (and P's AdamW
-      state) in the gradient's dtype, bf16 in its pure-bf16 runs.  (c) The official
-      schedule's warmup starts at lr = 0; pass such a schedule (the trainer's
-      ``--reference-code`` does).  (d) The gradient's norm is floored at the smallest
-      normal float (the official code divides by it unguarded).
+      ``GaLoreAdamW`` with ``proj_type="continuous"``) instead of the paper's equations: λ = 0;
+      P moved by AdamW with weight decay 0.01 at step lr(t)/lr_max/``update_proj_gap`` (both in
+      ``projector``); Adam's eps added before the bias corrections
+      (:func:`scale_by_reference_adam`, eps 1e-6); decay of the updated weights,
+      W ← (W − lr·U)(1 − lr·wd) (:func:`scale_by_learning_rate_then_decay`); square matrices
+      project their reduction side.  The exceptions not reproduced are listed in
+      docs/design.md §6.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, osd_jax
@@ -244,36 +257,13 @@ def osd_adamw(
     Liang, Liu, Chen & Liu, *Memory-Efficient LLM Training with Online Subspace Descent*,
     arXiv:2408.12857, 2024.
   """
-  _check_learning_rate(learning_rate)
-  eps, scale, side = _mode_defaults(reference_code, eps, scale, side, default_scale=1.0)
-  rule = _projector_rule(
-      learning_rate, orthogonality_weight=orthogonality_weight,
-      projector_lr_ratio=projector_lr_ratio, projector_learning_rate=projector_learning_rate,
-      projector_weight_decay=projector_weight_decay, weight_decay=weight_decay,
-      projector_init=projector_init, projector_optimizer=projector_optimizer,
-      reference_code=reference_code, peak_learning_rate=peak_learning_rate,
-      update_proj_gap=update_proj_gap,
-  )
-  return optax.chain(
-      scale_by_subspace_descent(
-          _adam(reference_code, b1, b2, eps, eps_root, mu_dtype),
-          rank, rule, scale=scale, weight_dimension_numbers=weight_dimension_numbers,
-          projector_dtype=projector_dtype, side=side, transport_state=transport_state,
-          seed=seed,
-      ),
-      *_learning_rate_and_decay(reference_code, learning_rate, weight_decay, mask),
-  )
-
-
-def _mode_defaults(reference_code, eps, scale, side, default_scale):
-  """eps, scale and side when not given: the paper's, or the official code's."""
   if eps is None:
     eps = 1e-6 if reference_code else 1e-8
-  if scale is None:
-    scale = 0.25 if reference_code else default_scale
-  if side is None:
-    side = "reference" if reference_code else "smaller"
-  return eps, scale, side
+  return _online_subspace_descent(
+      _adam(reference_code, b1, b2, eps, eps_root, mu_dtype), learning_rate, rank,
+      weight_decay=weight_decay, mask=mask, scale=scale, projector=projector,
+      weight_dimension_numbers=weight_dimension_numbers, transport_state=transport_state,
+      reference_code=reference_code)
 
 
 def _adam(reference_code, b1, b2, eps, eps_root, mu_dtype):
@@ -324,26 +314,16 @@ def osd_lion(
     *,
     b1: float = 0.9,
     b2: float = 0.99,
-    weight_decay: float = 0.0,
-    scale: float | None = None,
-    orthogonality_weight: float = 0.1,
-    projector_lr_ratio: float = 5.0,
-    projector_learning_rate: optax.ScalarOrSchedule | None = None,
-    projector_weight_decay: float | None = None,
-    projector_init: str = "svd",
-    projector_optimizer: optax.GradientTransformation | None = None,
-    weight_dimension_numbers: WeightDimensionNumbers = None,
-    mask: Any = None,
     mu_dtype: Any = None,
-    projector_dtype: Any = None,
-    side: str | None = None,
-    transport_state: bool = False,
     sign_after_projection: bool = False,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    scale: float | None = None,
+    projector: ProjectorOptions | None = None,
+    weight_dimension_numbers: WeightDimensionNumbers = None,
+    transport_state: bool = False,
     reference_code: bool = False,
-    peak_learning_rate: float | None = None,
-    update_proj_gap: int = 200,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> skipping.SkippableTransformation:
   r"""Lion in a rank-r subspace moved by online PCA (the paper's OSD-Lion).
 
       Ĝ = PₜᵀG',  N = sign((1−b1)Ĝ + b1M),  M ← (1−b2)Ĝ + b2M,
@@ -353,40 +333,18 @@ def osd_lion(
   ``reference_code=True``) takes the sign of the back-projected update instead,
   U = sign(scale·Pₜ((1−b1)Ĝ + b1M)), as the official code does; then ``scale`` (> 0) has
   no effect.  ``reference_code=True`` reproduces the official ``GaLoreLion`` with
-  ``proj_type="continuous"`` — sign after back-projection, λ = 0, the official projector step
-  and P's AdamW, decay of the updated weights W ← (W − lr·U)(1 − lr·wd), ``side="reference"``
-  — with the exceptions listed in :func:`osd_adamw`.
+  ``proj_type="continuous"``, with the choices listed in :func:`osd_adamw`.
 
   Args:
     learning_rate: lr(t), a float or an optax schedule (Lion wants a smaller lr than AdamW,
       e.g. 3–10× smaller).
     rank: r.
     b1: Lion's interpolation weight for the update direction.
-    b2: Lion's decay rate of the momentum M.
-    weight_decay: decoupled weight decay; ``mask`` selects the leaves it applies to.
-    scale: multiplies the back-projected update (default 1.0, 0.25 with ``reference_code``;
-      no effect with ``sign_after_projection``).
-    orthogonality_weight: λ.
-    projector_lr_ratio: α; the projector's step is α·lr(t).
-    projector_learning_rate: overrides α·lr(t) with any float or schedule.
-    projector_weight_decay: wd_P; defaults to ``weight_decay``.
-    projector_init: ``"svd"``, ``"randomized"`` (range finder, no full SVD) or ``"random"``.
-    projector_optimizer: default ``optax.scale_by_adam(0.9, 0.999, 1e-8)``.
-    weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
-    mask: the leaves weight decay applies to (as ``optax.add_decayed_weights``).
-    mu_dtype: dtype of the momentum M (None = the gradient's dtype).
-    projector_dtype: dtype of P and its optimizer state (None = float32).
-    side, transport_state, seed: see :func:`osd_jax.scale_by_subspace_descent`.
+    b2: Lion's decay rate of the momentum M; ``mu_dtype`` its dtype.
     sign_after_projection: take the sign of the back-projected update (the official code's
       choice) instead of Lion's sign in the r×L coordinates.
-    reference_code: the official code's choices instead of the paper's (see above): λ = 0
-      (whatever ``orthogonality_weight`` is), AdamW on P with weight decay 0.01 (unless
-      ``projector_weight_decay`` is given), projector step lr(t)/lr_max/``update_proj_gap``
-      (unless ``projector_learning_rate`` is given), ``sign_after_projection=True``, decay of
-      the updated weights and ``side="reference"``.
-    peak_learning_rate: lr_max for ``reference_code`` with a schedule.
-    update_proj_gap: the reference code's projector step divisor (only with
-      ``reference_code``).
+    weight_decay, mask, scale, projector, weight_dimension_numbers, transport_state,
+      reference_code: as in :func:`osd_adamw`.
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
@@ -397,32 +355,15 @@ def osd_lion(
     Liang, Liu, Chen & Liu, arXiv:2408.12857, 2024; Chen et al., *Symbolic Discovery of
     Optimization Algorithms*, NeurIPS 2023.
   """
-  _check_learning_rate(learning_rate)
-  _, scale, side = _mode_defaults(reference_code, None, scale, side, default_scale=1.0)
   sign_after_projection = sign_after_projection or reference_code
-  rule = _projector_rule(
-      learning_rate, orthogonality_weight=orthogonality_weight,
-      projector_lr_ratio=projector_lr_ratio, projector_learning_rate=projector_learning_rate,
-      projector_weight_decay=projector_weight_decay, weight_decay=weight_decay,
-      projector_init=projector_init, projector_optimizer=projector_optimizer,
-      reference_code=reference_code, peak_learning_rate=peak_learning_rate,
-      update_proj_gap=update_proj_gap,
-  )
   if sign_after_projection:
-    inner = scale_by_lion_momentum(b1=b1, b2=b2, mu_dtype=mu_dtype)
+    inner, tail = scale_by_lion_momentum(b1=b1, b2=b2, mu_dtype=mu_dtype), [optax.scale_by_sign()]
   else:
-    inner = optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype)
-  parts = [
-      scale_by_subspace_descent(
-          inner, rank, rule, scale=scale, weight_dimension_numbers=weight_dimension_numbers,
-          projector_dtype=projector_dtype, side=side, transport_state=transport_state,
-          seed=seed,
-      )
-  ]
-  if sign_after_projection:
-    parts.append(optax.scale_by_sign())
-  parts += _learning_rate_and_decay(reference_code, learning_rate, weight_decay, mask)
-  return optax.chain(*parts)
+    inner, tail = optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype), []
+  return _online_subspace_descent(
+      inner, learning_rate, rank, weight_decay=weight_decay, mask=mask, scale=scale,
+      projector=projector, weight_dimension_numbers=weight_dimension_numbers,
+      transport_state=transport_state, reference_code=reference_code, tail=tail)
 
 
 def galore_adamw(
@@ -430,7 +371,7 @@ def galore_adamw(
     rank: int = 128,
     *,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: float = DEFAULT_SCALE,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float | None = None,
@@ -444,7 +385,7 @@ def galore_adamw(
     projector_dtype: Any = None,
     side: str | None = None,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> skipping.SkippableTransformation:
   r"""GaLore-AdamW (the baseline): AdamW in the top-r singular subspace, refreshed every T steps.
 
       Pₜ = top-r left singular vectors of G'ₜ  if t % T == 0  else Pₜ₋₁,
@@ -487,11 +428,13 @@ def galore_adamw(
   """
   _check_learning_rate(learning_rate)
   projectors.check_every(update_proj_gap, "update_proj_gap")
-  eps, scale, side = _mode_defaults(reference_code, eps, scale, side, default_scale=0.25)
+  if eps is None:
+    eps = 1e-6 if reference_code else 1e-8
+  side = side or ("reference" if reference_code else "smaller")
   if reference_code and svd_method == "svd":
     svd_method = "official"
   rule = projectors.svd(every=update_proj_gap, method=svd_method, align=align_signs)
-  return optax.chain(
+  return skipping.chain(
       scale_by_subspace_descent(
           _adam(reference_code, b1, b2, eps, 0.0, mu_dtype),
           rank, rule, scale=scale,

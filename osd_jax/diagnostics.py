@@ -9,12 +9,16 @@ import jax.numpy as jnp
 import optax
 
 from osd_jax.dimension_numbers import to_matrix
-from osd_jax.subspace_descent import ProjectedLeafState, SubspaceDescentState
+from osd_jax.subspace_descent import (
+  ProjectedLeafState,
+  SubspaceDescentState,
+  is_projected_leaf,
+)
 
 
 def _projected_states(opt_state: Any) -> list[ProjectedLeafState]:
-  is_projected = lambda x: isinstance(x, ProjectedLeafState)  # noqa: E731
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_projected) if is_projected(x)]
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_projected_leaf)
+          if is_projected_leaf(x)]
 
 
 def projectors_of(opt_state: Any) -> list[jax.Array]:
@@ -27,15 +31,35 @@ def _as_matrices(p: jax.Array) -> jax.Array:
 
 
 def projector_orthogonality_error(opt_state: Any) -> jax.Array:
-  """Mean over projected matrices of ‖PᵀP − I_r‖_F (0.0 when nothing is projected)."""
-  errors = []
+  """Mean over projected matrices of ‖PᵀP − I_r‖_F (0.0 when nothing is projected).
+
+  P is set from the first gradient, so until the first update every P is all zeros (whose
+  error would read √r, like a broken projector): such projectors are left out of the mean,
+  and the result is NaN while none is set yet, e.g. for ``tx.init(params)``.
+
+  Example:
+    >>> import jax.numpy as jnp, osd_jax
+    >>> tx = osd_jax.osd_adamw(1e-3, rank=2)
+    >>> params = {"w": jnp.arange(32.0).reshape(4, 8)}
+    >>> state = tx.init(params)
+    >>> bool(jnp.isnan(osd_jax.projector_orthogonality_error(state)))
+    True
+    >>> _, state = tx.update(params, state, params)  # P₀ = top singular vectors: orthonormal
+    >>> float(osd_jax.projector_orthogonality_error(state)) < 1e-5
+    True
+  """
+  errors, set_ = [], []
   for p in projectors_of(opt_state):
     p = _as_matrices(p)
     gram = jnp.einsum("bsr,bsq->brq", p, p) - jnp.eye(p.shape[-1])
     errors.append(jnp.sqrt(jnp.sum(gram**2, axis=(-2, -1))))
+    set_.append(jnp.any(p != 0, axis=(-2, -1)))
   if not errors:
     return jnp.zeros([], jnp.float32)
-  return jnp.mean(jnp.concatenate(errors))
+  errors, set_ = jnp.concatenate(errors), jnp.concatenate(set_)
+  n_set = jnp.sum(set_)
+  return jnp.where(n_set > 0, jnp.sum(jnp.where(set_, errors, 0.0)) / jnp.maximum(n_set, 1),
+                   jnp.nan)
 
 
 def subspace_drift(old_state: Any, new_state: Any) -> jax.Array:
@@ -87,14 +111,14 @@ def captured_energy(grads: Any, opt_state: Any) -> jax.Array:
   for sub in jax.tree.leaves(opt_state, is_leaf=_is_subspace_state):
     if not _is_subspace_state(sub):
       continue
-    nodes = jax.tree.leaves(sub.projector_state, is_leaf=lambda x: isinstance(
-        x, (ProjectedLeafState, optax.MaskedNode)))
+    nodes = jax.tree.leaves(sub.projector_state, is_leaf=lambda x: is_projected_leaf(x)
+                            or isinstance(x, optax.MaskedNode))
     if len(nodes) != len(grad_leaves):
       raise ValueError(
           f"captured_energy: grads have {len(grad_leaves)} leaves but the optimizer state was "
           f"built for {len(nodes)}; pass gradients with the structure of the params.")
     for g, node in zip(grad_leaves, nodes):
-      if not isinstance(node, ProjectedLeafState):
+      if not is_projected_leaf(node):
         continue
       gp = to_matrix(g, node.layout).astype(jnp.float32)  # G' (*batch, s, L)
       q, _ = jnp.linalg.qr(node.state.p.astype(jnp.float32))  # (*batch, s, r)

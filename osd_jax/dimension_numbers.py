@@ -12,6 +12,12 @@ with P ∈ ℝ^{s × r}; which side is chosen by ``side`` (docs/design.md §3: t
 ties project the columns).  A matrix is left unprojected when ``rank >= min(m, n)``; the
 optimizer's ``init`` then emits one :class:`FullRankWarning` naming such matrices (silence it with
 ``warnings.simplefilter("ignore", osd_jax.FullRankWarning)``).
+
+Without ``weight_dimension_numbers`` only 2-D leaves are projected: which axis of a 3-D or 4-D
+leaf stacks layers or holds a convolution window cannot be guessed, so such leaves get the full-rank
+inner optimizer and ``init`` names them in one :class:`UnprojectedWarning` with the fix, e.g.
+``weight_dimension_numbers={"w": DimensionNumbers(reduction_axis=1, output_axis=2)}`` for layers
+stacked on axis 0.
 """
 
 from __future__ import annotations
@@ -62,6 +68,16 @@ class FullRankWarning(UserWarning):
   Emitted once per distinct set of such matrices, when the optimizer state is initialised (not
   inside the update). To silence it: ``warnings.simplefilter("ignore", osd_jax.FullRankWarning)``;
   to make it an error: ``warnings.simplefilter("error", osd_jax.FullRankWarning)``.
+  """
+
+
+class UnprojectedWarning(UserWarning):
+  """Leaves with ndim > 2 are updated at full rank because no ``weight_dimension_numbers`` says
+  which of their axes form the matrix.
+
+  Emitted once per distinct set of such leaves, when the optimizer state is initialised. Pass
+  ``weight_dimension_numbers`` to project them (or to map them to None, which silences it), or
+  ``warnings.simplefilter("ignore", osd_jax.UnprojectedWarning)``.
   """
 
 
@@ -233,7 +249,7 @@ def resolve_layouts(
     rank: int,
     side: str = "smaller",
     cost: Callable[[MatrixLayout], int] | None = None,
-    warn_full_rank: bool = False,
+    warn: bool = False,
 ) -> tuple[list[MatrixLayout | None], jax.tree_util.PyTreeDef]:
   """Per-leaf layouts (flat, in ``jax.tree.leaves`` order) and the params treedef.
 
@@ -244,8 +260,9 @@ def resolve_layouts(
   other groups' leaves are; a pytree spec for the full params still matches, and whatever it
   holds at those positions is ignored.
 
-  With ``warn_full_rank`` a :class:`FullRankWarning` names the leaves that the spec selects but
-  that stay unprojected because ``rank >= min(m, n)``.
+  With ``warn`` a :class:`FullRankWarning` names the leaves that the spec selects but that stay
+  unprojected because ``rank >= min(m, n)``, and (default spec only) an
+  :class:`UnprojectedWarning` the leaves with ndim > 2 that it leaves unprojected.
   """
   # MaskedNode positions count as leaves here so that a full-tree spec lines up with them.
   path_leaves, full_treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
@@ -274,7 +291,9 @@ def resolve_layouts(
       None if spec is None else make_layout(shape, spec, rank, side, path, cost)
       for shape, spec, path in zip(shapes, specs, paths)
   ]
-  if warn_full_rank:
+  if warn and wdn is None:
+    _warn_unprojected([f"{path} {shape}" for shape, path in zip(shapes, paths) if len(shape) > 2])
+  if warn:
     full = [f"{path} {shape}" for shape, spec, path, layout in zip(shapes, specs, paths, layouts)
             if spec is not None and layout is None]
     if full:
@@ -284,3 +303,16 @@ def resolve_layouts(
           f"updated at full rank (no projection): {shown}. Use a smaller rank to project them, "
           "or map them to None in weight_dimension_numbers."), stacklevel=4)
   return layouts, treedef
+
+
+def _warn_unprojected(leaves: list[str]) -> None:
+  if not leaves:
+    return
+  shown = ", ".join(leaves[:8]) + (f" and {len(leaves) - 8} more" if len(leaves) > 8 else "")
+  warnings.warn(UnprojectedWarning(
+      f"{len(leaves)} leaves with more than 2 dimensions are updated at full rank (no "
+      f"projection, full-size optimizer state): {shown}. Only 2-D leaves are projected by "
+      "default; pass weight_dimension_numbers saying which axes form the matrix, e.g. "
+      "{'w': osd_jax.DimensionNumbers(reduction_axis=1, output_axis=2)} for layers stacked on "
+      "axis 0, or DimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3) for a (3, 3, in, "
+      "out) convolution kernel; map a leaf to None to keep it at full rank."), stacklevel=5)

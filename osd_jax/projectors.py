@@ -21,12 +21,18 @@ in two, so that a whole tree of matrices costs one ``conditional`` per step:
   ``step(..., apply_step=ok)`` (a traced bool, see :mod:`osd_jax.skipping`) and then keeps
   every field of its state but ``p`` when ``ok`` is False (the transformation restores ``p``,
   which a refresh may have replaced), so a skipped step costs no copy of its moments.
-* ``update(g, state, count, key) -> (p_t, g_hat, new_state)`` is the whole step of one
+* ``rule.update(g, state, count, key) -> (p_t, g_hat, new_state)`` is the whole step of one
   matrix on its own (refresh if due, then step), for using a rule outside the transformation.
 
+Orientation.  G' is either the gradient G as stored or a transposed view Gᵀ (a weight whose
+projector spans its output side).  That changes no value of a product, only how XLA is best
+asked to lay it out, so the built-in rules take it explicitly: ``rule.oriented(transposed)``
+is the rule to use on such a view (:func:`project`, :func:`gradient_times` and
+:func:`frobenius_norm` take the same flag), and ``scale_by_subspace_descent`` asks for it per
+leaf.  A rule without an ``orient`` function ignores it.
+
 Rules: :func:`online_pca` (the paper's), :func:`svd` (GaLore), :func:`random`,
-:func:`frozen`.  Write your own with :func:`projector_rule`; a rule given only as
-``ProjectorRule(init, update)`` still works, with whatever branches its ``update`` has.
+:func:`frozen`.  Write your own with :func:`projector_rule`.
 
 Signs of singular vectors.  The initial P is sign-canonicalised (the largest-magnitude entry
 of every column is positive), so every backend gives the same P₀.  For :func:`online_pca` the
@@ -44,9 +50,7 @@ svd(G) in the official PyTorch code's orientation (:func:`official_singular_subs
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -62,31 +66,41 @@ INITS = ("svd", "randomized", "random")
 class ProjectorRule(NamedTuple):
   """A projector rule: pure functions on one matrix (see the module docstring).
 
-  ``is_refresh``, ``refresh`` and ``step`` are None for a rule given only as
-  ``ProjectorRule(init, update)``; :func:`projector_rule` fills every field.
+  Build one with :func:`projector_rule`, which checks the fields.
   """
 
   init: Callable[[int, int, int, Any], Any]
-  update: Callable[[jax.Array, Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+  step: Callable[..., tuple[jax.Array, jax.Array, Any]]
   is_refresh: Callable[[jax.Array], Any] | None = None
   refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None
-  step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]] | None = None
   honours_apply_step: bool = False  # step(..., apply_step=ok) keeps the state (but p) if not ok
+  # transposed -> the same rule laid out for a transposed view G' = Gᵀ (None: ignores it)
+  orient: Callable[[bool], ProjectorRule] | None = None
 
-  @property
-  def is_split(self) -> bool:
-    """Whether the rule has its refresh/step parts (else only ``update`` is used)."""
-    return self.step is not None
+  def oriented(self, transposed: bool) -> ProjectorRule:
+    """This rule for G' = Gᵀ (``transposed``) or G' = G; the values are the same."""
+    return self if self.orient is None else self.orient(bool(transposed))
+
+  def update(self, g: jax.Array, state: Any, count, key: jax.Array):
+    """One matrix's whole step: refresh if due, then step. Returns ``(p_t, g_hat, new_state)``."""
+    if self.refresh is not None:
+      due = self.is_refresh(count)
+      if isinstance(due, (bool, np.bool_)):
+        state = self.refresh(g, state, count, key) if due else state
+      else:
+        state = jax.lax.cond(due, lambda: self.refresh(g, state, count, key), lambda: state)
+    return self.step(g, state, count)
 
 
 def projector_rule(
     init: Callable[[int, int, int, Any], Any],
-    step: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]],
+    step: Callable[..., tuple[jax.Array, jax.Array, Any]],
     is_refresh: Callable[[jax.Array], Any] | None = None,
     refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None,
     honours_apply_step: bool = False,
+    orient: Callable[[bool], ProjectorRule] | None = None,
 ) -> ProjectorRule:
-  """A :class:`ProjectorRule` from its parts; ``update`` is derived from them.
+  """A :class:`ProjectorRule` from its parts.
 
   Args:
     init: ``(s, L, rank, dtype) -> state`` with a field ``p`` (s×r).
@@ -98,6 +112,8 @@ def projector_rule(
       ``is_refresh(count)``; ``key`` is a fresh PRNG key per matrix and step.
     honours_apply_step: ``step`` also takes ``apply_step=ok`` and, when ``ok`` is False,
       returns the state it was given except for ``p`` (the state must be a NamedTuple).
+    orient: ``transposed -> ProjectorRule``, the rule laid out for a transposed view of the
+      gradient (see the module docstring); None when the layout does not matter.
 
   Example:
     >>> import jax.numpy as jnp, optax, osd_jax
@@ -112,63 +128,38 @@ def projector_rule(
   """
   if (is_refresh is None) != (refresh is None):
     raise ValueError("projector_rule: give both is_refresh and refresh, or neither.")
-
-  def update(g, state, count, key):
-    if refresh is not None:
-      due = is_refresh(count)
-      if isinstance(due, (bool, np.bool_)):
-        state = refresh(g, state, count, key) if due else state
-      else:
-        state = jax.lax.cond(due, lambda: refresh(g, state, count, key), lambda: state)
-    return step(g, state, count)
-
-  return ProjectorRule(init, update, is_refresh, refresh, step, honours_apply_step)
+  if not callable(init) or not callable(step):
+    raise TypeError("projector_rule: init and step must be functions "
+                    "(init(s, L, rank, dtype), step(g, state, count)).")
+  return ProjectorRule(init, step, is_refresh, refresh, honours_apply_step, orient)
 
 
 # --------------------------------------------------------------------------- rank-r products
 
-# Trace-time hint (no effect on values): True while a rule is traced on G' = Gᵀ, a transposed
-# view of the gradient as stored (a weight whose projector spans its output side).
-_TRANSPOSED_VIEW = contextvars.ContextVar("osd_jax_transposed_view", default=False)
 
-
-@contextlib.contextmanager
-def transposed_view(transposed: bool) -> Iterator[None]:
-  """Tells :func:`project` / :func:`gradient_times` that G' is a transposed view of the stored G.
-
-  Set by ``scale_by_subspace_descent`` around each rule call; it changes only how XLA is asked to
-  lay out the s×L×r matmuls, never their values.
-  """
-  token = _TRANSPOSED_VIEW.set(bool(transposed))
-  try:
-    yield
-  finally:
-    _TRANSPOSED_VIEW.reset(token)
-
-
-def project(p: jax.Array, g: jax.Array) -> jax.Array:
+def project(p: jax.Array, g: jax.Array, transposed: bool = False) -> jax.Array:
   """Ĝ = Pᵀ G' (r×L) for P (s×r) and G' (s×L).
 
-  When G' = Gᵀ is a transposed view (:func:`transposed_view`), the product is taken as
-  (G P)ᵀ in G's own layout; the optimization barrier keeps XLA from folding the transposes back
-  into one transposed-operand dot, which ran 25–40% slower on CPU for the 60M shapes.
+  When G' = Gᵀ is a transposed view (``transposed``), the product is taken as (G P)ᵀ in G's
+  own layout; the optimization barrier keeps XLA from folding the transposes back into one
+  transposed-operand dot, which ran 25–40% slower on CPU for the 60M shapes.
   """
-  if _TRANSPOSED_VIEW.get():
+  if transposed:
     return jax.lax.optimization_barrier(g.T @ p).T
   return p.T @ g
 
 
-def frobenius_norm(g: jax.Array) -> jax.Array:
-  """‖G'‖_F, read in G's own layout when G' is a transposed view (:func:`transposed_view`).
+def frobenius_norm(g: jax.Array, transposed: bool = False) -> jax.Array:
+  """‖G'‖_F, read in G's own layout when G' = Gᵀ is a transposed view (``transposed``).
 
   (XLA's CPU reduction wants a row-major operand and would otherwise copy Gᵀ first.)
   """
-  return jnp.linalg.norm(g.T if _TRANSPOSED_VIEW.get() else g)
+  return jnp.linalg.norm(g.T if transposed else g)
 
 
-def gradient_times(g: jax.Array, a: jax.Array) -> jax.Array:
+def gradient_times(g: jax.Array, a: jax.Array, transposed: bool = False) -> jax.Array:
   """G' Aᵀ (s×r) for G' (s×L) and A (r×L), laid out as :func:`project`."""
-  if _TRANSPOSED_VIEW.get():
+  if transposed:
     return jax.lax.optimization_barrier(a @ g.T).T
   return g @ a.T
 
@@ -189,17 +180,17 @@ def top_singular_subspace(g: jax.Array, rank: int) -> jax.Array:
   return canonical_signs(u[:, :rank])
 
 
-def official_singular_subspace(g: jax.Array, rank: int) -> jax.Array:
+def official_singular_subspace(g: jax.Array, rank: int, transposed: bool = False) -> jax.Array:
   """Top-``rank`` singular vectors of g (s×L) as the official PyTorch code computes them.
 
   The official code takes ``torch.linalg.svd`` of the gradient in ``nn.Linear`` layout,
   G_torch = (output × reduction), and keeps the raw LAPACK signs: P = U[:, :r] when P spans the
-  output side (here G' = G_torch, a transposed view, see :func:`transposed_view`) and
-  P = Vh[:r]ᵀ when it spans the reduction side (G' = G_torchᵀ).  The subspace equals
+  output side (here G' = G_torch, a transposed view: ``transposed``) and P = Vh[:r]ᵀ when it
+  spans the reduction side (G' = G_torchᵀ).  The subspace equals
   :func:`top_singular_subspace`'s; only the signs can differ, and they follow the LAPACK
   backend, so results match the official code wherever the backends agree.
   """
-  if _TRANSPOSED_VIEW.get():  # G' = G_torch: P = U[:, :r] of svd(G_torch)
+  if transposed:  # G' = G_torch: P = U[:, :r] of svd(G_torch)
     u, _, _ = jnp.linalg.svd(g, full_matrices=False)
     return u[:, :rank]
   _, _, vh = jnp.linalg.svd(g.T, full_matrices=False)  # G' = G_torchᵀ: P = Vh[:r]ᵀ
@@ -288,7 +279,8 @@ def online_pca_loss(p: jax.Array, g: jax.Array, orthogonality_weight: float) -> 
 
 
 def online_pca_gradient(
-    p: jax.Array, g: jax.Array, orthogonality_weight: float, g_hat: jax.Array | None = None
+    p: jax.Array, g: jax.Array, orthogonality_weight: float, g_hat: jax.Array | None = None,
+    transposed: bool = False,
 ) -> jax.Array:
   """∇L(P) of :func:`online_pca_loss` in closed form, O(s·L·r) work.
 
@@ -301,11 +293,12 @@ def online_pca_gradient(
   (A, B) that is one s×r×2r product for [PᵀP, PᵀB] and one for the result: no r×r×L product,
   and no s×s, L×L or s×L temporary beyond G̃ itself.  With P and G sharded over s, A and
   [PᵀP, PᵀB] are partial sums (one all-reduce each) and everything else stays local.  Pass
-  ``g_hat = Pᵀ G'`` (already computed for the projection) to skip the first matmul.
+  ``g_hat = Pᵀ G'`` (already computed for the projection) to skip the first matmul;
+  ``transposed`` as in :func:`project`.
   """
-  norm = jnp.maximum(frobenius_norm(g), jnp.finfo(g.dtype).tiny)
-  a = (project(p, g) if g_hat is None else g_hat) / norm  # A = Pᵀ G̃
-  b = gradient_times(g, a) / norm  # B = G̃ Aᵀ
+  norm = jnp.maximum(frobenius_norm(g, transposed), jnp.finfo(g.dtype).tiny)
+  a = (project(p, g, transposed) if g_hat is None else g_hat) / norm  # A = Pᵀ G̃
+  b = gradient_times(g, a, transposed) / norm  # B = G̃ Aᵀ
   rank = p.shape[-1]
   eye = jnp.eye(rank, dtype=p.dtype)
   pb = jnp.concatenate([p, b], axis=-1)  # [P B] (s×2r)
@@ -375,30 +368,33 @@ def online_pca(
     return state._replace(p=initial_projector(g.astype(p.dtype), p.shape[-1], key, init)
                           .astype(p.dtype))
 
-  def step(g, state, count, apply_step=None):
-    p_t = state.p
-    dtype = p_t.dtype
-    g = g.astype(dtype)
-    g_hat = project(p_t, g)  # Ĝ = Pₜᵀ G'
-    grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat=g_hat)  # ∇L(Pₜ)
-    # No projector step at t = 0 (nor on a skipped step): an elementwise select on the s×r
-    # results, not a branch.
-    hold = count == 0 if apply_step is None else (count == 0) | ~apply_step
-    if skipping.honours_apply_step(optimizer):
-      # the optimizer keeps its own state and computes D from the kept moments, so the select
-      # is written in place (selecting its outputs here instead made XLA copy P's moments at
-      # every step: D is computed from the unselected ones)
-      d, opt_state = optimizer.update(grad, state.opt_state, p_t, apply_step=~hold)  # D
-    else:
-      d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
-      opt_state = jax.tree.map(lambda new, old: jnp.where(hold, old, new), opt_state,
-                               state.opt_state)
-    eta = _schedule_value(learning_rate, count)
-    p_next = (p_t - eta * (d + weight_decay * p_t)).astype(dtype)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
-    p_next = jnp.where(hold, p_t, p_next)
-    return p_t, g_hat, OnlinePCAState(p_next, opt_state)
+  def rule(transposed: bool) -> ProjectorRule:
+    def step(g, state, count, apply_step=None):
+      p_t = state.p
+      dtype = p_t.dtype
+      g = g.astype(dtype)
+      g_hat = project(p_t, g, transposed)  # Ĝ = Pₜᵀ G'
+      grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat, transposed)  # ∇L(Pₜ)
+      # No projector step at t = 0 (nor on a skipped step): an elementwise select on the s×r
+      # results, not a branch.
+      hold = count == 0 if apply_step is None else (count == 0) | ~apply_step
+      if skipping.honours_apply_step(optimizer):
+        # the optimizer keeps its own state and computes D from the kept moments, so the
+        # select is written in place (selecting its outputs here instead made XLA copy P's
+        # moments at every step: D is computed from the unselected ones)
+        d, opt_state = optimizer.update(grad, state.opt_state, p_t, apply_step=~hold)  # D
+      else:
+        d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
+        opt_state = skipping.select_state(~hold, opt_state, state.opt_state)
+      eta = _schedule_value(learning_rate, count)
+      p_next = (p_t - eta * (d + weight_decay * p_t)).astype(dtype)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
+      p_next = jnp.where(hold, p_t, p_next)
+      return p_t, g_hat, OnlinePCAState(p_next, opt_state)
 
-  return projector_rule(init_fn, step, is_refresh, refresh, honours_apply_step=True)
+    return projector_rule(init_fn, step, is_refresh, refresh, honours_apply_step=True,
+                          orient=rule)
+
+  return rule(False)
 
 
 # --------------------------------------------------------------------------- periodic rules
@@ -411,20 +407,25 @@ class PeriodicProjectorState(NamedTuple):
 
 
 def _periodic(refresh_fn, is_refresh_step, align: bool = False) -> ProjectorRule:
+  """A rule that keeps P between refreshes; ``refresh_fn(g, rank, key, transposed) -> P``."""
+
   def init_fn(s, L, rank, dtype):  # noqa: N803
     return PeriodicProjectorState(jnp.zeros((s, rank), dtype))
 
-  def refresh(g, state, count, key):
-    dtype = state.p.dtype
-    p_new = refresh_fn(g.astype(dtype), state.p.shape[-1], key).astype(dtype)
-    # P_old = 0 at t = 0: no flip
-    return PeriodicProjectorState(align_signs(p_new, state.p) if align else p_new)
+  def rule(transposed: bool) -> ProjectorRule:
+    def refresh(g, state, count, key):
+      dtype = state.p.dtype
+      p_new = refresh_fn(g.astype(dtype), state.p.shape[-1], key, transposed).astype(dtype)
+      # P_old = 0 at t = 0: no flip
+      return PeriodicProjectorState(align_signs(p_new, state.p) if align else p_new)
 
-  def step(g, state, count):
-    p_t = state.p
-    return p_t, project(p_t, g.astype(p_t.dtype)), state  # Ĝ = Pₜᵀ G'
+    def step(g, state, count):
+      p_t = state.p
+      return p_t, project(p_t, g.astype(p_t.dtype), transposed), state  # Ĝ = Pₜᵀ G'
 
-  return projector_rule(init_fn, step, is_refresh_step, refresh)
+    return projector_rule(init_fn, step, is_refresh_step, refresh, orient=rule)
+
+  return rule(False)
 
 
 SVD_METHODS = ("svd", "randomized", "official")
@@ -449,9 +450,9 @@ def svd(every: int = 200, method: str = "svd", align: bool | None = None) -> Pro
   if align is None:
     align = method != "official"
   if method == "official":
-    refresh = lambda g, r, key: official_singular_subspace(g, r)  # noqa: E731
+    refresh = lambda g, r, key, t: official_singular_subspace(g, r, t)  # noqa: E731
   else:
-    refresh = lambda g, r, key: initial_projector(g, r, key, method)  # noqa: E731
+    refresh = lambda g, r, key, t: initial_projector(g, r, key, method)  # noqa: E731
   return _periodic(refresh, lambda count: count % every == 0, align)
 
 
@@ -462,7 +463,7 @@ def random(every: int = 200, seed: int = 0, align: bool = True) -> ProjectorRule
   """
   check_every(every)
 
-  def refresh(g, rank, key):
+  def refresh(g, rank, key, transposed):
     return random_subspace(g.shape[0], rank, jax.random.fold_in(key, seed), g.dtype)
 
   return _periodic(refresh, lambda count: count % every == 0, align)
@@ -471,4 +472,5 @@ def random(every: int = 200, seed: int = 0, align: bool = True) -> ProjectorRule
 def frozen(init: str = "svd") -> ProjectorRule:
   """P is set once from the first gradient (by ``init``) and never moves."""
   _check_init(init)
-  return _periodic(lambda g, r, key: initial_projector(g, r, key, init), lambda count: count == 0)
+  return _periodic(lambda g, r, key, t: initial_projector(g, r, key, init),
+                   lambda count: count == 0)

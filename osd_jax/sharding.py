@@ -25,7 +25,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from osd_jax.dimension_numbers import MatrixLayout
-from osd_jax.subspace_descent import ProjectedLeafState, SubspaceDescentState
+from osd_jax.subspace_descent import (
+  ProjectedLeafState,
+  SubspaceDescentState,
+  is_projected_leaf,
+)
 
 
 def _is_spec_leaf(x) -> bool:
@@ -34,6 +38,11 @@ def _is_spec_leaf(x) -> bool:
 
 def _is_state_leaf(x) -> bool:
   return isinstance(x, optax.MaskedNode)
+
+
+def _is_projector_slot(x) -> bool:
+  """A leaf of a projector-state tree: a projected leaf's state or an unprojected position."""
+  return is_projected_leaf(x) or isinstance(x, optax.MaskedNode)
 
 
 def _entries(spec: PartitionSpec | None, ndim: int) -> tuple:
@@ -152,11 +161,10 @@ def optimizer_state_sharding(opt_state: Any, param_sharding: Any, mesh=None) -> 
     return d.unflatten(out)
 
   def projector_tree(node):
-    leaves, d = jax.tree.flatten(node, is_leaf=lambda x: isinstance(x, (ProjectedLeafState,
-                                                                          optax.MaskedNode)))
+    leaves, d = jax.tree.flatten(node, is_leaf=_is_projector_slot)
     out = []
     for x, entries in zip(leaves, param_entries_list):
-      if not isinstance(x, ProjectedLeafState):
+      if not is_projected_leaf(x):
         out.append(x)
         continue
       layout = x.layout
@@ -171,15 +179,12 @@ def optimizer_state_sharding(opt_state: Any, param_sharding: Any, mesh=None) -> 
 
   def visit(node, layouts):
     if isinstance(node, SubspaceDescentState):
-      proj_leaves = jax.tree.flatten(
-          node.projector_state,
-          is_leaf=lambda x: isinstance(x, (ProjectedLeafState, optax.MaskedNode)))[0]
+      proj_leaves = jax.tree.flatten(node.projector_state, is_leaf=_is_projector_slot)[0]
       if len(proj_leaves) != len(param_entries_list):
         raise ValueError(
             "optimizer_state_sharding: param_sharding does not have the structure of the "
             "params the optimizer state was initialised with.")
-      inner_layouts = [x.layout if isinstance(x, ProjectedLeafState) else None
-                       for x in proj_leaves]
+      inner_layouts = [x.layout if is_projected_leaf(x) else None for x in proj_leaves]
       return SubspaceDescentState(
           count=PartitionSpec(),
           inner_state=visit(node.inner_state, inner_layouts),

@@ -8,33 +8,45 @@ benchmarks/RESULTS.md §7). Passing the decision into the update instead,
 
     updates, state = tx.update(grads, state, params, apply_step=ok)
 
-lets :func:`scale_by_adam` select its moments first and compute N from the selected ones (the
-same N whenever ``ok``), and :func:`osd_jax.scale_by_subspace_descent` return its whole state
-unchanged when ``ok`` is False. The updates are not zeroed: the caller keeps its params.
+lets a transformation that *honours* ``apply_step`` keep its own state (and compute N from the
+kept moments: the same N whenever ``ok``), so no copy is needed. The updates are not zeroed: the
+caller keeps its params.
 
-:func:`honouring_apply_step` lets a caller check, at trace time, which subspace-descent states
-honoured it (a wrapper that does not forward extra arguments would drop it).
+Whether a transformation honours it is structural, a property of the transformation object: it
+is a :class:`SkippableTransformation` (an ``optax.GradientTransformationExtraArgs`` subclass that
+adds no field). :func:`scale_by_adam`, :func:`osd_jax.scale_by_subspace_descent`, the aliases
+and :func:`chain` of skippable parts are; ``optax.chain`` or ``optax.inject_hyperparams`` around
+them are not (they do not say so), and :func:`honour_apply_step` makes any transformation honour
+it by selecting its state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-# update functions of the transformations that honour ``apply_step`` themselves
-_HONOURING: set = set()
-_SEEN: contextvars.ContextVar = contextvars.ContextVar("osd_jax_apply_step_seen", default=None)
+
+class SkippableTransformation(optax.GradientTransformationExtraArgs):
+  """A transformation whose ``update(..., apply_step=False)`` returns its state unchanged.
+
+  Bitwise unchanged, with the updates still computed (the caller keeps its params). Build one
+  with :func:`skippable`; test for one with :func:`honours_apply_step`.
+  """
+
+  __slots__ = ()
+
+
+def skippable(init_fn, update_fn) -> SkippableTransformation:
+  """Marks ``(init_fn, update_fn)`` as honouring ``apply_step`` (see the module docstring)."""
+  return SkippableTransformation(init_fn, update_fn)
 
 
 def honours_apply_step(tx: optax.GradientTransformation) -> bool:
   """Whether ``tx`` leaves its state as it was when called with ``apply_step=False``."""
-  return tx.update in _HONOURING
+  return isinstance(tx, SkippableTransformation)
 
 
 def select_state(apply_step, new: Any, old: Any) -> Any:
@@ -42,36 +54,60 @@ def select_state(apply_step, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(apply_step, a, b), new, old)
 
 
-@contextlib.contextmanager
-def honouring_apply_step() -> Iterator[list]:
-  """Collects (trace time) every subspace-descent state that honoured ``apply_step``.
+def _without_apply_step(extra_args: dict) -> dict:
+  return {k: v for k, v in extra_args.items() if k != "apply_step"}
+
+
+def honour_apply_step(tx: optax.GradientTransformation) -> SkippableTransformation:
+  """``tx`` made to honour ``apply_step``: its state is selected with ``where(ok, new, old)``.
+
+  ``tx`` itself is returned when it honours it already. The select is free for small states
+  (step counts, empty states) and costs a copy of each selected array otherwise.
 
   Example:
-    >>> import jax.numpy as jnp, osd_jax
-    >>> tx = osd_jax.osd_adamw(1e-3, rank=2)
-    >>> params = {"w": jnp.ones((4, 6))}
-    >>> with osd_jax.skipping.honouring_apply_step() as seen:
-    ...   _ = tx.update(params, tx.init(params), params, apply_step=jnp.bool_(False))
-    >>> len(seen)
-    1
+    >>> import jax.numpy as jnp, optax
+    >>> from osd_jax import skipping
+    >>> tx = skipping.honour_apply_step(optax.scale_by_lion())
+    >>> g = {"w": jnp.ones(3)}
+    >>> _, kept = tx.update(g, tx.init(g), apply_step=jnp.bool_(False))
+    >>> kept.mu["w"].tolist()
+    [0.0, 0.0, 0.0]
   """
-  seen: list = []
-  token = _SEEN.set(seen)
-  try:
-    yield seen
-  finally:
-    _SEEN.reset(token)
+  if honours_apply_step(tx):
+    return tx
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    apply_step = extra_args.get("apply_step")
+    out, new_state = tx.update(updates, state, params, **_without_apply_step(extra_args))
+    if apply_step is not None:
+      new_state = select_state(apply_step, new_state, state)
+    return out, new_state
+
+  return skippable(tx.init, update_fn)
 
 
-def record_honoured(state) -> None:
-  """Called (at trace time) by a transformation that kept its own state for ``apply_step``."""
-  seen = _SEEN.get()
-  if seen is not None:
-    seen.append(state)
+def chain(*transformations: optax.GradientTransformation) -> SkippableTransformation:
+  """``optax.chain`` that honours ``apply_step``: the same state (a tuple of the parts' states).
+
+  Parts that honour ``apply_step`` get it; the states of the others are selected
+  (:func:`honour_apply_step`), which is free for the usual tail of a chain (weight decay,
+  learning rate: empty states and a step count).
+
+  Example:
+    >>> import optax
+    >>> from osd_jax import skipping
+    >>> tx = skipping.chain(skipping.scale_by_adam(), optax.scale_by_learning_rate(1e-3))
+    >>> skipping.honours_apply_step(tx)
+    True
+  """
+  parts = tuple(honour_apply_step(t) for t in transformations)
+  inner = optax.chain(*parts)
+  return skippable(inner.init, inner.update)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
-                  mu_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+                  mu_dtype: Any = None) -> SkippableTransformation:
   r"""Adam's scaling, as ``optax.scale_by_adam``, that also honours ``apply_step``.
 
       m ← β₁m + (1−β₁)g,   v ← β₂v + (1−β₂)g²,   t ← t + 1   (only where ``apply_step``)
@@ -113,5 +149,4 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     nu = optax.tree.cast_like(nu, state.nu)
     return n, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-  _HONOURING.add(update_fn)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return skippable(init_fn, update_fn)

@@ -48,8 +48,26 @@ class SubspaceDescentState(NamedTuple):
 _NO_PARAMS_HINT = "not passing `params`"
 
 
-def _is_projected(x) -> bool:
+def is_projected_leaf(x) -> bool:
+  """Whether ``x`` is the projector state of one projected parameter (a
+  :class:`ProjectedLeafState`); pass it as ``is_leaf`` to stop a tree walk there."""
   return isinstance(x, ProjectedLeafState)
+
+
+class Projections(NamedTuple):
+  """The three projectors of one leaf at step t."""
+
+  stored: jax.Array  # P as the state held it before step t (before any refresh)
+  current: jax.Array  # Pₜ: projects Gₜ and back-projects N
+  next: jax.Array  # Pₜ₊₁: stored for step t + 1
+
+
+class _Projected(NamedTuple):
+  """What the projector rule gives for one projected leaf at step t."""
+
+  g_hat: jax.Array  # Ĝ = Pₜᵀ G' (*batch, r, L)
+  projections: Projections
+  new_slot: ProjectedLeafState  # the leaf's projector state for step t + 1
 
 
 def _validate_rank(rank) -> int:
@@ -88,7 +106,7 @@ def scale_by_subspace_descent(
     transport_state: bool = False,
     project_params: bool = False,
     seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
+) -> skipping.SkippableTransformation:
   r"""Runs ``inner`` on gradients projected to a rank-r subspace that ``projector`` moves.
 
   For each selected weight with gradient G (viewed as G' ∈ ℝ^{s×L}, see
@@ -100,31 +118,14 @@ def scale_by_subspace_descent(
       Pₜ₊₁ = projector(Gₜ, Pₜ)
 
   Leaves that are not projected (ndim < 2, mapped to None, or ``rank >= min(m, n)``) get
-  ``inner`` at full rank; ``init`` names the last kind in one :class:`osd_jax.FullRankWarning`
-  (``warnings.simplefilter("ignore", osd_jax.FullRankWarning)`` silences it).
-
-  The compiled update holds at most one ``conditional``, however many matrices are
-  projected: ``lax.cond(projector.is_refresh(t), refresh every matrix, keep every P)``, the
-  matrices refreshed one at a time (a loop over stacked layers, not a vmap), so the branch's
-  temporaries are one matrix's SVD workspace however many layers there are. The
-  expensive refresh (the SVD of P₀, GaLore's periodic SVD, a QR) sits in its true branch, and
-  with sharded params the full-gradient all-gathers that the SVD needs sit there too; the
-  steady-state path (the rule's ``step``, ``inner`` and U') runs no SVD/QR/eigh and, with P
-  sharded like the side it spans (:func:`osd_jax.optimizer_state_sharding`), communicates only
-  rank-r partial sums (Ĝ or B, [PᵀP, PᵀB], ‖G‖).  A rule given only as
-  ``ProjectorRule(init, update)`` keeps whatever branches its ``update`` has.
-
-  Inner state is kept when P changes (the paper's choice), unless
-  ``transport_state=True``, which keeps the inner first moment M (every ``mu`` field of the
-  inner state) in the basis of the stored P, as LDAdam, for any rule:
-
-      M ← (Pₜᵀ P_stored) M   before ``inner``, where the rule replaced P inside ``update``
-                              (``svd``/``random`` at a refresh; nothing at t = 0)
-      M ← (Pₜ₊₁ᵀ Pₜ) M       after ``inner``, where the rule moved P for step t + 1
-                              (``online_pca`` every step t ≥ 1)
-
-  A P that did not change gives exactly I (not PᵀP, which is only ≈ I for online PCA's P).
-  Second moments are not rotated.
+  ``inner`` at full rank; ``init`` names the selected ones left at full rank in one
+  :class:`osd_jax.FullRankWarning`, and leaves with ndim > 2 that the default spec skips in one
+  :class:`osd_jax.UnprojectedWarning`.  The compiled update holds one ``conditional``, however
+  many matrices are projected: the rule's refresh of every matrix (an SVD, a QR) sits in its
+  true branch, one matrix at a time (docs/design.md §4).  Inner state is kept when P changes
+  (the paper's choice) unless ``transport_state=True``, which rotates the inner first moment M
+  into the new basis, M ← (P_newᵀ P_old) M, where the rule replaced or moved P (docs/design.md
+  §5); second moments are not rotated.
 
   Args:
     inner: an optax transformation that needs no params, e.g. ``optax.scale_by_adam()``.
@@ -134,21 +135,17 @@ def scale_by_subspace_descent(
     weight_dimension_numbers: which leaves/axes are projected; see
       :func:`osd_jax.dimension_numbers.resolve_layouts`. Default: every 2-D leaf.
     projector_dtype: dtype of P and its optimizer state (None = float32).
-    side: ``"smaller"`` (P spans min(m, n), docs/design.md §3), ``"larger"``, ``"auto"`` (the
-      side with fewer state bytes for this inner optimizer and projector rule) or
-      ``"reference"`` (the official code's: the smaller side, ties project the reduction side).
+    side: ``"smaller"`` (P spans min(m, n)), ``"larger"``, ``"auto"`` (the side with fewer
+      state bytes) or ``"reference"`` (the official code's: ties project the reduction side).
     transport_state: rotate the inner first moment into the new basis when P changes.
     project_params: give ``inner`` the params in its own coordinates (Pₜᵀ W' for projected
-      leaves, one more rank-r matmul each) instead of None; needed by inner transforms that
-      read params, e.g. ``optax.scale_by_factored_rms``.  Without it ``inner`` gets no
-      params, so weight decay belongs outside (``optax.add_decayed_weights`` after this
-      transformation, as the aliases do), not in ``inner`` (e.g. ``optax.adamw``).
+      leaves) instead of None, for inner transforms that read params; weight decay belongs
+      outside (``optax.add_decayed_weights`` after this transformation, as the aliases do).
     seed: seeds the randomized/random projector inits (a key per leaf and step).
 
   Returns:
-    A ``GradientTransformationExtraArgs``; extra args are forwarded to ``inner``. With the
-    extra arg ``apply_step`` (a bool scalar, :mod:`osd_jax.skipping`) a False step returns the
-    state exactly as it was (a trainer's skipped step), the updates being left to the caller.
+    A :class:`osd_jax.skipping.SkippableTransformation`; extra args are forwarded to ``inner``.
+    With ``apply_step=False`` (:mod:`osd_jax.skipping`) the state comes back exactly as it was.
 
   Example:
     >>> import jax.numpy as jnp, optax, osd_jax
@@ -185,18 +182,17 @@ def scale_by_subspace_descent(
     low = jax.ShapeDtypeStruct((rank, layout.L), dtype)
     return state_bytes(proj) + state_bytes(jax.eval_shape(inner.init, low))
 
-  def layouts_for(params, warn_full_rank=False):
+  def layouts_for(params, warn=False):
     dtypes = [jnp.result_type(x) for x in jax.tree.leaves(params)]
     cost = None
     if side == "auto":
       # One dtype per call is enough for the orientation choice; use the widest.
       dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else jnp.float32
       cost = lambda layout: layout_cost(layout, dtype)  # noqa: E731
-    return resolve_layouts(params, weight_dimension_numbers, rank, side, cost, warn_full_rank)
+    return resolve_layouts(params, weight_dimension_numbers, rank, side, cost, warn)
 
   def init_fn(params):
-    # warns (osd_jax.FullRankWarning) about matrices left unprojected since rank >= min(m, n)
-    layouts, treedef = layouts_for(params, warn_full_rank=True)
+    layouts, treedef = layouts_for(params, warn=True)  # FullRankWarning, UnprojectedWarning
     leaves = treedef.flatten_up_to(params)
     inner_leaves, projector_leaves = [], []
     for x, layout in zip(leaves, layouts):
@@ -217,125 +213,147 @@ def scale_by_subspace_descent(
 
   def update_fn(updates, state, params=None, **extra_args):
     apply_step = extra_args.get("apply_step")  # see osd_jax.skipping
-    leaves, treedef = jax.tree.flatten(updates)
-    projector_leaves = treedef.flatten_up_to(state.projector_state)
-    count = state.count
-    base_key = jax.random.key(seed)
-
     if project_params and params is None:
       raise ValueError("scale_by_subspace_descent(project_params=True) needs params in update().")
-    param_leaves = treedef.flatten_up_to(params) if project_params else [None] * len(leaves)
-    for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
-      if _is_projected(ps) and tuple(g.shape) != ps.layout.shape:
-        raise ValueError(
-            f"Gradient leaf {i} has shape {g.shape} but the optimizer state was initialised "
-            f"for shape {ps.layout.shape}; re-run init with params of the current shapes."
-        )
-    projected = [i for i, ps in enumerate(projector_leaves) if _is_projected(ps)]
-    # Rule states for step t: refreshed (SVD/QR... of every projected matrix at once) inside
-    # ONE conditional for the whole tree, on refresh steps only.
-    rule_states = {i: projector_leaves[i].state for i in projected}
-    if projector.is_split and projector.is_refresh is not None and projected:
-      rule_states = _refresh_all(projector, [leaves[i] for i in projected],
-                                 [projector_leaves[i] for i in projected], projected, count,
-                                 base_key)
-      rule_states = dict(zip(projected, rule_states))
-
-    rule_keeps_state = (apply_step is not None and projector.is_split
-                        and projector.honours_apply_step)
-    inner_in, inner_params, projections, new_projector_leaves = [], [], [], []
-    for i, (g, ps) in enumerate(zip(leaves, projector_leaves)):
-      if not _is_projected(ps):
-        inner_in.append(g)
-        inner_params.append(param_leaves[i])
-        projections.append(None)
-        new_projector_leaves.append(ps)
-        continue
-      layout = ps.layout
-      nb = len(layout.batch_shape)
-      with projectors_lib.transposed_view(layout.transpose):
-        if rule_keeps_state:  # skips by itself: no select (and no copy) of its moments
-          rule_step = _vmap_batch(
-              lambda g_, s_, c_, ok: projector.step(g_, s_, c_, apply_step=ok), nb,
-              in_axes=(0, 0, None, None))
-          p_t, g_hat, new_rule_state = rule_step(to_matrix(g, layout), rule_states[i], count,
-                                                 apply_step)
-          # ... but P may have been refreshed at this step: back to the stored one
-          new_rule_state = new_rule_state._replace(
-              p=jnp.where(apply_step, new_rule_state.p, ps.state.p))
-        elif projector.is_split:  # the cheap per-step part, on the state after any refresh
-          rule_step = _vmap_batch(projector.step, nb, in_axes=(0, 0, None))
-          p_t, g_hat, new_rule_state = rule_step(to_matrix(g, layout), rule_states[i], count)
-        else:  # a rule given as (init, update) only, with its own branches
-          rule_update = _vmap_batch(projector.update, nb, in_axes=(0, 0, None, 0))
-          keys = _leaf_keys(base_key, i, count, layout.batch_shape)
-          p_t, g_hat, new_rule_state = rule_update(to_matrix(g, layout), ps.state, count, keys)
-      inner_in.append(g_hat.astype(g.dtype))  # Ĝ = Pₜᵀ G'
-      if project_params:
-        w = param_leaves[i]
-        w_hat = jnp.matmul(jnp.swapaxes(p_t, -1, -2), to_matrix(w, layout).astype(p_t.dtype))
-        inner_params.append(w_hat.astype(w.dtype))
-      projections.append((ps.state.p, p_t, new_rule_state.p))  # stored P, Pₜ, Pₜ₊₁
-      new_projector_leaves.append(ProjectedLeafState(state=new_rule_state, layout=layout))
-
+    leaves, treedef = jax.tree.flatten(updates)
+    slots = treedef.flatten_up_to(state.projector_state)
+    _check_shapes(leaves, slots)
+    count = state.count
+    # the rule keeps its own state on a skipped step (no copy of its moments), or it is selected
+    rule_skips = apply_step is not None and projector.honours_apply_step
+    rule_states = _rule_states_for_step(projector, leaves, slots, count, jax.random.key(seed))
+    projected = {
+        i: _project_leaf(projector, leaves[i], slots[i], rule_states[i], count,
+                         apply_step if rule_skips else None)
+        for i in rule_states
+    }
+    inner_in = [projected[i].g_hat.astype(g.dtype) if i in projected else g
+                for i, g in enumerate(leaves)]
+    inner_params = None
+    if project_params:
+      inner_params = treedef.unflatten(_params_in_inner_coordinates(
+          treedef.flatten_up_to(params), slots, projected))
     inner_state = state.inner_state
     if transport_state:  # M ← (Pₜᵀ P_stored) M where the rule replaced P inside update
-      rotations = [
-          None if proj is None else _change_of_basis(proj[1], proj[0], count == 0)
-          for proj in projections
-      ]
-      inner_state = _transport_first_moment(inner_state, rotations, treedef)
-    try:
-      inner_updates, new_inner_state = inner.update(
-          treedef.unflatten(inner_in), inner_state,
-          treedef.unflatten(inner_params) if project_params else None, **extra_args
-      )
-    except ValueError as e:  # optax's "you are not passing `params`" (e.g. inner=optax.adamw)
-      if project_params or _NO_PARAMS_HINT not in str(e):
-        raise
-      raise ValueError(
-          "The inner transformation of scale_by_subspace_descent reads params, but it gets "
-          "none unless project_params=True (then it gets Pₜᵀ W' for projected leaves). For "
-          "weight decay, apply it outside instead: optax.chain(scale_by_subspace_descent("
-          "optax.scale_by_adam(), ...), optax.add_decayed_weights(wd), "
-          "optax.scale_by_learning_rate(lr)), as osd_jax.osd_adamw does."
-      ) from e
-    n_leaves = treedef.flatten_up_to(inner_updates)
-    out = []
-    for g, n, proj, ps in zip(leaves, n_leaves, projections, projector_leaves):
-      if proj is None:
-        out.append(n)
-        continue
-      p_t = proj[1]
-      u = scale * jnp.matmul(p_t, n.astype(p_t.dtype))  # U' = scale · Pₜ N
-      out.append(from_matrix(u, ps.layout).astype(g.dtype))
-
+      inner_state = _transport_first_moment(inner_state, {
+          i: _change_of_basis(pr.projections.current, pr.projections.stored, count == 0)
+          for i, pr in projected.items()}, treedef)
+    n_tree, new_inner_state = _run_inner(inner, treedef.unflatten(inner_in), inner_state,
+                                         inner_params, extra_args)
+    out = _back_project(leaves, treedef.flatten_up_to(n_tree), slots, projected, scale)
     if transport_state:  # M ← (Pₜ₊₁ᵀ Pₜ) M where the rule moves P for the next step
-      rotations = [
-          None if proj is None else _change_of_basis(proj[2], proj[1], False)
-          for proj in projections
-      ]
-      new_inner_state = _transport_first_moment(new_inner_state, rotations, treedef)
-
-    new_count = optax.safe_increment(count)
-    new_projector_state = treedef.unflatten(new_projector_leaves)
-    if apply_step is not None:  # a skipped step leaves the whole state as it was
-      new_count = jnp.where(apply_step, new_count, count)
-      if not rule_keeps_state:
-        new_projector_state = skipping.select_state(apply_step, new_projector_state,
-                                                    state.projector_state)
-      if not skipping.honours_apply_step(inner):  # else inner kept its state itself
-        new_inner_state = skipping.select_state(apply_step, new_inner_state, state.inner_state)
+      new_inner_state = _transport_first_moment(new_inner_state, {
+          i: _change_of_basis(pr.projections.next, pr.projections.current, False)
+          for i, pr in projected.items()}, treedef)
     new_state = SubspaceDescentState(
-        count=new_count,
+        count=optax.safe_increment(count),
         inner_state=new_inner_state,
-        projector_state=new_projector_state,
+        projector_state=treedef.unflatten([projected[i].new_slot if i in projected else ps
+                                           for i, ps in enumerate(slots)]),
     )
-    if apply_step is not None:
-      skipping.record_honoured(new_state)
+    if apply_step is not None:  # a skipped step leaves the whole state as it was
+      new_state = _keep_on_skip(apply_step, new_state, state, rule_skips,
+                                skipping.honours_apply_step(inner))
     return treedef.unflatten(out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return skipping.skippable(init_fn, update_fn)
+
+
+def _check_shapes(leaves: list, slots: list) -> None:
+  for i, (g, ps) in enumerate(zip(leaves, slots)):
+    if is_projected_leaf(ps) and tuple(g.shape) != ps.layout.shape:
+      raise ValueError(
+          f"Gradient leaf {i} has shape {g.shape} but the optimizer state was initialised "
+          f"for shape {ps.layout.shape}; re-run init with params of the current shapes."
+      )
+
+
+def _rule_states_for_step(projector, leaves, slots, count, base_key) -> dict[int, Any]:
+  """``{leaf index: rule state for step t}`` of the projected leaves: refreshed (an SVD, a QR...
+  of every projected matrix) inside ONE conditional for the whole tree on refresh steps."""
+  projected = [i for i, ps in enumerate(slots) if is_projected_leaf(ps)]
+  states = [slots[i].state for i in projected]
+  if projector.is_refresh is not None and projected:
+    states = _refresh_all(projector, [leaves[i] for i in projected],
+                          [slots[i] for i in projected], projected, count, base_key)
+  return dict(zip(projected, states))
+
+
+def _project_leaf(projector, g, slot: ProjectedLeafState, rule_state, count,
+                  apply_step) -> _Projected:
+  """The rule's step on every matrix of one leaf: Ĝ = Pₜᵀ G', and the state for step t + 1.
+
+  With ``apply_step`` the rule keeps its own state on a skipped step; P, which a refresh may
+  have replaced, is put back to the stored one here.
+  """
+  layout = slot.layout
+  rule = projector.oriented(layout.transpose)
+  if apply_step is None:
+    step = _vmap_batch(rule.step, len(layout.batch_shape), in_axes=(0, 0, None))
+    p_t, g_hat, new_state = step(to_matrix(g, layout), rule_state, count)
+  else:
+    step = _vmap_batch(lambda g_, s_, c_, ok: rule.step(g_, s_, c_, apply_step=ok),
+                       len(layout.batch_shape), in_axes=(0, 0, None, None))
+    p_t, g_hat, new_state = step(to_matrix(g, layout), rule_state, count, apply_step)
+    new_state = new_state._replace(p=jnp.where(apply_step, new_state.p, slot.state.p))
+  return _Projected(g_hat, Projections(slot.state.p, p_t, new_state.p),
+                    ProjectedLeafState(state=new_state, layout=layout))
+
+
+def _params_in_inner_coordinates(param_leaves, slots, projected) -> list:
+  """Params as ``inner`` sees them: Pₜᵀ W' for projected leaves, W elsewhere."""
+  out = []
+  for i, (w, ps) in enumerate(zip(param_leaves, slots)):
+    if i not in projected:
+      out.append(w)
+      continue
+    p_t = projected[i].projections.current
+    w_hat = jnp.matmul(jnp.swapaxes(p_t, -1, -2), to_matrix(w, ps.layout).astype(p_t.dtype))
+    out.append(w_hat.astype(w.dtype))
+  return out
+
+
+def _run_inner(inner, grads, inner_state, inner_params, extra_args):
+  """``inner.update`` in its own coordinates, with a hint when it wants params it cannot get."""
+  try:
+    return inner.update(grads, inner_state, inner_params, **extra_args)
+  except ValueError as e:  # optax's "you are not passing `params`" (e.g. inner=optax.adamw)
+    if inner_params is not None or _NO_PARAMS_HINT not in str(e):
+      raise
+    raise ValueError(
+        "The inner transformation of scale_by_subspace_descent reads params, but it gets "
+        "none unless project_params=True (then it gets Pₜᵀ W' for projected leaves). For "
+        "weight decay, apply it outside instead: optax.chain(scale_by_subspace_descent("
+        "optax.scale_by_adam(), ...), optax.add_decayed_weights(wd), "
+        "optax.scale_by_learning_rate(lr)), as osd_jax.osd_adamw does."
+    ) from e
+
+
+def _back_project(leaves, n_leaves, slots, projected, scale) -> list:
+  """U' = scale · Pₜ N for projected leaves (back in the weight's shape), N elsewhere."""
+  out = []
+  for i, (g, n, ps) in enumerate(zip(leaves, n_leaves, slots)):
+    if i not in projected:
+      out.append(n)
+      continue
+    p_t = projected[i].projections.current
+    u = scale * jnp.matmul(p_t, n.astype(p_t.dtype))  # U' = scale · Pₜ N
+    out.append(from_matrix(u, ps.layout).astype(g.dtype))
+  return out
+
+
+def _keep_on_skip(apply_step, new_state: SubspaceDescentState, state: SubspaceDescentState,
+                  rule_skipped: bool, inner_skipped: bool) -> SubspaceDescentState:
+  """The state of a skipped step: the old one, taking what the rule and ``inner`` kept
+  themselves as it is (a select of it would cost a copy of every moment)."""
+  projector_state = new_state.projector_state
+  if not rule_skipped:
+    projector_state = skipping.select_state(apply_step, projector_state, state.projector_state)
+  inner_state = new_state.inner_state
+  if not inner_skipped:
+    inner_state = skipping.select_state(apply_step, inner_state, state.inner_state)
+  return SubspaceDescentState(count=jnp.where(apply_step, new_state.count, state.count),
+                              inner_state=inner_state, projector_state=projector_state)
 
 
 def _matrix_layout(layout: MatrixLayout) -> MatrixLayout:
@@ -356,9 +374,9 @@ def _refresh_leaf(projector, g, layout: MatrixLayout, state, count, keys):
   The slices are taken from the gradient as stored (``to_matrix`` inside the loop), so a
   transposed view is never materialised for the whole stack.
   """
+  rule = projector.oriented(layout.transpose)
   if not layout.batch_shape:
-    with projectors_lib.transposed_view(layout.transpose):
-      return projector.refresh(to_matrix(g, layout), state, count, keys)
+    return rule.refresh(to_matrix(g, layout), state, count, keys)
   one = _matrix_layout(layout)
   n = math.prod(layout.batch_shape)
   rest = tuple(a for a in range(g.ndim) if a not in layout.batch_axes)
@@ -368,8 +386,7 @@ def _refresh_leaf(projector, g, layout: MatrixLayout, state, count, keys):
 
   def body(args):
     g_i, state_i, key_i = args
-    with projectors_lib.transposed_view(layout.transpose):
-      return projector.refresh(to_matrix(g_i, one), state_i, count, key_i)
+    return rule.refresh(to_matrix(g_i, one), state_i, count, key_i)
 
   new = jax.lax.map(body, (g_flat, state_flat, keys.reshape((n,))))
   return jax.tree.map(lambda a: a.reshape(layout.batch_shape + a.shape[1:]), new)
@@ -416,8 +433,9 @@ def _has_first_moment(x) -> bool:
   return isinstance(x, tuple) and hasattr(x, "_fields") and "mu" in x._fields
 
 
-def _transport_first_moment(inner_state, rotations, treedef):
-  """M ← R M for every projected leaf of every ``mu`` field in the inner state."""
+def _transport_first_moment(inner_state, rotations: dict, treedef):
+  """M ← R M for every projected leaf (``rotations``: leaf index -> R) of every ``mu`` field in
+  the inner state."""
 
   def rotate(node):
     if not _has_first_moment(node):
@@ -427,8 +445,9 @@ def _transport_first_moment(inner_state, rotations, treedef):
     except (ValueError, TypeError):
       return node
     new_mu = [
-        m if r is None else jnp.matmul(r, m.astype(r.dtype)).astype(m.dtype)
-        for m, r in zip(mu_leaves, rotations)
+        m if i not in rotations else jnp.matmul(rotations[i], m.astype(rotations[i].dtype))
+        .astype(m.dtype)
+        for i, m in enumerate(mu_leaves)
     ]
     return node._replace(mu=treedef.unflatten(new_mu))
 

@@ -253,10 +253,10 @@ def test_reference_code_flag_builds_the_reference_optimizer():
   np.testing.assert_allclose(  # the trainer's own warmup already trains at step 0
       float(optimizers.make_schedule(cfg.replace(reference_code=False))(0)), 1e-2, rtol=1e-6)
   flagged, _ = optimizers.make_optimizer(cfg, params)
-  reference = osd_jax.osd_adamw(
-      schedule, 2, reference_code=True, peak_learning_rate=cfg.lr, weight_decay=0.1,
-      update_proj_gap=cfg.update_proj_gap,
-      weight_dimension_numbers=optimizers.projection_rule(params, cfg.project))
+  reference = osd_jax.osd_adamw(schedule, 2, reference_code=True, weight_decay=0.1,
+      weight_dimension_numbers=optimizers.projection_rule(params, cfg.project),
+      projector=osd_jax.ProjectorOptions(peak_learning_rate=cfg.lr,
+      update_proj_gap=cfg.update_proj_gap))
 
   def updates(tx):
     state, out = tx.init(params), []
@@ -271,7 +271,7 @@ def test_reference_code_flag_builds_the_reference_optimizer():
 
 @pytest.mark.parametrize("shape", [(6, 10), (9, 4), (7, 7)])
 def test_transposed_view_products_match_plain_products(shape):
-  """The layout-only fast path (projectors.transposed_view) gives the same values."""
+  """The layout-only fast path (``transposed=True``) gives the same values."""
   import jax
   import numpy as np
 
@@ -285,9 +285,9 @@ def test_transposed_view_products_match_plain_products(shape):
 
   def products(transposed):
     def f(g, p, a):
-      with projectors.transposed_view(transposed):
-        return (projectors.project(p, g), projectors.gradient_times(g, a),
-                projectors.frobenius_norm(g), projectors.online_pca_gradient(p, g, 0.1))
+      return (projectors.project(p, g, transposed), projectors.gradient_times(g, a, transposed),
+              projectors.frobenius_norm(g, transposed),
+              projectors.online_pca_gradient(p, g, 0.1, transposed=transposed))
     return jax.jit(f)(g, p, a)
 
   for fast, plain in zip(products(True), products(False)):

@@ -30,7 +30,8 @@ def _reference(grads, state):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: osd_jax.osd_adamw(1e-2, 3, projector_lr_ratio=20.0, weight_dimension_numbers=SPECS),
+    lambda: osd_jax.osd_adamw(1e-2, 3, weight_dimension_numbers=SPECS,
+        projector=osd_jax.ProjectorOptions(lr_ratio=20.0)),
     lambda: osd_jax.galore_adamw(1e-2, 3, update_proj_gap=2, weight_dimension_numbers=SPECS),
 ], ids=["osd_adamw", "galore_adamw"])
 def test_captured_energy_matches_numpy(make):

@@ -1,5 +1,7 @@
 """osd_jax transformations inside jit, scan, cond and the optax combinators; dtypes; batch axes."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -155,7 +157,7 @@ def test_multisteps_accumulates():
 def test_inject_hyperparams_with_static_rank():
   params = _params()
   tx = optax.inject_hyperparams(osd_jax.osd_adamw, static_args=("rank",))(
-      learning_rate=1e-2, rank=3, weight_decay=0.1, orthogonality_weight=0.1)
+      learning_rate=1e-2, rank=3, weight_decay=0.1)
   state = tx.init(params)
   u, state = jax.jit(tx.update)(_grads(params, 0), state, params)
   ref_tx = osd_jax.osd_adamw(1e-2, rank=3, weight_decay=0.1)
@@ -169,13 +171,14 @@ def test_inject_hyperparams_with_static_rank():
 INJECT_CASES = {
     "osd_adamw": (osd_jax.osd_adamw, dict(
         learning_rate=1e-2, rank=3, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.1, scale=0.7,
-        orthogonality_weight=0.2, projector_lr_ratio=2.0, projector_weight_decay=0.05)),
+        projector=osd_jax.ProjectorOptions(orthogonality_weight=0.2, lr_ratio=2.0,
+                                           weight_decay=0.05))),
     "osd_adamw_reference_code": (osd_jax.osd_adamw, dict(
-        learning_rate=1e-2, rank=3, reference_code=True, peak_learning_rate=2e-2,
-        update_proj_gap=5)),
+        learning_rate=1e-2, rank=3, reference_code=True,
+        projector=osd_jax.ProjectorOptions(peak_learning_rate=2e-2, update_proj_gap=5))),
     "osd_lion": (osd_jax.osd_lion, dict(
         learning_rate=1e-3, rank=3, b1=0.8, b2=0.95, weight_decay=0.1, scale=0.5,
-        orthogonality_weight=0.2, projector_lr_ratio=20.0)),
+        projector=osd_jax.ProjectorOptions(orthogonality_weight=0.2, lr_ratio=20.0))),
     "galore_adamw": (osd_jax.galore_adamw, dict(
         learning_rate=1e-2, rank=3, update_proj_gap=2, scale=0.3, b1=0.8, weight_decay=0.1)),
 }
@@ -211,7 +214,8 @@ def test_refresh_period_accepts_integer_arrays_and_names_the_argument():
     with pytest.raises(ValueError, match="every must be a positive int"):
       projectors.svd(every=bad)
   with pytest.raises(ValueError, match="update_proj_gap must be a positive int"):
-    osd_jax.osd_adamw(1e-2, rank=2, reference_code=True, update_proj_gap=0)
+    osd_jax.osd_adamw(1e-2, rank=2, reference_code=True,
+        projector=osd_jax.ProjectorOptions(update_proj_gap=0))
 
 
 def test_apply_if_finite_skips_nan_steps():
@@ -383,7 +387,8 @@ def test_transport_state_with_periodic_rules(rule_name):
 def test_side_auto_and_larger():
   params = {"w": jnp.ones((8, 64))}
   smaller = osd_jax.osd_adamw(1e-2, rank=2).init(params)
-  larger = osd_jax.osd_adamw(1e-2, rank=2, side="larger").init(params)
+  larger = osd_jax.osd_adamw(1e-2, rank=2,
+      projector=osd_jax.ProjectorOptions(side="larger")).init(params)
   assert smaller[0].projector_state["w"].state.p.shape == (8, 2)
   assert larger[0].projector_state["w"].state.p.shape == (64, 2)
   # galore-like rule (P only) + Adam inner: spanning the larger side stores fewer bytes
@@ -391,5 +396,28 @@ def test_side_auto_and_larger():
   assert auto[0].projector_state["w"].state.p.shape == (64, 2)
   assert osd_jax.state_bytes(auto) < osd_jax.state_bytes(osd_jax.galore_adamw(1e-2, 2).init(params))
   # online PCA with Adam on P (3 slots): the smaller side is cheaper
-  auto_osd = osd_jax.osd_adamw(1e-2, rank=2, side="auto").init(params)
+  auto_osd = osd_jax.osd_adamw(1e-2, rank=2,
+      projector=osd_jax.ProjectorOptions(side="auto")).init(params)
   assert auto_osd[0].projector_state["w"].state.p.shape == (8, 2)
+
+
+def test_leaves_with_more_than_two_dims_are_never_silently_left_at_full_rank():
+  """The default spec projects 2-D leaves only: 3-D/4-D ones are named in one warning with the
+  fix, and projected once ``weight_dimension_numbers`` says which axes form the matrix."""
+  params = {"stacked": jnp.ones((4, 64, 128)), "conv": jnp.ones((3, 3, 16, 32)),
+            "w": jnp.ones((64, 128)), "b": jnp.ones(128)}
+  with pytest.warns(osd_jax.UnprojectedWarning) as record:
+    state = osd_jax.osd_adamw(1e-3, rank=8).init(params)
+  assert len(record) == 1
+  message = str(record[0].message)
+  assert "['stacked'] (4, 64, 128)" in message and "['conv'] (3, 3, 16, 32)" in message
+  assert "weight_dimension_numbers" in message and "['w']" not in message
+  adam = state[0].inner_state
+  assert adam.mu["stacked"].shape == (4, 64, 128)  # full-size state, as the warning says
+  wdn = {"stacked": osd_jax.DimensionNumbers(1, 2), "conv": osd_jax.DimensionNumbers((0, 1, 2), 3),
+         "w": osd_jax.DimensionNumbers(), "b": None}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # an explicit spec: no warning
+    state = osd_jax.osd_adamw(1e-3, rank=8, weight_dimension_numbers=wdn).init(params)
+  adam = state[0].inner_state
+  assert adam.mu["stacked"].shape == (4, 8, 128) and adam.mu["conv"].shape == (8, 144)

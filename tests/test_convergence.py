@@ -46,10 +46,12 @@ def _train(tx, steps, w_star):
   return losses
 
 
+# scale 1 (not the aliases' 0.25), the step the closed form above is written for
 OPTIMIZERS = {
-    "osd_adamw": lambda lr: osd_jax.osd_adamw(lr, R, eps=1e-14, projector_dtype=jnp.float64),
-    "osd_lion": lambda lr: osd_jax.osd_lion(lr, R, projector_lr_ratio=1.0,
-                                            projector_dtype=jnp.float64),
+    "osd_adamw": lambda lr: osd_jax.osd_adamw(
+        lr, R, eps=1e-14, scale=1.0, projector=osd_jax.ProjectorOptions(dtype=jnp.float64)),
+    "osd_lion": lambda lr: osd_jax.osd_lion(
+        lr, R, scale=1.0, projector=osd_jax.ProjectorOptions(lr_ratio=1.0, dtype=jnp.float64)),
 }
 
 

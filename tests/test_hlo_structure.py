@@ -41,8 +41,8 @@ def _subspace(rule):
 OPTIMIZERS = {
     "osd_adamw": lambda wdn: osd_jax.osd_adamw(1e-3, 8, weight_decay=0.1,
                                                weight_dimension_numbers=wdn),
-    "osd_adamw_randomized": lambda wdn: osd_jax.osd_adamw(
-        1e-3, 8, projector_init="randomized", weight_dimension_numbers=wdn),
+    "osd_adamw_randomized": lambda wdn: osd_jax.osd_adamw(1e-3, 8, weight_dimension_numbers=wdn,
+        projector=osd_jax.ProjectorOptions(init="randomized")),
     "osd_lion": lambda wdn: osd_jax.osd_lion(1e-4, 8, weight_dimension_numbers=wdn),
     "galore_adamw": lambda wdn: osd_jax.galore_adamw(1e-3, 8, weight_dimension_numbers=wdn),
     "svd": _subspace(projectors.svd(every=5)),
@@ -90,37 +90,9 @@ def test_the_number_of_conditionals_does_not_grow_with_the_tree():
   assert len(hlo.decompositions(module)) >= 28  # one SVD per projected matrix (2×14)
 
 
-def test_a_rule_given_as_init_and_update_keeps_its_own_branches():
-  """Backwards compatibility: ProjectorRule(init, update) still works, with its own conds."""
-
-  def init(s, L, r, dtype):  # noqa: N803
-    return projectors.PeriodicProjectorState(jnp.zeros((s, r), dtype))
-
-  def update(g, state, count, key):
-    p = jax.lax.cond(count == 0, lambda: projectors.top_singular_subspace(g, state.p.shape[-1]),
-                     lambda: state.p)
-    return p, p.T @ g, projectors.PeriodicProjectorState(p)
-
-  rule = projectors.ProjectorRule(init, update)
-  assert not rule.is_split
-  params = {"a": jnp.zeros((6, 10)), "b": jnp.zeros((10, 6))}
-  tx = osd_jax.scale_by_subspace_descent(optax.identity(), 2, rule)
-  module = _compiled_update(tx, params)
-  assert len(hlo.conditionals(module)) == 2  # one per matrix, as the rule wrote it
-  # ... and it gives the same numbers as the built-in split rule.
-  g = {"a": jax.random.normal(jax.random.key(0), (6, 10)),
-       "b": jax.random.normal(jax.random.key(1), (10, 6))}
-  split = osd_jax.scale_by_subspace_descent(optax.identity(), 2, projectors.frozen())
-  u_old, _ = tx.update(g, tx.init(g))
-  u_new, _ = split.update(g, split.init(g))
-  np.testing.assert_allclose(u_old["a"], u_new["a"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(u_old["b"], u_new["b"], rtol=1e-5, atol=1e-6)
-
-
 def test_projector_rule_update_matches_the_split_path():
   """``rule.update`` (refresh if due, then step) equals refresh + step called by hand."""
   rule = projectors.online_pca(1e-2, weight_decay=0.1)
-  assert rule.is_split
   state = rule.init(10, 16, 3, jnp.float32)
   by_parts = state
   for t in range(3):

@@ -109,15 +109,15 @@ CASES = {
     "osd_adamw": (
         lambda p: off.GaLoreAdamW(p, SHAPES, LR, RANK, gap=10, scale=0.25,
                                   proj_type="continuous", weight_decay=WD),
-        lambda **kw: osd_jax.osd_adamw(
-            jax_schedule, RANK, weight_decay=WD, peak_learning_rate=LR, update_proj_gap=10,
-            projector_dtype=jnp.float64, **kw)),
+        lambda **kw: osd_jax.osd_adamw(jax_schedule, RANK, weight_decay=WD, **kw,
+            projector=osd_jax.ProjectorOptions(peak_learning_rate=LR, update_proj_gap=10,
+            dtype=jnp.float64))),
     "osd_lion": (
         lambda p: off.GaLoreLion(p, SHAPES, LR, RANK, gap=10, scale=0.25,
                                  proj_type="continuous", weight_decay=WD),
-        lambda **kw: osd_jax.osd_lion(
-            jax_schedule, RANK, weight_decay=WD, peak_learning_rate=LR, update_proj_gap=10,
-            projector_dtype=jnp.float64, **kw)),
+        lambda **kw: osd_jax.osd_lion(jax_schedule, RANK, weight_decay=WD, **kw,
+            projector=osd_jax.ProjectorOptions(peak_learning_rate=LR, update_proj_gap=10,
+            dtype=jnp.float64))),
     "galore_adamw": (
         lambda p: off.GaLoreAdamW(p, SHAPES, LR, RANK, gap=5, scale=0.25, proj_type="std",
                                   weight_decay=WD),

@@ -177,11 +177,11 @@ def test_custom_rule_plugs_in():
   def init(s, L, r, dtype):  # noqa: N803
     return projectors.PeriodicProjectorState(jnp.eye(s, r, dtype=dtype))
 
-  def update(g, state, count, key):
+  def step(g, state, count):
     return state.p, state.p.T @ g.astype(state.p.dtype), state
 
   tx = osd_jax.scale_by_subspace_descent(optax.identity(), 2,
-                                         projectors.ProjectorRule(init, update))
+                                         projectors.projector_rule(init, step))
   g = {"w": jnp.arange(12.0).reshape(3, 4)}
   u, _ = tx.update(g, tx.init(g))
   expected = np.asarray(g["w"]).copy()
@@ -215,9 +215,7 @@ def test_official_singular_subspace_keeps_raw_signs_in_the_official_orientation(
   """G' = G_torch (transposed view): P = U[:, :r] of svd(G'); otherwise Vh[:r]ᵀ of svd(G'ᵀ)."""
   g = np.random.default_rng(1).normal(size=(6, 11))
   with jax.enable_x64(True):
-    with projectors.transposed_view(True):
-      p_out = np.asarray(projectors.official_singular_subspace(jnp.asarray(g), 3))
-    with projectors.transposed_view(False):
-      p_in = np.asarray(projectors.official_singular_subspace(jnp.asarray(g), 3))
+    p_out = np.asarray(projectors.official_singular_subspace(jnp.asarray(g), 3, transposed=True))
+    p_in = np.asarray(projectors.official_singular_subspace(jnp.asarray(g), 3, transposed=False))
   np.testing.assert_allclose(p_out, np.linalg.svd(g, full_matrices=False)[0][:, :3], atol=1e-12)
   np.testing.assert_allclose(p_in, np.linalg.svd(g.T, full_matrices=False)[2][:3].T, atol=1e-12)

@@ -58,9 +58,9 @@ def x64():
 
 CASES = {
     "osd_adamw": dict(
-        tx=lambda: osd_jax.osd_adamw(
-            lr_schedule, RANK, weight_decay=0.05, scale=0.7, orthogonality_weight=0.3,
-            projector_lr_ratio=2.0, projector_dtype=jnp.float64),
+        tx=lambda: osd_jax.osd_adamw(lr_schedule, RANK, weight_decay=0.05, scale=0.7,
+            projector=osd_jax.ProjectorOptions(orthogonality_weight=0.3, lr_ratio=2.0,
+            dtype=jnp.float64)),
         matrix=lambda s: ref.ProjectedMatrix(s, RANK, ref.Adam, scale=0.7, lam=0.3,
                                              proj_lr=lambda t: 2.0 * lr_schedule(t),
                                              proj_wd=0.05),
@@ -68,25 +68,25 @@ CASES = {
     # The official code's projector rule through the paper-mode alias (reference_code=True
     # itself is checked against the official update in tests/test_official_parity.py).
     "osd_adamw_reference_projector": dict(
-        tx=lambda: osd_jax.osd_adamw(
-            lr_schedule, RANK, weight_decay=0.05, orthogonality_weight=0.0,
-            projector_weight_decay=0.01, projector_dtype=jnp.float64,
-            projector_learning_rate=osd_jax.reference_projector_learning_rate(
-                lr_schedule, peak_learning_rate=0.02, update_proj_gap=10)),
-        matrix=lambda s: ref.ProjectedMatrix(s, RANK, ref.Adam, lam=0.0, proj_wd=0.01,
+        tx=lambda: osd_jax.osd_adamw(lr_schedule, RANK, weight_decay=0.05,
+            projector=osd_jax.ProjectorOptions(orthogonality_weight=0.0, weight_decay=0.01,
+            dtype=jnp.float64, learning_rate=osd_jax.reference_projector_learning_rate(
+                lr_schedule, peak_learning_rate=0.02, update_proj_gap=10))),
+        # the default scale: osd_jax.DEFAULT_SCALE
+        matrix=lambda s: ref.ProjectedMatrix(s, RANK, ref.Adam, scale=0.25, lam=0.0,
+                                             proj_wd=0.01,
                                              proj_lr=lambda t: lr_schedule(t) / 0.02 / 10),
         vector=ref.Adam, wd=0.05),
     "osd_lion": dict(
-        tx=lambda: osd_jax.osd_lion(
-            lr_schedule, RANK, weight_decay=0.1, scale=1.5, projector_dtype=jnp.float64),
+        tx=lambda: osd_jax.osd_lion(lr_schedule, RANK, weight_decay=0.1, scale=1.5,
+            projector=osd_jax.ProjectorOptions(dtype=jnp.float64)),
         matrix=lambda s: ref.ProjectedMatrix(s, RANK, ref.Lion, scale=1.5, lam=0.1,
                                              proj_lr=lambda t: 5.0 * lr_schedule(t),
                                              proj_wd=0.1),
         vector=ref.Lion, wd=0.1),
     "osd_lion_sign_after_projection": dict(
-        tx=lambda: osd_jax.osd_lion(
-            lr_schedule, RANK, weight_decay=0.1, sign_after_projection=True,
-            projector_dtype=jnp.float64),
+        tx=lambda: osd_jax.osd_lion(lr_schedule, RANK, weight_decay=0.1,
+            sign_after_projection=True, projector=osd_jax.ProjectorOptions(dtype=jnp.float64)),
         matrix=lambda s: ref.ProjectedMatrix(s, RANK, functools.partial(ref.Lion, sign=False),
                                              lam=0.1, proj_lr=lambda t: 5.0 * lr_schedule(t),
                                              proj_wd=0.1, sign_after=True),

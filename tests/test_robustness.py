@@ -17,7 +17,7 @@ def _params():
 
 @pytest.mark.parametrize("make", [
     lambda: osd_jax.osd_adamw(1e-2, rank=2),
-    lambda: osd_jax.osd_adamw(1e-2, rank=2, projector_init="randomized"),
+    lambda: osd_jax.osd_adamw(1e-2, rank=2, projector=osd_jax.ProjectorOptions(init="randomized")),
     lambda: osd_jax.osd_lion(1e-2, rank=2),
     lambda: osd_jax.galore_adamw(1e-2, rank=2, update_proj_gap=2),
 ])
@@ -88,8 +88,8 @@ def test_bad_dimension_numbers(wdn, err, match):
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: osd_jax.osd_adamw(1e-2, 2, projector_init="qr"), "init"),
-    (lambda: osd_jax.osd_adamw(1e-2, 2, side="left"), "side"),
+    (lambda: osd_jax.osd_adamw(1e-2, 2, projector=osd_jax.ProjectorOptions(init="qr")), "init"),
+    (lambda: osd_jax.osd_adamw(1e-2, 2, projector=osd_jax.ProjectorOptions(side="left")), "side"),
     (lambda: osd_jax.osd_adamw(None, 2), "learning_rate"),
     (lambda: osd_jax.galore_adamw(1e-2, 2, update_proj_gap=0), "update_proj_gap"),
     (lambda: osd_jax.projectors.svd(every=0), "every"),

@@ -61,15 +61,36 @@ def test_a_skipped_step_leaves_the_whole_state_as_it_was(make):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_honouring_apply_step_records_each_subspace_state():
-  tx = optax.chain(optax.clip_by_global_norm(1.0), osd_jax.osd_adamw(1e-3, 4))
+def test_honouring_apply_step_is_a_property_of_the_transformation():
+  """Structural: the aliases and skipping.chain say so themselves; optax's chain does not."""
+  assert skipping.honours_apply_step(osd_jax.osd_adamw(1e-3, 4))
+  assert skipping.honours_apply_step(osd_jax.galore_adamw(1e-3, 4))
+  assert skipping.honours_apply_step(skipping.scale_by_adam())
+  assert not skipping.honours_apply_step(optax.scale_by_adam())
+  assert not skipping.honours_apply_step(optax.chain(osd_jax.osd_adamw(1e-3, 4)))
+  tx = skipping.chain(optax.clip_by_global_norm(1.0), osd_jax.osd_adamw(1e-3, 4))
+  assert skipping.honours_apply_step(tx)
+  # ... and it keeps every part's state on a skipped step (the clip's and the schedule's too)
   params = _grads(0, SHAPES)
-  with skipping.honouring_apply_step() as seen:
-    tx.update(params, tx.init(params), params, apply_step=jnp.bool_(True))
-  assert len(seen) == 1 and isinstance(seen[0], osd_jax.SubspaceDescentState)
-  with skipping.honouring_apply_step() as seen:
-    tx.update(params, tx.init(params), params)  # not passed: nothing honoured
-  assert seen == []
+  state = tx.init(params)
+  _, state = tx.update(_grads(1, SHAPES), state, params)
+  _, kept = tx.update(_grads(2, SHAPES), state, params, apply_step=jnp.bool_(False))
+  _assert_equal(kept, state)
+
+
+def test_honour_apply_step_wraps_any_transformation():
+  tx = skipping.honour_apply_step(optax.scale_by_lion(b1=0.8))
+  assert skipping.honours_apply_step(tx)
+  assert skipping.honour_apply_step(tx) is tx
+  g = _grads(0, SHAPES)
+  state = tx.init(g)
+  _, moved = tx.update(g, state, apply_step=jnp.bool_(True))
+  _, kept = tx.update(g, moved, apply_step=jnp.bool_(False))
+  _assert_equal(kept, moved)
+  ref_state = optax.scale_by_lion(b1=0.8).init(g)
+  _, ref_state = optax.scale_by_lion(b1=0.8).update(g, ref_state)
+  _assert_equal(moved, ref_state)
+  assert not all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(moved))
 
 
 def _donated_update_hlo(apply_step: str) -> str:

@@ -158,13 +158,12 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   mask = None if ref else decay_mask(params)  # the official code decays every parameter
   adam = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.999 if cfg.b2 is None else cfg.b2,
               eps=cfg.eps if cfg.eps is not None or ref else 1e-8)
-  # The official code's choices (osd_jax reference_code=True); scale and eps left to the alias.
-  reference = dict(reference_code=True, peak_learning_rate=cfg.lr,
-                   update_proj_gap=cfg.update_proj_gap) if ref else {}
   lion = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.99 if cfg.b2 is None else cfg.b2)
   if name == "adamw":
-    if cfg.scale is None:
-      return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=mask, **adam)
+    if cfg.scale is None:  # optax.adamw, whose moments keep themselves on a skipped step
+      return osd_jax.skipping.chain(osd_jax.skipping.scale_by_adam(**adam),
+                                    optax.add_decayed_weights(cfg.weight_decay, mask),
+                                    optax.scale_by_learning_rate(schedule))
     return _scaled_adamw(cfg, schedule, params, mask, adam)
   if name == "lion":
     return optax.lion(schedule, weight_decay=cfg.weight_decay, mask=mask, **lion)
@@ -172,17 +171,16 @@ def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   if name == "galore_adamw":
     return osd_jax.galore_adamw(
         schedule, cfg.resolved_rank, update_proj_gap=cfg.update_proj_gap,
-        scale=0.25 if cfg.scale is None else cfg.scale, weight_decay=cfg.weight_decay,
-        weight_dimension_numbers=dims, mask=mask, seed=cfg.seed,
+        scale=osd_jax.DEFAULT_SCALE if cfg.scale is None else cfg.scale,
+        weight_decay=cfg.weight_decay, weight_dimension_numbers=dims, mask=mask, seed=cfg.seed,
         align_signs=None if ref else cfg.align_signs, reference_code=ref, **adam)
-  # scale 0.25 by default, as GaLore and the official OSD run: tiny quality study, each at its
-  # best lr, eval ppl 115.0 ± 1.7 against 182.0 ± 8.3 with scale 1 (benchmarks/RESULTS.md §4c)
-  osd = dict(scale=cfg.scale if cfg.scale is not None or ref else 0.25,
-             orthogonality_weight=cfg.orthogonality_weight,
-             projector_lr_ratio=cfg.projector_lr_ratio,
-             projector_weight_decay=cfg.projector_weight_decay,
-             projector_init=cfg.projector_init, weight_dimension_numbers=dims, mask=mask,
-             weight_decay=cfg.weight_decay, seed=cfg.seed, **reference)
+  projector = osd_jax.ProjectorOptions(
+      lr_ratio=cfg.projector_lr_ratio, orthogonality_weight=cfg.orthogonality_weight,
+      weight_decay=cfg.projector_weight_decay, init=cfg.projector_init, seed=cfg.seed,
+      update_proj_gap=cfg.update_proj_gap, peak_learning_rate=cfg.lr)
+  # scale: osd_jax.DEFAULT_SCALE (0.25) unless --scale is given
+  osd = dict(scale=cfg.scale, projector=projector, weight_dimension_numbers=dims, mask=mask,
+             weight_decay=cfg.weight_decay, reference_code=ref)
   if name == "osd_adamw":
     return osd_jax.osd_adamw(schedule, cfg.resolved_rank, **adam, **osd)
   if name == "osd_lion":
@@ -221,7 +219,8 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> tuple[optax.GradientTransfo
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(_base_optimizer(cfg, schedule, params))
-  return optax.chain(*parts), schedule
+  # a skipped step (train_step's apply_step) leaves the state of every part as it was
+  return osd_jax.skipping.chain(*parts), schedule
 
 
 def is_subspace(cfg: TrainConfig) -> bool:

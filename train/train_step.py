@@ -135,22 +135,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if loss_spike_factor > 0:
       ok &= ~((state.loss_avg > 0) & (loss > loss_spike_factor * state.loss_avg))
-    # osd_jax keeps its own state on a skipped step (apply_step, see osd_jax.skipping): its
-    # inner Adam then computes the update from the kept moments, and the select below, which
-    # would hold a copy of every moment, is left out for those states.
-    with osd_jax.skipping.honouring_apply_step() as honoured:
-      updates, new_opt = tx.update(grads, state.opt_state, state.params, apply_step=ok)
+    # A transformation that honours apply_step (osd_jax.skipping: the subspace optimizers) keeps
+    # its own state on a skipped step: its inner Adam then computes the update from the kept
+    # moments, and the select below, which would hold a copy of every moment, is left out.
+    updates, new_opt = tx.update(grads, state.opt_state, state.params, apply_step=ok)
     new_params = optax.apply_updates(state.params, updates)
 
     def keep(new, old):  # the old values on a skipped step
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
-    is_osd = lambda x: isinstance(x, osd_jax.SubspaceDescentState)  # noqa: E731
-    self_kept = len(honoured) == len([x for x in jax.tree.leaves(state.opt_state, is_leaf=is_osd)
-                                      if is_osd(x)])
     new_params = keep(new_params, state.params)
-    new_opt = jax.tree.map(lambda new, old: new if self_kept and is_osd(new) else keep(new, old),
-                           new_opt, state.opt_state, is_leaf=is_osd)
+    if not osd_jax.skipping.honours_apply_step(tx):
+      new_opt = keep(new_opt, state.opt_state)
     avg = jnp.where(state.loss_avg > 0, 0.95 * state.loss_avg + 0.05 * loss, loss)
     skipped_now = (~ok).astype(jnp.int32)
     # mean loss since the last log step: accumulated here, reset after each log step
