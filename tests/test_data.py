@@ -1,6 +1,7 @@
 """Tests of the tokenizer, the embedded corpus and the grain input pipelines (train/)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -98,12 +99,20 @@ def test_tokenizer_errors(tmp_path):
     tokenizer_lib.train_tokenizer(["", "   "], 300, tmp_path / "empty.model")
 
 
-def test_default_tokenizer_trains_once_and_caches(tmp_path):
-  first = tokenizer_lib.default_tokenizer(tmp_path, vocab_size=VOCAB)
+def test_default_tokenizer_trains_once_and_caches(tmp_path, caplog):
+  """Trained on first use, saying so (the ~10 s it takes are no silence), then loaded quietly."""
+  with caplog.at_level(logging.INFO, logger="train"):
+    first = tokenizer_lib.default_tokenizer(tmp_path, vocab_size=VOCAB)
+  assert [r.getMessage() for r in caplog.records] == [
+      f"training the default tokenizer (vocab {VOCAB}) on the embedded corpus: once, about 10 s; "
+      f"cached as {first.model_path}"]
   assert os.path.isfile(first.model_path) and first.vocab_size == VOCAB
   assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first.model_path)]
   mtime = os.stat(first.model_path).st_mtime_ns
-  second = tokenizer_lib.default_tokenizer(tmp_path, vocab_size=VOCAB)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="train"):
+    second = tokenizer_lib.default_tokenizer(tmp_path, vocab_size=VOCAB)
+  assert not caplog.records
   assert second.model_path == first.model_path
   assert os.stat(first.model_path).st_mtime_ns == mtime
   assert second.encode("class A:\n  pass") == first.encode("class A:\n  pass")

@@ -5,6 +5,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import warnings
 
 import numpy as np
@@ -166,17 +167,46 @@ def test_malformed_lines_are_counted_and_warned_about_once(tmp_path, tok, docs, 
   assert len(messages) == 1 and f"{paths[0]}:6 " in messages[0]
 
 
-def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs):
+def test_both_splits_warn_once_and_a_resume_counts_each_line_once(tmp_path, tok, docs, caplog):
+  """The train and eval splits read the same lines: one warning in all. A position saved inside
+  a block and restored counts the block's malformed lines once, as the uninterrupted stream."""
+  _write_shards(tmp_path, docs, malformed_every=4)
+  common = {"seq_len": SEQ, "batch_size": 4, "text_field": "text"}
+  with caplog.at_level(logging.WARNING, logger="train.data"):
+    train = data.make_dataset(f"jsonl:{tmp_path}", tok, split="train", **common)
+    data.make_dataset(f"jsonl:{tmp_path}", tok, split="eval", **common)
+    _all(iter(data.make_dataset(f"jsonl:{tmp_path}", tok, split="eval", num_epochs=1,
+                                **common)))
+  assert len([r for r in caplog.records if "malformed" in r.getMessage()]) == 1, caplog.text
+  _write_shards(tmp_path / "short", [d[:300] for d in docs[:30]], malformed_every=2)
+  small = data.make_jsonl_dataset(str(tmp_path / "short"), tok, seq_len=SEQ, batch_size=4,
+                                  block_windows=16)
+  it = iter(small)
+  states = []
+  for _ in range(12):
+    states.append(json.loads(json.dumps(it.get_state())))
+    next(it)
+  for k in (1, 5, 11):
+    fresh = iter(small)
+    fresh.set_state(states[k])
+    for _ in range(k, 12):
+      next(fresh)
+    assert fresh.malformed_lines == it.malformed_lines > 0, k
+  assert iter(train).malformed_lines == 0  # a fresh iterator counts from 0
+
+
+def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs, caplog):
   _write_shards(tmp_path / "ok", docs[:9])
   bad = tmp_path / "ok" / "c4-train.zzz.json.gz"
   with gzip.open(bad, "wt") as f:
     f.write("not json\n{}\n" + json.dumps({"content": "x"}) + "\n")
-  with pytest.raises(ConfigError, match=r"c4-train\.zzz\.json\.gz has no readable line.*"
-                                        r"--text-field") as e, warnings.catch_warnings():
-    warnings.simplefilter("ignore")
+  with pytest.raises(ConfigError, match=r"c4-train\.zzz\.json\.gz has no readable line; line "
+                                        r"1: Expecting value.*--text-field") as e, \
+      caplog.at_level(logging.WARNING, logger="train.data"):
     _all(iter(data.make_jsonl_dataset(str(tmp_path / "ok"), tok, seq_len=SEQ, batch_size=1,
                                       shuffle=False, num_epochs=1)))
   assert "\n" not in str(e.value)
+  assert not caplog.records, caplog.text  # the error alone, no warning before it
   # the text lives in another field: --text-field reads it
   _, order = _write_shards(tmp_path / "content", docs[:30], field="content")
   ds = data.make_dataset(f"jsonl:{tmp_path}/content/*.gz", tok, seq_len=SEQ, batch_size=2,
@@ -200,16 +230,18 @@ def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs):
     validate(TrainConfig(data="jsonl:"))
 
 
-def test_training_on_jsonl_resumes_bitwise(tmp_path, tok, docs):
+def test_training_on_jsonl_resumes_bitwise(tmp_path, tok, docs, caplog):
   """The trainer's --data jsonl: run stopped after step 2 and resumed ends with the params and
-  losses of the uninterrupted run (the data position is in the checkpoint)."""
+  losses of the uninterrupted run (the data position is in the checkpoint). Each run ends by
+  counting the malformed lines its training stream skipped, the resumed one those since the
+  run began."""
   from tests.train_utils import assert_trees_equal, one_device, small_config
   from train import metrics, trainer
 
   _write_shards(tmp_path / "data", [d[:2000] for d in docs[:40]], malformed_every=7)
   cfg = small_config(optimizer="adamw", steps=4, ckpt_every=2, data=f"jsonl:{tmp_path}/data",
                      async_checkpoint=False)
-  with warnings.catch_warnings():
+  with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="train"):
     warnings.simplefilter("ignore")
     full = trainer.train(cfg.replace(run_dir=str(tmp_path / "full")), devices=one_device(),
                          tokenizer=tok)
@@ -224,3 +256,10 @@ def test_training_on_jsonl_resumes_bitwise(tmp_path, tok, docs):
 
   assert losses("part") == losses("full") and len(losses("full")) == 4
   assert_trees_equal(resumed.state, full.state)
+  counts = re.findall(rf"--data {re.escape(cfg.data)}: (\d+) malformed lines? skipped in the "
+                      r"training data read so far", caplog.text)
+  reader = iter(data.make_dataset(cfg.data, tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                  seed=cfg.seed))
+  for _ in range(4):
+    next(reader)
+  assert counts == [str(reader.malformed_lines)] * 3 and reader.malformed_lines > 0

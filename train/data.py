@@ -388,7 +388,7 @@ def _make_tfds_dataset(name: str, tokenizer: Tokenizer, *, seq_len: int, batch_s
 
 #: Windows per shuffle block of ``jsonl:`` training data (about 256k tokens at seq_len 256).
 JSONL_SHUFFLE_WINDOWS = 1024
-_JSONL_WARNED: set[tuple[str, str]] = set()  # (spec, split) whose first malformed line was logged
+_JSONL_WARNED: set[str] = set()  # the specs whose first malformed line was logged (any split)
 
 
 def jsonl_files(pattern: str) -> list[str]:
@@ -432,6 +432,9 @@ class _JsonlStream:
     self.split, self.seed, self.shuffle, self.field = split, seed, shuffle, field
     self.num_epochs, self.block_windows, self.what = num_epochs, block_windows, what
     self.malformed = 0  # malformed lines seen by this stream (warned about once)
+    # the current file's first malformed line (path, line number, reason) until the file shows a
+    # readable line: a file without one is one error naming it, not a warning plus an error
+    self._pending: tuple[str, int, str] | None = None
     self._open: tuple[str, int, Any] | None = None  # (path, lines read, handle) between blocks
 
   def _reader(self, path: str, line: int):
@@ -463,8 +466,18 @@ class _JsonlStream:
 
     return ConfigError(f"--data {self.what}: {message}")
 
-  def _doc(self, raw: bytes, path: str, lineno: int) -> str | None:
-    """The text of one line; None (counted, first one warned about) for a malformed line."""
+  def _warn_pending(self) -> None:
+    """Warns about the first malformed line, once per process and ``--data`` spec (the train and
+    eval splits read the same lines), once its file has shown a readable line."""
+    pending, self._pending = self._pending, None
+    if pending is not None and self.what not in _JSONL_WARNED:
+      _JSONL_WARNED.add(self.what)
+      log.warning("warning: --data %s: skipping malformed line %s:%d (%s); further malformed "
+                  "lines are skipped too and counted at the end of the run", self.what, *pending)
+
+  def _doc(self, raw: bytes, path: str, lineno: int, good: int) -> str | None:
+    """The text of one line; None (counted; the first one warned about once the file has a
+    readable line, ``good`` > 0 so far) for a malformed line."""
     import json
 
     try:
@@ -477,12 +490,11 @@ class _JsonlStream:
       return text
     except (ValueError, TypeError, KeyError, IndexError) as e:
       self.malformed += 1
-      key = (self.what, self.split)
-      if key not in _JSONL_WARNED:  # once per process and split, not once per iterator
-        _JSONL_WARNED.add(key)
+      if self._pending is None:
         reason = f"no field {self.field!r}" if isinstance(e, KeyError) else str(e)[:120]
-        log.warning("--data %s: skipping malformed line %s:%d (%s); further malformed lines "
-                    "are skipped and counted silently", self.what, path, lineno, reason)
+        self._pending = (path, lineno, reason)
+      if good:
+        self._warn_pending()
       return None
 
   def block(self, pos: dict) -> tuple[np.ndarray, dict | None]:
@@ -507,10 +519,11 @@ class _JsonlStream:
               pos["line"] += 1
               if not raw.strip():
                 continue
-              text = self._doc(raw, path, pos["line"])
+              text = self._doc(raw, path, pos["line"], pos["good"])
               if text is None:
                 continue
               pos["good"] += 1
+              self._warn_pending()
               if not text.strip() or corpus.is_heldout(text) != (self.split == "eval"):
                 continue
               ids = np.asarray(self.tokenizer.encode(text) + eos, np.int32)
@@ -527,8 +540,9 @@ class _JsonlStream:
         except (OSError, EOFError) as e:  # unreadable or truncated gzip
           raise self._error(f"cannot read {path} at line {pos['line'] + 1}: {e}") from None
         if pos["good"] == 0:
-          raise self._error(f"{path} has no readable line (each line must be a JSON object "
-                            f"with a string field {self.field!r}; see --text-field)")
+          first = f"; line {self._pending[1]}: {self._pending[2]}" if self._pending else ""
+          raise self._error(f"{path} has no readable line{first} (each line must be a JSON "
+                            f"object with a string field {self.field!r}; see --text-field)")
         pos.update(file=pos["file"] + 1, line=0, good=0)
       # the end of an epoch: the partial window is dropped
       if pos["windows"] + len(windows) == 0:
@@ -561,12 +575,14 @@ class _JsonlIterator(grain.DatasetIterator):
     self._offset = 0
     self._windows: np.ndarray | None = None
     self._next: dict | None = None
+    self._malformed_before = 0  # the stream's malformed count before the current block
 
   @property
   def malformed_lines(self) -> int:
     return self._stream.malformed
 
   def _load(self) -> None:
+    self._malformed_before = self._stream.malformed
     windows, self._next = self._stream.block(self._pos)
     if self._stream.shuffle and len(windows):
       key = [int(self._stream.seed) % 2**32, self._pos["epoch"], self._pos["file"],
@@ -590,7 +606,9 @@ class _JsonlIterator(grain.DatasetIterator):
     return {"inputs": w[:, :-1], "targets": w[:, 1:]}
 
   def get_state(self) -> dict:
-    return {"block": self._pos, "offset": self._offset, "malformed": self._stream.malformed}
+    # the count before the current block: set_state re-reads that block, counting its lines again
+    malformed = self._stream.malformed if self._windows is None else self._malformed_before
+    return {"block": self._pos, "offset": self._offset, "malformed": malformed}
 
   def set_state(self, state: dict) -> None:
     self._pos = state["block"]

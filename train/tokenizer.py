@@ -10,6 +10,7 @@ as ``pad_id``.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import tempfile
@@ -35,6 +36,8 @@ _CHUNK_CHARS = 2000
 _MAX_TRAIN_CHARS = 12_000_000
 _NUM_SPECIAL = 4  # pad, unk, bos, eos
 _NUM_BYTES = 256
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -233,5 +236,8 @@ def default_tokenizer(cache_dir: str | os.PathLike,
   if os.path.isfile(path):
     return load_tokenizer(path)
   os.makedirs(os.fspath(cache_dir), exist_ok=True)  # an unusable cache dir fails before training
+  # the ~10 s it takes would otherwise be silence before the run's first line
+  log.info("training the default tokenizer (vocab %d) on the embedded corpus: once, about 10 s; "
+           "cached as %s", vocab_size, path)
   docs = corpus.split_documents(corpus.embedded_documents(), "train")
   return train_tokenizer(docs, vocab_size, path)

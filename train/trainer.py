@@ -46,6 +46,13 @@ from train.setup import Setup, build, model_config
 
 log = logging.getLogger("train")
 
+#: On CPU, a run whose remaining steps are estimated (from its first timed steps) to take longer
+#: than this says so once, with the flags that shorten it: a bare ``python -m train`` is 1000
+#: steps of 64 x 256 tokens in bfloat16, over an hour on 2 CPU cores.
+LONG_CPU_RUN_S = 600.0
+#: The CPU demo's flags (``make demo``: about 3 minutes on 2 CPU cores).
+CPU_DEMO_FLAGS = "--steps 300 --batch-size 16 --seq-len 128 --dtype float32"
+
 __all__ = ["ConfigError", "Setup", "TrainConfig", "TrainHooks", "TrainResult", "build",
            "default_cache_dir", "evaluate", "load_tokenizer", "make_datasets",
            "maybe_initialize_distributed", "model_config", "train", "validate"]
@@ -75,6 +82,7 @@ class TrainResult:
   preempted: bool  # stopped early by SIGTERM/SIGINT (or ``stop_at``); a checkpoint was saved
   wall_time_s: float
   stop_signal: str | None = None  # "SIGTERM" or "SIGINT" when a signal stopped the run
+  start_step: int = 0  # the step this call started from (the checkpoint's when resuming)
 
   @property
   def params(self) -> Any:
@@ -86,7 +94,8 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
-          tokenizer: Any = None, hooks: TrainHooks | None = None) -> TrainResult:
+          tokenizer: Any = None, hooks: TrainHooks | None = None,
+          announce_stop: bool = True) -> TrainResult:
   """Trains according to ``cfg`` and returns the final state, metrics and run directory.
 
   Args:
@@ -95,6 +104,8 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     stop_at: stop after this step as if preempted (a checkpoint is saved); for tests.
     tokenizer: a ready :class:`train.tokenizer.Tokenizer` (default: from ``cfg``).
     hooks: callbacks that watch the run (:class:`TrainHooks`).
+    announce_stop: say (log) when a signal or ``stop_at`` stops the run early; the command line
+      passes False and prints its own line from the result instead.
 
   Raises:
     ConfigError / CheckpointError: bad flags, data, tokenizer or a mismatched checkpoint.
@@ -109,7 +120,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
       warnings.simplefilter("ignore", osd_jax.FullRankWarning)
       cfg, lock = startup.lock_run_dir(cfg)
       return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer,
-                    hooks=hooks or TrainHooks())
+                    hooks=hooks or TrainHooks(), announce_stop=announce_stop)
   finally:
     if lock is not None:
       lock.release(clean=True)  # removes a run dir that this start created and left empty
@@ -117,7 +128,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
 
 
 def _train(cfg: TrainConfig, preemption: Preemption, *, devices: Any, stop_at: int | None,
-           tokenizer: Any, hooks: TrainHooks) -> TrainResult:
+           tokenizer: Any, hooks: TrainHooks, announce_stop: bool) -> TrainResult:
   t_start = time.time()
   cfg = startup.resolve_config(cfg)
   ckpt_dir = epath.Path(cfg.ckpt_dir or os.path.join(cfg.run_dir, "checkpoints"))
@@ -125,6 +136,7 @@ def _train(cfg: TrainConfig, preemption: Preemption, *, devices: Any, stop_at: i
   if hooks.on_start:
     hooks.on_start()
   cfg, setup, state, step = started.cfg, started.setup, started.state, started.step
+  start_step = step
   run = _Run(started, hooks)
   try:
     # a resumed run does not re-evaluate at its first step (the original run logged that)
@@ -132,12 +144,12 @@ def _train(cfg: TrainConfig, preemption: Preemption, *, devices: Any, stop_at: i
     # stopped while starting up: the state is the checkpoint at `step` (or step 0 of a fresh
     # run, which the same command rebuilds exactly), so there is nothing new to save
     preempted = step < cfg.steps and preemption.agreed(sync=True)
-    if preempted:
+    if preempted and announce_stop:
       run.say(f"step {step}: stopped before the first step; nothing new to save")
     while step < cfg.steps and not preempted:
       state, metrics = setup.train_step(state, run.next_batch(step))
       step += 1
-      run.stepped(metrics)
+      run.stepped(step, metrics)
       if step % cfg.log_every == 0 or step == cfg.steps:
         run.log(step, state, metrics)
       t_pause = time.time()
@@ -150,17 +162,20 @@ def _train(cfg: TrainConfig, preemption: Preemption, *, devices: Any, stop_at: i
       stop = preemption.agreed(sync=step % cfg.log_every == 0)
       if step < cfg.steps and (stop or (stop_at is not None and step >= stop_at)):
         run.save(step, state, wait=True)
-        run.say(f"step {step}: stopped early, checkpoint saved; continue with --resume")
+        if announce_stop:
+          run.say(f"step {step}: stopped early, checkpoint saved; continue with --resume")
         preempted = True
     if not preempted:
       final_eval = run.evaluate(step, state.params)
+    run.report_malformed_lines()
     started.checkpointer.wait()
   finally:
     run.close()
   return TrainResult(run_dir=cfg.run_dir, setup=setup, state=state, history=run.writer.history,
                      final_eval=final_eval, initial_eval=initial_eval, preempted=preempted,
                      wall_time_s=time.time() - t_start,
-                     stop_signal=preemption.signal_name if preempted else None)
+                     stop_signal=preemption.signal_name if preempted else None,
+                     start_step=start_step)
 
 
 class _Run:
@@ -199,6 +214,8 @@ class _Run:
     self.streaks = []  # every step's bad_streak since the last log step (device scalars)
     self.in_flight = None  # the previous step's loss: waiting for it keeps one step queued
     self.t_log, self.steps_since_log, self.paused = None, 0, 0.0  # paused: eval/save time
+    # whether the run's length on CPU is still to be estimated (_estimate_length)
+    self.to_estimate = primary and setup.mesh.devices.flat[0].platform == "cpu"
     self.windows = getattr(self.train_it, "windows_per_epoch", None)  # embedded/text data
     if self.windows and primary and cfg.steps * cfg.batch_size > self.windows:
       log.warning("warning: --steps %d x --batch-size %d sequences are %.2f epochs of the "
@@ -236,8 +253,8 @@ class _Run:
     if wait:
       self.checkpointer.wait()
 
-  def stepped(self, metrics: dict) -> None:
-    """Bookkeeping after each train step (no device sync but one step's loss)."""
+  def stepped(self, step: int, metrics: dict) -> None:
+    """Bookkeeping after train step ``step`` (no device sync but one step's loss)."""
     self.streaks.append(metrics["bad_streak"])
     if self.in_flight is not None:  # the host runs at most one step ahead of the device, so
       jax.block_until_ready(self.in_flight)  # that a signal stops the run within a step of it
@@ -247,10 +264,26 @@ class _Run:
     if self.t_log is None:  # the first step compiles: time from its end
       jax.block_until_ready(metrics)
       self.t_log, self.steps_since_log = time.time(), 0
+    elif self.to_estimate and self.steps_since_log > 3:
+      # the steps up to the previous one are done (the wait above): three timed steps
+      done = self.steps_since_log - 1
+      self._estimate_length(step, (time.time() - self.t_log - self.paused) / done)
+
+  def _estimate_length(self, step: int, step_time: float) -> None:
+    """Once, from the first timed steps on CPU: when the steps left take longer than
+    :data:`LONG_CPU_RUN_S`, says how long and which flags shorten the run."""
+    self.to_estimate = False
+    left = (self.cfg.steps - step) * step_time
+    if left > LONG_CPU_RUN_S:
+      self.say(f"note: on CPU at {step_time:.2g} s/step, the {self.cfg.steps - step} steps left "
+               f"take about {_duration(left)}; for a run of minutes use fewer or smaller steps, "
+               f"e.g. the CPU demo's {CPU_DEMO_FLAGS} (make demo, about 3 min)")
 
   def log(self, step: int, state: step_lib.TrainState, metrics: dict) -> None:
     """Writes the log step's record, warns of divergence and stops (saving) on too many skips."""
     record = self._record(step, metrics)
+    if self.to_estimate and "step_time_s" in record:
+      self._estimate_length(step, record["step_time_s"])
     self.writer.write(step, record)
     for _, message in self.monitor.check(step, record):
       if self.cfg.stop_on_divergence:
@@ -294,10 +327,24 @@ class _Run:
     self.t_log, self.steps_since_log, self.paused = now, 0, 0.0
     return record
 
+  def report_malformed_lines(self) -> None:
+    """How many malformed lines the ``jsonl:`` training stream skipped (since the run began, over
+    its resumes); its first one was warned about when it was read."""
+    n = getattr(self.train_it, "malformed_lines", 0)
+    if n:
+      self.say(f"warning: --data {self.cfg.data}: {n} malformed line{'s' if n != 1 else ''} "
+               f"skipped in the training data read so far")
+
   def close(self) -> None:
     self.bar.close()
     self.checkpointer.close()
     self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+  """``"1 h 15 min"``, ``"25 min"``: a duration to the minute."""
+  minutes = max(1, round(seconds / 60))
+  return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 def evaluate(setup: Setup, params: Any, eval_ds: Any, num_batches: int, *,
