@@ -241,7 +241,7 @@ def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, train_tok
   done = subprocess.run(args + ["--steps", str(latest + 1), "--resume"], env=env,
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
-  assert f"done: {latest + 1} steps" in done.stdout
+  assert f"done: steps {latest} -> {latest + 1} (1 this run) in " in done.stdout
 
 
 def _last_logged_step(run_dir) -> int:
@@ -300,7 +300,8 @@ def test_soak_two_kills_then_resume_ends_with_the_uninterrupted_params(tmp_path,
 
   done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True,
                         timeout=180, check=False)
-  assert done.returncode == 0 and f"done: {steps} steps" in done.stdout, done.stderr[-2000:]
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"done: steps {stopped} -> {steps} ({steps - stopped} this run) in " in done.stdout
 
   assert _train_losses(run_dir) == _train_losses(tmp_path / "reference")
   assert [s for s, _ in _train_losses(run_dir)] == list(range(10, steps + 1, 10))

@@ -1,8 +1,10 @@
 """``python -m train``: --help documents every flag; bad input is one clear error line, exit 2."""
 
 import dataclasses
+import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ from tests.train_utils import cli_args
 from train.__main__ import build_parser, main, parse_config
 from train.config import TrainConfig
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                       "JAX_PROCESS_ID", "TPU_WORKER_")
 
@@ -114,6 +117,11 @@ def test_missing_tokenizer_file(capsys):
     (["--coordinator-address", "localhost"], "--coordinator-address must be HOST:PORT"),
     # no launcher in the environment: jax.distributed.initialize has no coordinator
     (["--distributed"], "jax.distributed.initialize failed"),
+    # negative numbers in any float notation reach the flag's own check (not argparse's
+    # "expected one argument")
+    (["--lr", "-1e-3"], "error: --lr must be positive, got -0.001\n"),
+    (["--lr=-1e-3"], "error: --lr must be positive, got -0.001\n"),
+    (["--weight-decay", "-1E-2"], "error: --weight-decay must be >= 0, got -0.01\n"),
 ])
 def test_subprocess_bad_input_prints_exactly_one_line(args, message):
   out = _run(*args)
@@ -122,12 +130,90 @@ def test_subprocess_bad_input_prints_exactly_one_line(args, message):
   assert message in out.stderr
 
 
+def test_negative_numbers_are_values_not_flags():
+  cfg = parse_config(["--lr", "-1e-3", "--min-lr-ratio", "-.5", "--eps", "-2", "--b1", "-1.5e+1"])
+  assert (cfg.lr, cfg.min_lr_ratio, cfg.eps, cfg.b1) == (-1e-3, -0.5, -2.0, -15.0)
+  with pytest.raises(SystemExit):  # a flag is still a flag
+    parse_config(["--lr", "-x"])
+
+
 def test_tiny_run_from_the_command_line(tmp_path, train_tokenizer):
   out = _run(*_small_args(train_tokenizer.model_path, tmp_path / "run"), "--eval-batches", "1",
              devices=1)
   assert out.returncode == 0, out.stderr
-  assert "done: 2 steps" in out.stdout and "eval perplexity" in out.stdout
+  assert "done: 2 steps in " in out.stdout and "eval perplexity" in out.stdout
   assert "Traceback" not in out.stderr
+  assert "note: on CPU" not in out.stdout + out.stderr  # seconds, not worth a length estimate
+
+
+def test_a_long_cpu_run_says_how_long_and_how_to_shorten_it(tmp_path, train_tokenizer, caplog,
+                                                              monkeypatch):
+  """On CPU, a run whose steps left take longer than trainer.LONG_CPU_RUN_S (10 min; 0 here, so
+  that a short run shows the line) says so once, after its first timed steps."""
+  from tests.train_utils import one_device, small_config
+  from train import trainer
+
+  monkeypatch.setattr(trainer, "LONG_CPU_RUN_S", 0.0)
+  with caplog.at_level(logging.INFO, logger="train"):
+    trainer.train(small_config(tmp_path / "run", steps=8, log_every=4), devices=one_device(),
+                  tokenizer=train_tokenizer)
+  notes = [r.getMessage() for r in caplog.records if "on CPU" in r.getMessage()]
+  assert len(notes) == 1, caplog.text
+  assert re.fullmatch(r"note: on CPU at [\d.e-]+ s/step, the 4 steps left take about 1 min; for "
+                      r"a run of minutes use fewer or smaller steps, e\.g\. the CPU demo's "
+                      + re.escape(trainer.CPU_DEMO_FLAGS) + r" \(make demo, about 3 min\)",
+                      notes[0]), notes[0]
+  demo, flags = _makefile_demo_command(), trainer.CPU_DEMO_FLAGS.split()
+  for flag, value in zip(flags[::2], flags[1::2]):  # the flags are the demo's
+    assert f" {flag} {value} " in demo, (flag, demo)
+
+
+def _makefile_demo_command() -> str:
+  with open(os.path.join(_REPO, "Makefile"), encoding="utf-8") as f:
+    recipe = re.search(r"^demo: install\n((?:\t.*\n)+)", f.read(), re.M).group(1)
+  return " ".join(recipe.replace("\\\n", " ").split())
+
+
+def test_sigint_prints_one_stop_line(tmp_path, train_tokenizer, capsys, caplog, monkeypatch):
+  """Ctrl-C (SIGINT, sent here by the run itself at its third batch) stops after that step with
+  one line, the command line's: the trainer's own stop message is left to library callers."""
+  import functools
+
+  from tests.train_utils import one_device
+  from train import trainer
+
+  def on_batch(split, step, batch):
+    if split == "train" and step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(trainer, "train", functools.partial(trainer.train, devices=one_device()))
+  with caplog.at_level(logging.INFO, logger="train"):
+    rc = main(cli_args(train_tokenizer.model_path, tmp_path / "run", "--steps", "50",
+                       "--eval-every", "0"), hooks=trainer.TrainHooks(on_batch=on_batch))
+  captured = capsys.readouterr()
+  assert rc == 130
+  everything = captured.out + captured.err + caplog.text
+  stops = [line for line in everything.splitlines() if "stopped" in line]
+  config = tmp_path / "run" / "config.json"
+  assert stops == [f"stopped at step 3 by SIGINT; checkpoint in {tmp_path / 'run'}; continue "
+                   f"with: python -m train --config {config} --resume"], everything
+
+
+def test_without_the_packages_the_command_line_says_which_python_to_use(tmp_path):
+  """A Python without jax (the system one, outside .venv): one line naming the package and the
+  environment to use, for python -m train, train.eval and train.export."""
+  for module, args in (("train", ["--steps", "1"]), ("train.eval", [str(tmp_path)]),
+                       ("train.export", [str(tmp_path), str(tmp_path / "out")])):
+    code = ("import runpy, sys; sys.modules['jax'] = None; "  # as if jax were not installed
+            f"sys.argv = [{module!r}, *{args!r}]; runpy.run_module({module!r}, "
+            "run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=_REPO)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        f"error: python -m {module} needs the package 'jax', which {sys.executable} does not "
+        f"have; run it with the project's environment: .venv/bin/python -m {module} ... (or "
+        f"`source .venv/bin/activate` first; `make install` creates .venv)\n"), out.stderr
 
 
 def test_plot_compares_runs(tmp_path):

@@ -41,6 +41,11 @@ def _records(run_dir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _stop_lines(out, err):
+  """The lines of a run's output that say it stopped."""
+  return [line for line in (out + err).splitlines() if "stopped" in line]
+
+
 def _wait_for(predicate, proc, timeout=180):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline and proc.poll() is None:
@@ -130,8 +135,9 @@ def test_lock_signals_and_config_resume_of_a_copied_run(tmp_path, train_tokenize
   (stopped,) = committed_steps(str(run_dir / "checkpoints"))
   assert 1 <= stopped < 1000, stopped  # stopped after the current step, not at a log step
   config = run_dir / "config.json"
-  assert (f"stopped at step {stopped} by SIGTERM; checkpoint in {run_dir}; continue with: "
-          f"python -m train --config {config} --resume") in out
+  assert _stop_lines(out, err) == [f"stopped at step {stopped} by SIGTERM; checkpoint in "
+                                   f"{run_dir}; continue with: python -m train --config {config} "
+                                   f"--resume"]
   saved = json.loads(config.read_text())
   assert saved["run_dir"] == str(run_dir) and saved["rank"] == 4
 
@@ -147,7 +153,8 @@ def test_lock_signals_and_config_resume_of_a_copied_run(tmp_path, train_tokenize
   assert resumed.returncode == 130, err
   *earlier, again = committed_steps(str(copy / "checkpoints"))
   assert earlier == [stopped] and again > stopped
-  assert f"stopped at step {again} by SIGINT; checkpoint in {copy}; continue with" in out
+  (line,) = _stop_lines(out, err)  # one line, not the trainer's as well
+  assert line.startswith(f"stopped at step {again} by SIGINT; checkpoint in {copy}; continue with")
   assert "Traceback" not in err
   # the original is untouched
   assert committed_steps(str(run_dir / "checkpoints")) == [stopped]
@@ -161,6 +168,52 @@ def test_lock_signals_and_config_resume_of_a_copied_run(tmp_path, train_tokenize
   assert new_dir.startswith("tiny-osd_adamw-")
   assert committed_steps(str(elsewhere / "runs" / new_dir / "checkpoints")) == [2]
   assert committed_steps(str(copy / "checkpoints")) == [stopped, again]
+
+
+def _run_module(module, args, cwd):
+  return subprocess.run([sys.executable, "-m", module, *args], env=_env(), cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_relative_run_and_checkpoint_dirs_evaluate_export_and_resume_elsewhere(
+    tmp_path, train_tokenizer, monkeypatch):
+  """A run started with a relative --run-dir and --ckpt-dir: train.eval, train.export and
+  load_params read it by its relative run dir, and --config ABS/config.json --resume continues
+  it from another working directory (config.json holds both directories absolute); the resumed
+  run's last line says which steps it ran."""
+  work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+  work.mkdir()
+  elsewhere.mkdir()
+  args = cli_args(train_tokenizer.model_path, os.path.join("runs", "x"), "--ckpt-dir",
+                  os.path.join("ckpts", "x"), "--steps", "2", "--eval-every", "0")
+  out = _run_module("train", args, cwd=work)
+  assert out.returncode == 0 and "done: 2 steps" in out.stdout, out.stderr
+  run_dir, ckpt_dir = work / "runs" / "x", work / "ckpts" / "x"
+  saved = json.loads((run_dir / "config.json").read_text())
+  assert (saved["run_dir"], saved["ckpt_dir"]) == (str(run_dir), str(ckpt_dir))
+  assert committed_steps(str(ckpt_dir)) == [2] and not (run_dir / "checkpoints").exists()
+
+  out = _run_module("train.eval", ["runs/x", "--batches", "1"], cwd=work)
+  assert out.returncode == 0, out.stderr
+  assert re.fullmatch(r"step 2: eval loss [\d.]+, perplexity [\d.]+ \(1 batches of 8 x 16 "
+                      r"tokens, --data embedded eval split\)\n", out.stdout), out.stdout
+  out = _run_module("train.export", ["runs/x", "hf/x"], cwd=work)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("exported the latest checkpoint of runs/x (float32) to hf/x: ")
+  assert (work / "hf" / "x" / "model.safetensors").is_file()
+  monkeypatch.chdir(work)
+  from train import checkpoint as ckpt_lib
+
+  params = ckpt_lib.load_params("runs/x")
+  assert params["embed"]["embedding"].shape[0] == train_tokenizer.vocab_size
+  monkeypatch.chdir(elsewhere)
+
+  out = _run_module("train", ["--config", str(run_dir / "config.json"), "--resume",
+                              "--steps", "4"], cwd=elsewhere)
+  assert out.returncode == 0, out.stderr
+  assert "done: steps 2 -> 4 (2 this run) in " in out.stdout, out.stdout
+  assert committed_steps(str(ckpt_dir)) == [2, 4]
+  assert os.listdir(elsewhere) == []  # nothing was written in the working directory
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -46,11 +47,33 @@ examples:
 EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C): 128 + the signal number, as shells report it
 
 
+#: What argparse takes for a negative number rather than a flag: also exponents, so that
+#: ``--lr -1e-3`` reaches the flag's own check (argparse's own pattern takes ``-1`` and ``-.5``
+#: only, and ``-1e-3`` would be "expected one argument").
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 class _Parser(argparse.ArgumentParser):
-  """An ArgumentParser whose errors are one line (no usage dump)."""
+  """An ArgumentParser whose errors are one line (no usage dump) and that reads negative numbers
+  in any float notation as values."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._negative_number_matcher = NEGATIVE_NUMBER
 
   def error(self, message: str):
-    self.exit(2, f"error: {message} (see python -m train --help)\n")
+    self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def missing_module_error(module: str, e: ModuleNotFoundError) -> str:
+  """The one error line for ``python -m MODULE`` run by a Python without the project's
+  dependencies (typically the system one, not the virtual environment); ``e`` itself is raised
+  again when the missing module is one of this project's (a bug, not a set-up problem)."""
+  if (e.name or "").partition(".")[0] in ("train", "osd_jax"):
+    raise e
+  return (f"error: python -m {module} needs the package {e.name!r}, which {sys.executable} does "
+          f"not have; run it with the project's environment: .venv/bin/python -m {module} ... "
+          f"(or `source .venv/bin/activate` first; `make install` creates .venv)")
 
 
 def _base_type(annotation: str) -> type:
@@ -199,12 +222,17 @@ def main(argv: list[str] | None = None, *, hooks: Any = None) -> int:
   """The command line; ``hooks`` (a :class:`train.trainer.TrainHooks`) watch the run."""
   cfg = parse_config(argv)
   _quiet_libraries()
-  from train import trainer
-  from train.checkpoint import CheckpointError
+  try:
+    from train import trainer
+    from train.checkpoint import CheckpointError
+  except ModuleNotFoundError as e:  # e.g. the system Python, not the project's environment
+    print(missing_module_error("train", e), file=sys.stderr)
+    return 2
   from train.config import ConfigError
 
   try:
-    result = trainer.train(cfg, hooks=hooks)
+    # the stop is reported below, with the command that continues the run: one line
+    result = trainer.train(cfg, hooks=hooks, announce_stop=False)
   except (ConfigError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -229,7 +257,10 @@ def main(argv: list[str] | None = None, *, hooks: Any = None) -> int:
   elif ev:
     first = result.initial_eval.get("eval_perplexity")
     start = f"{first:.2f} -> " if first is not None else ""
-    print(f"done: {int(result.state.step)} steps in {result.wall_time_s:.0f} s; eval perplexity "
+    end = int(result.state.step)
+    steps = (f"steps {result.start_step} -> {end} ({end - result.start_step} this run)"
+             if result.start_step else f"{end} steps")
+    print(f"done: {steps} in {result.wall_time_s:.0f} s; eval perplexity "
           f"{start}{ev['eval_perplexity']:.2f}; run dir {result.run_dir}")
   return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else 0
 

@@ -63,6 +63,7 @@ def evaluate_checkpoint(run_dir: str, *, data: str | None = None, split: str = "
   from train import trainer
   from train.config import ConfigError, validate
 
+  run_dir = os.path.abspath(run_dir)  # RUN_DIR relative to the working directory
   cfg = ckpt_lib.load_run_config(run_dir)
   tokenizer_path = os.path.join(run_dir, "tokenizer.model")
   cfg = cfg.replace(
@@ -96,10 +97,14 @@ def evaluate_checkpoint(run_dir: str, *, data: str | None = None, split: str = "
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  from train.__main__ import _quiet_libraries
+  from train.__main__ import _quiet_libraries, missing_module_error
 
   _quiet_libraries()
-  from train.checkpoint import CheckpointError
+  try:
+    from train.checkpoint import CheckpointError
+  except ModuleNotFoundError as e:  # e.g. the system Python, not the project's environment
+    print(missing_module_error("train.eval", e), file=sys.stderr)
+    return 2
   from train.config import ConfigError
 
   try:

@@ -7,7 +7,7 @@ with one ``error: ...`` line and exit status 2.
 
 Example::
 
-  python -m train.export runs/my-run exported/my-run --dtype bfloat16
+  python -m train.export runs/my-run hf/my-run --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def load_run(run_dir: str, step: int | None = None):
   """(params, LlamaConfig, tokenizer path) of a run directory's checkpoint (default: latest)."""
   from train import checkpoint as ckpt_lib
 
+  run_dir = os.path.abspath(run_dir)  # RUN_DIR relative to the working directory
   tokenizer_path = os.path.join(run_dir, "tokenizer.model")
   mcfg = ckpt_lib.load_model_config(run_dir, step)
   params = ckpt_lib.load_params(run_dir, step)  # the params alone, whatever saved them
@@ -58,8 +59,14 @@ def load_run(run_dir: str, step: int | None = None):
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from train import hf
-  from train.checkpoint import CheckpointError
+  from train.__main__ import missing_module_error
+
+  try:
+    from train import hf
+    from train.checkpoint import CheckpointError
+  except ModuleNotFoundError as e:  # e.g. the system Python, not the project's environment
+    print(missing_module_error("train.export", e), file=sys.stderr)
+    return 2
   from train.config import ConfigError
 
   try:
