@@ -66,6 +66,13 @@ else
 fi
 say "7b sections: device memory ${TOTAL_MIB:-?} MiB, cap ${CAP_MIB} MiB" \
   "-> XLA_PYTHON_CLIENT_MEM_FRACTION=${FRACTION:-unset}"
+# 0a. The fused update (train --fused-update) at GaLore's 7B recipe (r 1024, batch 16 x 256, remat
+#     full), fp32 master weights and state, under the same 80 GB cap: XLA's CPU estimate is
+#     54.7 GiB against 84.7 GiB unfused (benchmarks/RESULTS.md §8).
+section fit-$BIG-osd_adamw-fused 200 env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} \
+  "$PY" -m benchmarks.train_step_gpu --preset $BIG --optimizer osd_adamw --rank 1024 \
+  --batch-size 16 --seq-len 256 --remat full --fused-update --warmup 1 --repeats 3 \
+  "${SMOKE_BIG[@]}" --out "$DEST/fit-$BIG-osd_adamw-fused.json"
 for OPT in osd_adamw adamw; do
   CAP_S=$([[ $OPT == osd_adamw ]] && echo 240 || echo 150)
   section fit-$BIG-$OPT $CAP_S env ${FRACTION:+XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION} \

@@ -19,16 +19,26 @@ ops in the compiled program and the host's peak RSS. On a CPU backend the figure
 CPU program; a GPU compiles a different (fused differently) program, so its figure differs by a
 few percent.
 
+With comma-separated ``--preset``, ``--rank`` and ``--shape`` (``BATCHxSEQ``) and
+``--fused-update both`` it compiles every combination (adamw once per preset and shape: it has
+no rank) and adds a breakdown: ``gradient_bytes``, the gradients that the step holds at once
+by construction (the whole tree unfused; one block's plus the embedding's, final norm's and
+head's fused), and ``activations_bytes`` = temporaries − gradients (activations, the loss, the
+optimizer's workspace).
+
 Example::
 
   python -m benchmarks.memory --preset 7b --optimizer osd_adamw --rank 512 --batch-size 2 \\
       --seq-len 1024 --out /tmp/memory-7b.json
+  python -m benchmarks.memory --preset 7b,1b --rank 512,1024 --shape 2x1024,16x256 \\
+      --optimizer adamw,osd_adamw,galore_adamw --remat full --fused-update both
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import resource
 import time
@@ -48,13 +58,17 @@ def parse_args(argv):
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--preset", default="7b", choices=list(PRESETS))
+  p.add_argument("--preset", default="7b",
+                 help=f"Model preset, or several comma-separated ({', '.join(PRESETS)}).")
   p.add_argument("--optimizer", default="osd_adamw",
                  help=f"Comma-separated train --optimizer names ({', '.join(OPTIMIZERS)}).")
-  p.add_argument("--rank", type=int, default=None,
-                 help=f"Subspace rank r (default: per preset, {common.DEFAULT_RANK}).")
+  p.add_argument("--rank", default=None,
+                 help=f"Subspace rank r, or several comma-separated (default: per preset, "
+                      f"{common.DEFAULT_RANK}).")
   p.add_argument("--batch-size", type=int, default=2, help="Global batch in sequences.")
   p.add_argument("--seq-len", type=int, default=1024)
+  p.add_argument("--shape", default=None,
+                 help="BATCHxSEQ, or several comma-separated (default: --batch-size x --seq-len).")
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--dtype", default="bfloat16", help="Compute dtype.")
   p.add_argument("--param-dtype", default="float32", help="Master-weight dtype.")
@@ -62,6 +76,10 @@ def parse_args(argv):
                  help="Rematerialisation policy (train --remat; default: the trainer's).")
   p.add_argument("--no-scan-layers", action="store_true",
                  help="Unrolled layers (train --no-scan-layers).")
+  p.add_argument("--fused-update", nargs="?", const="on", default="off",
+                 choices=("off", "on", "both"),
+                 help="Each block's update inside the backward pass (train --fused-update); "
+                      "'both' compiles each cell with and without it.")
   p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="train --mesh.")
   p.add_argument("--num-devices", type=int, default=1,
                  help="Devices in the mesh (default 1: the single-device figure).")
@@ -74,6 +92,17 @@ def parse_args(argv):
   bad = [o for o in args.optimizers if o not in OPTIMIZERS]
   if bad:
     p.error(f"--optimizer {','.join(bad)}: choose from {', '.join(OPTIMIZERS)}")
+  args.presets = [x.strip() for x in args.preset.split(",") if x.strip()]
+  bad = [x for x in args.presets if x not in PRESETS]
+  if bad:
+    p.error(f"--preset {','.join(bad)}: choose from {', '.join(PRESETS)}")
+  args.ranks = [None] if args.rank is None else [int(x) for x in str(args.rank).split(",")]
+  shapes = args.shape or f"{args.batch_size}x{args.seq_len}"
+  try:
+    args.shapes = [tuple(int(v) for v in x.lower().split("x")) for x in shapes.split(",")]
+  except ValueError:
+    p.error(f"--shape {shapes}: give BATCHxSEQ, e.g. 16x256")
+  args.fused = {"off": [False], "on": [True], "both": [False, True]}[args.fused_update]
   return args
 
 
@@ -91,6 +120,10 @@ def train_config(args, optimizer: str):
     if "scan_layers" not in fields:
       raise SystemExit("--no-scan-layers: this version of the trainer always unrolls its layers")
     extra["scan_layers"] = False
+  if getattr(args, "fused", False) is True:
+    if "fused_update" not in fields:
+      raise SystemExit("--fused-update: this version of the trainer has no fused update")
+    extra["fused_update"] = True
   return TrainConfig(
       preset=args.preset, optimizer=optimizer, rank=common.resolve_rank(args.preset, args.rank),
       steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
@@ -141,12 +174,16 @@ def measure(args, optimizer: str) -> dict[str, Any]:
       "rank": cfg.rank,
       "config": {k: v for k, v in cfg.to_dict().items()
                  if k in ("preset", "dtype", "param_dtype", "batch_size", "seq_len", "grad_accum",
-                          "mesh", "remat", "scan_layers", "model_overrides")},
+                          "mesh", "remat", "scan_layers", "model_overrides", "fused_update")},
       "devices": n_dev,
       "param_bytes": osd_jax.state_bytes(state.params),
       "opt_state_bytes": osd_jax.state_bytes(state.opt_state),
       "n_params": common.tree_size(state.params),
       "memory": mem,
+      "gradient_bytes": gradient_bytes(state.params, cfg.fused_update),
+      "activations_bytes": (None if not mem else
+                            mem["temp_size_in_bytes"]
+                            - gradient_bytes(state.params, cfg.fused_update)),
       "build_s": build_s,
       "lower_s": lower_s,
       "compile_s": compile_s,
@@ -155,33 +192,66 @@ def measure(args, optimizer: str) -> dict[str, Any]:
   }
 
 
+def gradient_bytes(abstract_params, fused: bool) -> int:
+  """Bytes of the gradients the step holds at once, by construction: every param's (in its
+  dtype) unfused; one block's (a slice of the ``layers`` stack) plus the other params' fused."""
+  total = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    size = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    stacked = getattr(path[0], "key", None) == "layers"
+    total += size // x.shape[0] if fused and stacked else size
+  return total
+
+
 def _gib(n: int | None) -> str:
   return "–" if n is None else f"{n / GiB:,.2f}"
 
 
+def cells(args):
+  """Every (preset, rank, batch, seq, fused, optimizer) to compile; adamw and lion once per
+  preset and shape (they have no rank)."""
+  for preset in args.presets:
+    for batch, seq in args.shapes:
+      for fused in args.fused:
+        for name in args.optimizers:
+          for rank in ([None] if name in ("adamw", "lion") else args.ranks):
+            yield argparse.Namespace(**{**vars(args), "preset": preset, "rank": rank,
+                                        "batch_size": batch, "seq_len": seq, "fused": fused}), name
+
+
 def run(args) -> dict:
-  results = {}
-  for name in args.optimizers:
-    common.log(f"memory: compiling the {args.preset} {name} train step on abstract inputs")
-    results[name] = measure(args, name)
+  results = []
+  for cell, name in cells(args):
+    common.log(f"memory: compiling the {cell.preset} {name} train step (batch "
+               f"{cell.batch_size}×{cell.seq_len}{', fused' if cell.fused else ''}) on abstract "
+               f"inputs")
+    r = measure(cell, name)
+    r.update(preset=cell.preset, batch_size=cell.batch_size, seq_len=cell.seq_len,
+             fused_update=cell.fused)
+    results.append(r)
   rows = []
-  for name, r in results.items():
+  for r in results:
     m = r["memory"] or {}
-    rows.append([name, r["rank"] if name not in ("adamw", "lion") else "–",
+    rows.append([r["preset"], f"{r['batch_size']}×{r['seq_len']}", r["optimizer"],
+                 r["rank"] if r["optimizer"] not in ("adamw", "lion") else "–",
+                 "yes" if r["fused_update"] else "no",
                  _gib(r["param_bytes"]), _gib(r["opt_state_bytes"]),
-                 _gib(m.get("argument_size_in_bytes")), _gib(m.get("output_size_in_bytes")),
-                 _gib(m.get("alias_size_in_bytes")), _gib(m.get("temp_size_in_bytes")),
-                 _gib(m.get("peak_estimate_bytes")), f"{r['compile_s']:.1f}",
-                 r["conditionals"]])
-  header = ["optimizer", "r", "params GiB", "opt state GiB", "arguments", "outputs", "aliased",
-            "temps", "peak est.", "compile s", "conditionals"]
+                 _gib(r["gradient_bytes"]), _gib(r["activations_bytes"]),
+                 _gib(m.get("temp_size_in_bytes")), _gib(m.get("peak_estimate_bytes")),
+                 f"{r['compile_s']:.1f}", r["conditionals"]])
+  header = ["preset", "batch", "optimizer", "r", "fused", "params GiB", "opt state GiB",
+            "gradients", "activations etc.", "temps", "peak est.", "compile s", "conditionals"]
+  by_name = {r["optimizer"]: r for r in results}
   return {
       "benchmark": "memory",
-      "preset": args.preset,
-      "batch_size": args.batch_size,
-      "seq_len": args.seq_len,
+      # one cell per optimizer (a single preset, shape, rank and mode): keyed by its name too
+      "optimizers": by_name if len(by_name) == len(results) else None,
+      "presets": args.presets,
+      "shapes": args.shapes,
       "peak_formula": "argument + output - alias + temp (bytes per device)",
-      "optimizers": results,
+      "gradient_formula": "the whole gradient tree unfused; one block's + the rest's fused "
+                          "(closed form); activations = temp - gradients",
+      "cells": results,
       "table": common.table(rows, header),
   }
 
@@ -191,9 +261,8 @@ def main(argv=None) -> dict:
       "memory", argv, parse_args, lambda args, _: run(args),
       path_note="GiB = 2^30 bytes; JSON: {path}",
       heading=lambda args, result, env: (
-          f"Train-step memory (XLA, compiled on abstract inputs) — preset {args.preset}, batch "
-          f"{args.batch_size}×{args.seq_len}, {args.dtype} compute, {args.param_dtype} master, "
-          f"{env['platform']} backend, jax {env['versions']['jax']}"))
+          f"Train-step memory (XLA, compiled on abstract inputs) — {args.dtype} compute, "
+          f"{args.param_dtype} master, {env['platform']} backend, jax {env['versions']['jax']}"))
 
 
 if __name__ == "__main__":

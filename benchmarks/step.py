@@ -40,7 +40,8 @@ BASELINE = "adamw"
 def parse_args(argv):
   p = common.base_parser(__doc__.split("\n")[0], preset="tiny", repeats=10, warmup=2)
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                 help="Comma-separated optimizers (train --optimizer names).")
+                 help="Comma-separated optimizers (train --optimizer names), each optionally "
+                      "with variants: +fused (train --fused-update), e.g. osd_adamw+fused.")
   p.add_argument("--batch-size", type=int, default=16, help="Global batch in sequences.")
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--dtype", default=None,
@@ -66,11 +67,29 @@ def parse_args(argv):
   return args
 
 
-def train_config(args, optimizer: str):
+#: ``--optimizers`` variants: the TrainConfig fields each ``+suffix`` sets.
+VARIANTS = {"fused": {"fused_update": True}}
+
+
+def _variant(name: str) -> tuple[str, dict]:
+  """``"osd_adamw+fused"`` -> ``("osd_adamw", {"fused_update": True})``."""
+  optimizer, *suffixes = name.split("+")
+  fields = {}
+  for suffix in suffixes:
+    if suffix not in VARIANTS:
+      raise SystemExit(f"--optimizers {name}: unknown variant +{suffix}; choose from "
+                       f"{', '.join('+' + v for v in VARIANTS)}")
+    fields.update(VARIANTS[suffix])
+  return optimizer, fields
+
+
+def train_config(args, name: str):
   from train.config import TrainConfig
 
+  optimizer, fields = _variant(name)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   return TrainConfig(
+      **fields,
       preset=args.preset, optimizer=optimizer, rank=common.resolve_rank(args.preset, args.rank),
       lr=args.lr, steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, dtype=dtype,
       update_proj_gap=args.update_proj_gap, projector_init=args.projector_init, seed=args.seed,
@@ -205,6 +224,8 @@ def run(args, argv) -> dict:
   rows = []
   for name, r in res.items():
     r["vs_adamw"] = common.ratio(r["median_s"], base.get("median_s"))
+    plain = res.get(name.split("+")[0]) if "+" in name else None  # the same without variants
+    r["vs_plain"] = None if plain is None else common.ratio(r["median_s"], plain["median_s"])
     r["state_bytes_vs_adamw"] = common.ratio(r["state_bytes"], base.get("state_bytes"))
     mem = r.get("memory_analysis") or {}
     base_mem = (base.get("memory_analysis") or {}).get("peak_estimate_bytes")
@@ -214,13 +235,15 @@ def run(args, argv) -> dict:
     rt = r.get("runtime_memory_per_optimizer") or {}
     rows.append([
         name, common.fmt_seconds(r["median_s"]), common.fmt_seconds(r["min_s"]),
-        common.fmt_ratio(r["vs_adamw"]), f"{r['tokens_per_s']:,.0f}",
+        common.fmt_ratio(r["vs_adamw"]), common.fmt_ratio(r["vs_plain"]),
+        f"{r['tokens_per_s']:,.0f}",
         "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
         common.fmt_seconds(r["first_step_s"]), common.fmt_bytes(r["state_bytes"]),
         common.fmt_bytes(mem.get("peak_estimate_bytes")),
         common.fmt_bytes(rt.get("peak_bytes_in_use")) if rt else "–",
     ])
-  header = ["optimizer", "median step", "min", "vs adamw", "tokens/s", "MFU", "first step",
+  header = ["optimizer", "median step", "min", "vs adamw", "vs no variant", "tokens/s", "MFU",
+            "first step",
             "opt state", "XLA peak est.", "runtime peak"]
   return {
       "benchmark": "step",

@@ -57,6 +57,9 @@ def parse_args(argv):
                  help="auto: cudnn on a GPU, falling back to xla if cudnn fails; xla elsewhere.")
   p.add_argument("--projector-init", default="randomized", choices=("svd", "randomized", "random"),
                  help="OSD's P0 (only the untimed first step depends on it).")
+  p.add_argument("--fused-update", action="store_true",
+                 help="Each block's update inside the backward pass (train --fused-update).")
+  p.add_argument("--grad-clip", type=float, default=1.0, help="train --grad-clip.")
   p.add_argument("--warmup", type=int, default=1, help="Untimed steps after the first.")
   p.add_argument("--repeats", type=int, default=3, help="Timed steps.")
   p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
@@ -91,7 +94,10 @@ def train_config(args, attention: str):
   overrides = common.parse_overrides(args.model_override)
   overrides["attention_impl"] = attention
   extra = {} if args.remat is None else {"remat": args.remat}
+  if args.fused_update:
+    extra["fused_update"] = True
   return TrainConfig(
+      grad_clip=args.grad_clip,
       preset=args.preset, optimizer=args.optimizer,
       rank=common.resolve_rank(args.preset, args.rank), steps=10_000, batch_size=args.batch_size,
       seq_len=args.seq_len, dtype=args.dtype, param_dtype=args.param_dtype,

@@ -106,7 +106,8 @@ def captured_energy(grads: Any, opt_state: Any) -> jax.Array:
     >>> float(osd_jax.captured_energy(g, state)[0]) > 0.99  # P₀ spans G's top singular vectors
     True
   """
-  grad_leaves = jax.tree.leaves(grads)
+  # optax.MaskedNode positions (optax.masked, a layer of osd_jax.layerwise) line up too
+  grad_leaves = jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   out = []
   for sub in jax.tree.leaves(opt_state, is_leaf=_is_subspace_state):
     if not _is_subspace_state(sub):

@@ -368,28 +368,26 @@ def _matrix_layout(layout: MatrixLayout) -> MatrixLayout:
 def _refresh_leaf(projector, g, layout: MatrixLayout, state, count, keys):
   """``projector.refresh`` of every matrix of one leaf, one matrix at a time.
 
-  A leaf with batch axes (stacked layers) is refreshed by a loop (``lax.map``) over its
-  matrices, not a vmap: an SVD works on a copy of its input and makes a Vᵀ as large as it, so
-  a vmapped SVD of a stacked [n_layers, s, L] gradient would hold n_layers of those at once.
-  The slices are taken from the gradient as stored (``to_matrix`` inside the loop), so a
-  transposed view is never materialised for the whole stack.
+  A leaf with batch axes (stacked layers, heads) is refreshed by a loop (``lax.map``) over its
+  matrices, one batch axis at a time, not a vmap: an SVD works on a copy of its input and makes
+  a Vᵀ as large as it, so a vmapped SVD of a stacked [n_layers, s, L] gradient would hold
+  n_layers of those at once. The slices are taken from the gradient as stored (``to_matrix``
+  inside the loop), so a transposed view is never materialised for the whole stack; and each
+  iteration of the outer loop is one slice of the leading batch axis (for scanned layers: one
+  layer, see :mod:`osd_jax.layerwise`).
   """
   rule = projector.oriented(layout.transpose)
-  if not layout.batch_shape:
-    return rule.refresh(to_matrix(g, layout), state, count, keys)
   one = _matrix_layout(layout)
-  n = math.prod(layout.batch_shape)
   rest = tuple(a for a in range(g.ndim) if a not in layout.batch_axes)
-  g_flat = jnp.transpose(g, layout.batch_axes + rest).reshape((n,) + one.shape)
-  flat = lambda a: a.reshape((n,) + a.shape[len(layout.batch_shape):])  # noqa: E731
-  state_flat = jax.tree.map(flat, state)
+  g = jnp.transpose(g, layout.batch_axes + rest)  # (*batch, matrix axes as stored)
 
-  def body(args):
+  def refresh(args, depth):
     g_i, state_i, key_i = args
-    return rule.refresh(to_matrix(g_i, one), state_i, count, key_i)
+    if depth == len(layout.batch_shape):
+      return rule.refresh(to_matrix(g_i, one), state_i, count, key_i)
+    return jax.lax.map(lambda a: refresh(a, depth + 1), (g_i, state_i, key_i))
 
-  new = jax.lax.map(body, (g_flat, state_flat, keys.reshape((n,))))
-  return jax.tree.map(lambda a: a.reshape(layout.batch_shape + a.shape[1:]), new)
+  return refresh((g, state, keys), 0)
 
 
 def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> list:

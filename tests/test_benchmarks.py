@@ -319,6 +319,25 @@ def test_memory_smoke(tmp_path):
   assert "| osd_adamw" in result["table"]
 
 
+def test_memory_grid_and_the_gradient_breakdown(tmp_path):
+  """Cells for every shape and both modes; the fused step holds one block's gradients."""
+  from benchmarks import memory
+
+  out = tmp_path / "memory.json"
+  memory.main(["--preset", "tiny", "--optimizer", "adamw", "--shape", "2x16,4x8",
+               "--fused-update", "both", *SMALL_MODEL, "--model-override", "n_layers=3",
+               "--out", str(out), "--quiet"])
+  cells = _load(out)["cells"]
+  assert [(c["batch_size"], c["seq_len"], c["fused_update"]) for c in cells] == [
+      (2, 16, False), (2, 16, True), (4, 8, False), (4, 8, True)]
+  plain, fused = cells[0], cells[1]
+  block = (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) * 4  # one block's params, float32
+  assert plain["gradient_bytes"] == plain["param_bytes"]
+  assert plain["gradient_bytes"] - fused["gradient_bytes"] == 2 * block  # all blocks but one
+  for c in cells:
+    assert c["activations_bytes"] == c["memory"]["temp_size_in_bytes"] - c["gradient_bytes"]
+
+
 def test_memory_count_ops():
   from benchmarks import memory
 
@@ -353,8 +372,9 @@ def test_train_step_holds_at_most_one_conditional_besides_the_optimizers():
 
 
 def test_train_step_gpu_smoke_without_grain_or_tfds(tmp_path):
-  """gpu.sh's first section on a CPU at toy size: runs, records every stage; a failure (here cuDNN
-  attention on a CPU) is recorded with its stage and the script still exits 0."""
+  """gpu.sh's first section (the fused 7B step) on a CPU at toy size: runs, records every stage;
+  a failure (here cuDNN attention on a CPU) is recorded with its stage and the script still exits
+  0."""
   ok, bad = tmp_path / "ok.json", tmp_path / "bad.json"
   common = ["--preset", "tiny", "--rank", "4", "--batch-size", "2", "--seq-len", "16",
             "--repeats", "2", "--warmup", "0", *SMALL_MODEL, "--quiet"]
@@ -363,7 +383,8 @@ def test_train_step_gpu_smoke_without_grain_or_tfds(tmp_path):
       for name in ("grain", "tensorflow_datasets", "tensorflow", "array_record"):
           sys.modules[name] = None  # any import of these now raises ImportError
       import benchmarks.train_step_gpu as t
-      t.main({common!r} + ["--optimizer", "osd_adamw", "--out", {str(ok)!r}])
+      t.main({common!r} + ["--optimizer", "osd_adamw", "--fused-update",
+                           "--out", {str(ok)!r}])
       t.main({common!r} + ["--optimizer", "adamw", "--attention-impl", "cudnn",
                            "--out", {str(bad)!r}])
   """)

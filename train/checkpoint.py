@@ -23,6 +23,7 @@ at the next start).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -55,8 +56,12 @@ SCHEDULE_KEYS = ("steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", 
 
 
 #: Version of the checkpoint format this code writes. 1: no version field (up to the first
-#: release); 2: ``format_version`` and the writing topology in the step's custom metadata.
-FORMAT_VERSION = 2
+#: release); 2: ``format_version`` and the writing topology in the step's custom metadata;
+#: 3: ``TrainState.grad_norm`` (the fused update clips with the previous step's norm).
+FORMAT_VERSION = 3
+#: Train-state fields each format version added, and the value an older checkpoint restores them
+#: to (grad_norm 0: no clipping at the first fused step after the resume).
+ADDED_FIELDS: dict[int, dict[str, float]] = {3: {"grad_norm": 0.0}}
 #: The oldest format this code reads.
 MIN_FORMAT_VERSION = 1
 
@@ -191,6 +196,29 @@ def unreadable_error(where: str, e: Exception) -> CheckpointError:
                          f"nothing shows that its files are damaged, so keep it")
 
 
+def _as_saved_fields(abstract_state: Any, version: int):
+  """``(target, complete)``: the abstract state without the fields added after ``version``
+  (:data:`ADDED_FIELDS`), and a function that adds them, at their initial values, to what is
+  restored into it. A state that is not a NamedTuple with such fields is restored as it is."""
+  missing = {name: value for v, fields in ADDED_FIELDS.items() if v > version
+             for name, value in fields.items()
+             if name in getattr(abstract_state, "_fields", ())}
+  if not missing:
+    return abstract_state, lambda state: state
+  names = [f for f in abstract_state._fields if f not in missing]
+  saved_type = collections.namedtuple(type(abstract_state).__name__, names)
+  target = saved_type(*(getattr(abstract_state, f) for f in names))
+
+  def complete(state):
+    values = dict(zip(names, state))
+    for name, value in missing.items():
+      like = getattr(abstract_state, name)
+      values[name] = jax.device_put(np.asarray(value, like.dtype), like.sharding)
+    return type(abstract_state)(**values)
+
+  return target, complete
+
+
 def _mesh_of(tree: Any) -> jax.sharding.Mesh | None:
   """The mesh of the first NamedSharding-sharded array of ``tree``."""
   for x in jax.tree.leaves(tree):
@@ -314,7 +342,7 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint found in {self.directory}")
     where = os.path.join(self.directory, str(step))
-    check_format_version(self.metadata(step), where)
+    version = check_format_version(self.metadata(step), where)
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), signature=ocp.args.JsonRestore()))
@@ -338,15 +366,17 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint {where} holds a position in another data stream: " + "; ".join(diffs)
             + ". Resume with the run's own flags: --config RUN_DIR/config.json --resume")
-    current = signature(abstract_state)
+    target, complete = _as_saved_fields(abstract_state, version)
+    current = signature(target)
     if meta["signature"] != current:
       raise CheckpointError(f"checkpoint {where} does not match this model/optimizer: "
                             + _describe_diff(meta["signature"], current))
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except Exception as e:
       raise unreadable_error(where, e) from e
+    out = {**out, "state": complete(out["state"])}
     data = out["data"] or {}
     states = data.get("states") or [None]
     rows = data.get("rows")  # absent before format version 2: the rows follow from the count

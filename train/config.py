@@ -165,6 +165,12 @@ class TrainConfig:
   grad_accum: int = _f(1, "Split each batch into this many micro-batches (gradient accumulation).",
                        group="training")
   seed: int = _f(0, "Seed for parameter init and data order.", group="training")
+  fused_update: bool = _f(False, "Update each scanned block inside the backward pass, as soon as "
+                          "its gradient exists, so the whole gradient tree is never held (7B: "
+                          "about the size of the params less; train/README.md, 'The fused "
+                          "update'). The same optimizer; needs --scan-layers and --grad-accum 1; "
+                          "with --grad-clip > 0 the gradients are clipped by the previous step's "
+                          "global norm (none at a run's first step).", group="training")
 
   # --- data
   data: str = _f("embedded", "Training data: embedded (offline corpus: Python docs and stdlib), "
@@ -300,6 +306,14 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
   if cfg.warmup_steps is not None and not 0 <= cfg.warmup_steps <= cfg.steps:
     raise ConfigError(f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps}")
+  if cfg.fused_update and not cfg.scan_layers:
+    raise ConfigError("--fused-update runs the update in the backward pass over the scanned "
+                      "blocks; drop --no-scan-layers")
+  if cfg.fused_update and cfg.grad_accum > 1:
+    raise ConfigError(f"--fused-update updates each block once per step from its whole "
+                      f"gradient, so it cannot accumulate micro-batches (--grad-accum "
+                      f"{cfg.grad_accum}); use --grad-accum 1 with a --batch-size that fits, or "
+                      f"drop --fused-update")
   if cfg.batch_size % cfg.grad_accum:
     raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum "
                       f"{cfg.grad_accum}")

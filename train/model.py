@@ -466,11 +466,29 @@ class Llama(nnx.Module):
     if tokens.shape[1] > c.max_seq_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_seq_len="
                        f"{c.max_seq_len}")
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    x = _named(self._embed(tokens.astype(jnp.int32)), "batch", "length", "activation_embed")
-    x = self._blocks(x, positions)
-    logits = self.head(self.norm(x)).astype(jnp.float32)
-    return _named(logits, "batch", "length", "vocab")
+    x = self.embed_tokens(tokens)
+    x = self._blocks(x, positions_of(tokens))
+    return self.logits(x)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The blocks' input: the token embeddings [B, T, dim] in the compute dtype."""
+    return _named(self._embed(tokens.astype(jnp.int32)), "batch", "length", "activation_embed")
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """float32 logits [B, T, vocab] of the blocks' output ``x`` (final norm, then the head)."""
+    return _named(self.head(self.norm(x)).astype(jnp.float32), "batch", "length", "vocab")
+
+  def block_function(self, positions: jax.Array) -> Callable[[Any, jax.Array], jax.Array]:
+    """``(block params, x) -> x``: one block of the scanned stack, as a pure function of one
+    layer's slice of ``layers`` (a pure dict), under the config's remat policy.
+
+    The forward pass scans it over the stacked params; the fused update (train/fused_update.py)
+    takes its VJP one block at a time.
+    """
+    if not self.config.scan_layers:
+      raise ValueError("block_function needs scanned layers (LlamaConfig.scan_layers=True)")
+    graphdef, _ = nnx.split(self.layers)
+    return _block_apply(graphdef, positions, self.config.remat)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """The token embeddings, looked up in the table gathered along its model width.
@@ -488,23 +506,29 @@ class Llama(nnx.Module):
   def _blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """All blocks: a scan over the stacked params, or a loop over the list; each block under
     ``jax.checkpoint`` with the config's remat policy."""
-    c = self.config
-    policy = REMAT_POLICIES[c.remat]
-
-    def apply(graphdef, layer_state, h):
-      return nnx.merge(graphdef, layer_state)(h, positions)
-
-    if c.remat != "none":
-      apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
-    if c.scan_layers:
-      graphdef, stacked = nnx.split(self.layers)
-
-      def body(h, layer_state):
-        return apply(graphdef, layer_state, h), None
-
-      x, _ = jax.lax.scan(body, x, stacked)
+    if self.config.scan_layers:
+      block = self.block_function(positions)
+      _, stacked = nnx.split(self.layers)
+      x, _ = jax.lax.scan(lambda h, layer_state: (block(layer_state, h), None), x, stacked)
       return x
     for layer in self.layers:
       graphdef, layer_state = nnx.split(layer)
-      x = apply(graphdef, layer_state, x)
+      x = _block_apply(graphdef, positions, self.config.remat)(layer_state, x)
     return x
+
+
+def positions_of(tokens: jax.Array) -> jax.Array:
+  """The token positions [1, T] of a batch of sequences [B, T]."""
+  return jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+
+
+def _block_apply(graphdef, positions: jax.Array, remat: str) -> Callable:
+  """``(layer_state, x) -> x`` for a block's graphdef, under ``jax.checkpoint`` with the remat
+  policy (none: no checkpoint)."""
+
+  def apply(layer_state, h):
+    return nnx.merge(graphdef, layer_state)(h, positions)
+
+  if remat != "none":
+    apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+  return apply

@@ -152,7 +152,8 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, x: x.ndim - layer_axes(p) >= 2, params)
 
 
-def _base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
+def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
+  """The optimizer named by ``cfg.optimizer``, without the gradient clipping in front of it."""
   name = cfg.optimizer
   ref = cfg.reference_code
   mask = None if ref else decay_mask(params)  # the official code decays every parameter
@@ -218,7 +219,7 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> tuple[optax.GradientTransfo
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(_base_optimizer(cfg, schedule, params))
+  parts.append(base_optimizer(cfg, schedule, params))
   # a skipped step (train_step's apply_step) leaves the state of every part as it was
   return osd_jax.skipping.chain(*parts), schedule
 

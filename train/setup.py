@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import osd_jax
 from train import model as model_lib
 from train import optimizers, preflight, xla_cpu
 from train import sharding as shd
@@ -119,11 +120,21 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
   abstract = jax.eval_shape(step_lib.init_state, abs_params, opt_shapes)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shardings)
-  train_step = step_lib.make_train_step(
-      graphdef, tx, schedule, mesh, state_shardings, grad_accum=cfg.grad_accum,
-      loss_spike_factor=cfg.loss_spike_factor,
-      subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
-      last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric)
+  step_options = dict(loss_spike_factor=cfg.loss_spike_factor,
+                      subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
+                      last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric)
+  if cfg.fused_update:
+    from train import fused_update
+
+    try:
+      train_step = fused_update.make_fused_train_step(
+          graphdef, optimizers.base_optimizer(cfg, schedule, abs_params), schedule, mesh,
+          state_shardings, abs_params, grad_clip=cfg.grad_clip, **step_options)
+    except osd_jax.separability.NotSeparableError as e:
+      raise ConfigError(f"--fused-update: {e}") from None
+  else:
+    train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, state_shardings,
+                                          grad_accum=cfg.grad_accum, **step_options)
   eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum)
   return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,

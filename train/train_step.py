@@ -52,17 +52,20 @@ class TrainState(NamedTuple):
   # part of the checkpoint, so a run resumed between log steps logs what the uninterrupted run did
   loss_sum: jax.Array  # float32 []
   loss_count: jax.Array  # int32 []
+  # float32 [], the global gradient norm (before clipping) of the last step whose norm was
+  # finite (0 before the first): the fused update (--fused-update) clips with it
+  grad_norm: jax.Array
 
 
 def init_state(params: Any, opt_state: Any) -> TrainState:
   zero = jnp.zeros([], jnp.int32)
   fzero = jnp.zeros([], jnp.float32)
-  return TrainState(zero, params, opt_state, zero, zero, fzero, fzero, zero)
+  return TrainState(zero, params, opt_state, zero, zero, fzero, fzero, zero, fzero)
 
 
 def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> TrainState:
   rep = shd.replicated(mesh)
-  return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep, rep, rep)
+  return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep, rep, rep, rep)
 
 
 def token_loss(graphdef: nnx.GraphDef, params: Any, batch: dict,
@@ -164,6 +167,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         loss_avg=jnp.where(ok, avg, state.loss_avg),
         loss_sum=jnp.where(at_log_step, 0.0, loss_sum),
         loss_count=jnp.where(at_log_step, 0, loss_count),
+        grad_norm=jnp.where(jnp.isfinite(grad_norm), grad_norm, state.grad_norm),
     )
     metrics = {
         "loss": loss,

@@ -1,0 +1,265 @@
+"""The fused update (``--fused-update``): each scanned block is updated inside the backward pass.
+
+The unfused step (:mod:`train.train_step`) holds the whole gradient tree after the backward pass
+(25 GiB in float32 at 7B) because clipping, the skip decision and the update come after it. Here
+the step owns its backward pass:
+
+1. forward: the embedding, a scan over the stacked blocks that keeps each block's residuals (under
+   remat ``full``: its input only; a block's params are never copied into them), then the final
+   norm, the head and the loss;
+2. the head's and final norm's VJP gives their gradients and the gradient of the blocks' output;
+3. a loop over the blocks from the last to the first takes one block's VJP (recomputing what its
+   remat policy did not save), hands that block's gradient and its slice of the optimizer state to
+   the optimizer (:mod:`osd_jax.layerwise`), writes the block's new params and state into the
+   stacks in place and drops the gradient: at most one block's gradient is alive at a time;
+4. the embedding's VJP, then the embedding, final norm and head are updated together.
+
+What it changes (train/README.md, "The fused update"):
+
+* **Same optimizer.** Without clipping the step equals the unfused one (to float rounding).
+* **Clipping** (``--grad-clip > 0``) needs the global norm before any update, so the gradients are
+  scaled by min(1, clip / ‖g‖) with ‖g‖ of the previous step (``TrainState.grad_norm``; no
+  clipping at a run's first step).
+* **Gradient accumulation** is refused (``--grad-accum 1`` only): the optimizer would have to see
+  the sum of the micro-batches' gradients of a block before updating it.
+* **Non-finite values.** A non-finite or spiking loss skips the whole step before any update. A
+  block whose gradient is not finite is left bitwise unchanged, params and optimizer state (the
+  blocks after it in the backward pass — below it — get non-finite gradients too and are left as
+  well; those above it were already updated); the embedding, final norm and head, updated last,
+  and the step counts move only when every gradient was finite. Such a step counts as skipped;
+  ``skipped_blocks`` says how many groups were left.
+* **Resume.** The state is the unfused step's, so a checkpoint resumes with or without the flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+import osd_jax
+from osd_jax import layerwise
+from train import model as model_lib
+from train import sharding as shd
+from train import train_step as step_lib
+
+LAYERS = "layers"
+
+
+def _is_stacked(path, _) -> bool:
+  return getattr(path[0], "key", None) == LAYERS
+
+
+def split_optimizer(base: optax.GradientTransformation,
+                    abstract_params: Any) -> layerwise.LayerSplit:
+  """The base optimizer split by layer of the scanned blocks (refused when not separable)."""
+  return layerwise.split_layers(osd_jax.skipping.honour_apply_step(base), abstract_params,
+                                _is_stacked, apply_step=jnp.bool_(True))
+
+
+def _sum_squares(tree) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+             jnp.zeros([], jnp.float32))
+
+
+def _split_residuals(vjp_fn, layer_params):
+  """A block's VJP as (residual leaves to stack, treedef, slots): a residual that IS one of the
+  block's param leaves is not stacked (it is read from the params stack in the backward loop)."""
+  res, treedef = jax.tree.flatten(vjp_fn)
+  p_leaves = jax.tree.leaves(layer_params)
+  slots = tuple(next((k for k, q in enumerate(p_leaves) if r is q), None) for r in res)
+  return [r for r, s in zip(res, slots) if s is None], treedef, slots
+
+
+def _rebuild_vjp(saved: list, treedef, slots, layer_params):
+  p_leaves = jax.tree.leaves(layer_params)
+  saved = iter(saved)
+  return jax.tree.unflatten(treedef, [p_leaves[s] if s is not None else next(saved)
+                                      for s in slots])
+
+
+def _projector_sums(old_state, new_state, grads, energy: bool):
+  """(matrices, Σ drift, Σ captured energy, min energy) of the projected matrices of a state."""
+  ps = osd_jax.projectors_of(new_state)
+  n = sum(int(p.size // (p.shape[-1] * p.shape[-2])) for p in ps)
+  nan = jnp.full([], jnp.nan, jnp.float32)
+  if not n:
+    return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), nan
+  drift = osd_jax.subspace_drift(old_state, new_state).astype(jnp.float32) * n
+  if not energy:
+    return jnp.float32(n), drift, nan, nan
+  e = osd_jax.captured_energy(grads, new_state)
+  return jnp.float32(n), drift, jnp.sum(e), jnp.min(e)
+
+
+# long on purpose: the one traced program of a fused train step, read top to bottom
+def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransformation,
+                          schedule: optax.Schedule, mesh: Mesh, shardings: step_lib.TrainState,
+                          abstract_params: Any, *, grad_clip: float = 0.0,
+                          loss_spike_factor: float = 0.0, subspace_metrics: bool = False,
+                          energy_metrics: bool = True, metrics_every: int = 1,
+                          last_step: int = -1, donate: bool = True) -> Callable:
+  """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
+
+  ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
+  the last part of the chain whose state the train state holds (a leading
+  ``clip_by_global_norm``, stateless, is replaced by the previous step's norm). The metrics are
+  the unfused step's plus ``skipped_blocks``.
+  """
+  split = split_optimizer(base, abstract_params)
+  n_layers = split.n_layers
+  pin_activations = shd.activation_constraint(mesh)
+
+  def step_fn(state: step_lib.TrainState, batch: dict) -> tuple[step_lib.TrainState, dict]:
+    params = state.params
+    opt = state.opt_state[-1]  # the base optimizer's state; the clip part's is empty
+    tokens, targets = batch["inputs"], batch["targets"]
+    valid = targets >= 0
+    n_tokens = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
+    n = state.step + 1
+    at_log_step = (n % max(metrics_every, 1) == 0) | (n == last_step)
+    prev = state.grad_norm
+    clip_factor = jnp.where((grad_clip > 0) & (prev > grad_clip),
+                            grad_clip / jnp.maximum(prev, 1e-30), 1.0).astype(jnp.float32)
+
+    with model_lib.activation_sharding(pin_activations):
+      model = nnx.merge(graphdef, params)
+      block = model.block_function(model_lib.positions_of(tokens))
+
+      def embed(e):
+        return nnx.merge(graphdef, {**params, "embed": e}).embed_tokens(tokens)
+
+      def head_loss(norm, head, h):
+        logits = nnx.merge(graphdef, {**params, "norm": norm, "head": head}).logits(h)
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.where(valid, targets, 0))
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / n_tokens
+
+      # 1. forward, keeping each block's residuals (not its params)
+      x0, embed_vjp = jax.vjp(embed, params["embed"])
+      structure = {}
+
+      def forward(h, layer_params):
+        y, vjp_fn = jax.vjp(block, layer_params, h)
+        saved, structure["treedef"], structure["slots"] = _split_residuals(vjp_fn, layer_params)
+        return y, saved
+
+      h, saved = jax.lax.scan(forward, x0, params[LAYERS])
+      loss, head_vjp = jax.vjp(head_loss, params["norm"], params["head"], h)
+      step_ok = jnp.isfinite(loss)
+      if loss_spike_factor > 0:
+        step_ok &= ~((state.loss_avg > 0) & (loss > loss_spike_factor * state.loss_avg))
+      # 2. the head's and final norm's gradients, and the blocks' output's
+      g_norm, g_head, dh = head_vjp(jnp.ones_like(loss))
+
+      # 3. the blocks, last to first: VJP, update, write, drop the gradient
+      def backward(j, carry):
+        dh, layers, opt, acc = carry
+        i = n_layers - 1 - j
+        p_i = jax.tree.map(lambda x: x[i], layers)
+        vjp_fn = _rebuild_vjp([s[i] for s in saved], structure["treedef"], structure["slots"],
+                              p_i)
+        g_i, dh = vjp_fn(dh)
+        sq = _sum_squares(g_i)
+        finite = jnp.isfinite(sq)
+        ok = step_ok & finite
+        g_i = jax.tree.map(lambda g: (g * clip_factor).astype(g.dtype), g_i)
+        g_view = split.layer_view_of(jax.tree.leaves(g_i))
+        p_view = split.layer_view_of(jax.tree.leaves(p_i))
+        old_state = split.layer_state(opt, i)
+        u_view, new_state = split.tx.update(g_view, old_state, p_view, apply_step=ok)
+        new_p = optax.apply_updates(p_i, jax.tree.unflatten(
+            jax.tree.structure(p_i), split.stacked_leaves(u_view)))
+        new_p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p, p_i)
+        metrics = acc["metrics"]
+        if subspace_metrics:
+          metrics = jax.lax.cond(
+              at_log_step,
+              lambda: tuple(a + b if k < 3 else jnp.fmin(a, b) for k, (a, b) in enumerate(zip(
+                  metrics, _projector_sums(old_state, new_state, g_view, energy_metrics)))),
+              lambda: metrics)
+        layers = jax.tree.map(lambda x, y: x.at[i].set(y), layers, new_p)
+        # The state writes come after the params' and after the metrics, each reading back what
+        # was written before it (osd_jax.layerwise.write_after): every read of an old slice then
+        # precedes the write over it, so XLA keeps no copy of a whole stack.
+        token = sum(x[i].reshape(-1)[0].astype(jnp.float32) for x in jax.tree.leaves(layers))
+        token = token + sum(jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
+        opt = split.set_layer(opt, new_state, i, token=token)
+        acc = {"sq": acc["sq"] + jnp.where(finite, sq, jnp.inf),
+               "bad": acc["bad"] + (~finite).astype(jnp.int32), "metrics": metrics}
+        return dh, layers, opt, acc
+
+      zero = jnp.zeros([], jnp.float32)
+      acc = {"sq": zero, "bad": jnp.zeros([], jnp.int32),
+             "metrics": (zero, zero, zero, jnp.full([], jnp.inf, jnp.float32))}
+      dh, layers, opt, acc = jax.lax.fori_loop(0, n_layers, backward,
+                                               (dh, params[LAYERS], opt, acc))
+      # 4. the embedding's gradient; then the embedding, final norm and head
+      (g_embed,) = embed_vjp(dh)
+
+    g_rest = {**params, "embed": g_embed, "norm": g_norm, "head": g_head}
+    g_rest = split.rest_view(g_rest)
+    rest_sq = _sum_squares(g_rest)
+    rest_finite = jnp.isfinite(rest_sq)
+    grad_norm = jnp.sqrt(acc["sq"] + rest_sq)  # inf when a block's gradient was not finite
+    ok = step_ok & (acc["bad"] == 0) & rest_finite  # every gradient finite: the step applies
+    g_rest = jax.tree.map(lambda g: (g * clip_factor).astype(g.dtype), g_rest)
+    p_rest = split.rest_view(params)
+    old_rest = split.rest_state(opt)
+    u_rest, new_rest = split.tx.update(g_rest, old_rest, p_rest, apply_step=ok)
+    new_p_rest = jax.tree.map(lambda p, u: jnp.where(ok, optax.apply_updates(p, u), p),
+                              p_rest, u_rest)
+    new_params = split.merge_views(jax.tree.leaves(layers), new_p_rest)
+    opt = split.set_rest(opt, new_rest)
+    new_opt = (*state.opt_state[:-1], opt)
+
+    skipped_now = (~ok).astype(jnp.int32)
+    avg = jnp.where(state.loss_avg > 0, 0.95 * state.loss_avg + 0.05 * loss, loss)
+    finite_loss = jnp.isfinite(loss)
+    loss_sum = state.loss_sum + jnp.where(finite_loss, loss, 0.0).astype(jnp.float32)
+    loss_count = state.loss_count + finite_loss.astype(jnp.int32)
+    new_state = step_lib.TrainState(
+        step=state.step + 1, params=new_params, opt_state=new_opt,
+        skipped=state.skipped + skipped_now,
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+        loss_avg=jnp.where(ok, avg, state.loss_avg),
+        loss_sum=jnp.where(at_log_step, 0.0, loss_sum),
+        loss_count=jnp.where(at_log_step, 0, loss_count),
+        grad_norm=jnp.where(jnp.isfinite(grad_norm), grad_norm, state.grad_norm))
+    metrics = {
+        "loss": loss,
+        "loss_mean": jnp.where(loss_count > 0, loss_sum / jnp.maximum(loss_count, 1), jnp.nan),
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step - state.skipped),
+        "skipped": skipped_now,
+        "skipped_total": new_state.skipped,
+        "bad_streak": new_state.bad_streak,
+        # groups left unchanged for a non-finite gradient: blocks, then embedding/norm/head
+        "skipped_blocks": jnp.where(step_ok, acc["bad"] + (~ok).astype(jnp.int32), 0),
+    }
+    if subspace_metrics:
+      count, drift_sum, energy_sum, energy_min = acc["metrics"]
+      r_count, r_drift, r_energy, r_min = jax.lax.cond(
+          at_log_step, lambda: _projector_sums(old_rest, new_rest, g_rest, energy_metrics),
+          lambda: (jnp.zeros([], jnp.float32),) * 3 + (jnp.full([], jnp.nan, jnp.float32),))
+      count, nan = count + r_count, jnp.full([], jnp.nan, jnp.float32)
+      some = at_log_step & (count > 0)
+      metrics["orthogonality_error"] = jax.lax.cond(
+          at_log_step, lambda o: osd_jax.projector_orthogonality_error(o).astype(jnp.float32),
+          lambda o: nan, new_opt)
+      metrics["subspace_drift"] = jnp.where(some, (drift_sum + r_drift) / count, nan)
+      energy_ok = some & energy_metrics
+      metrics["captured_energy_mean"] = jnp.where(energy_ok, (energy_sum + r_energy) / count,
+                                                  nan)
+      metrics["captured_energy_min"] = jnp.where(energy_ok, jnp.fmin(energy_min, r_min), nan)
+    return new_state, metrics
+
+  rep = shd.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(shardings, shd.batch_sharding(mesh)),
+                 out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())
+
