@@ -5,7 +5,15 @@
 >>> state = tx.init({"w": jnp.zeros((16, 32)), "b": jnp.zeros(32)})
 """
 
-from osd_jax import projectors, skipping
+from osd_jax import (
+    layerwise,
+    projectors,
+    quantization,
+    rounding,
+    separability,
+    skipping,
+    transforms,
+)
 from osd_jax.alias import (
     DEFAULT_SCALE,
     ProjectorOptions,
@@ -56,8 +64,13 @@ __all__ = [
     "osd_adamw",
     "osd_lion",
     "projector_orthogonality_error",
+    "layerwise",
     "projectors",
+    "quantization",
+    "rounding",
+    "separability",
     "skipping",
+    "transforms",
     "projectors_of",
     "reference_projector_learning_rate",
     "scale_by_learning_rate_then_decay",

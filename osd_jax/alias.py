@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osd_jax import projectors, skipping
+from osd_jax import projectors, skipping, transforms
 from osd_jax.dimension_numbers import WeightDimensionNumbers
 from osd_jax.subspace_descent import scale_by_subspace_descent
 
@@ -137,8 +137,10 @@ class ProjectorOptions(NamedTuple):
   peak_learning_rate: float | None = None  # lr_max; needed when learning_rate is a schedule
 
 
-def _online_pca_rule(learning_rate, weight_decay, options: ProjectorOptions, reference_code):
-  """Online-PCA rule with the alias defaults (paper) or the reference-code variant."""
+def _online_pca_rule(learning_rate, weight_decay, options: ProjectorOptions, reference_code,
+                     state_dtype=None):
+  """Online-PCA rule with the alias defaults (paper) or the reference-code variant; its default
+  optimizer (Adam) keeps its moments in ``state_dtype``."""
   orthogonality_weight, wd_p, eta = (options.orthogonality_weight, options.weight_decay,
                                      options.learning_rate)
   if reference_code:
@@ -154,7 +156,11 @@ def _online_pca_rule(learning_rate, weight_decay, options: ProjectorOptions, ref
     ratio = options.lr_ratio
     eta = ((lambda count: ratio * learning_rate(count)) if callable(learning_rate)
            else ratio * learning_rate)
-  return projectors.online_pca(learning_rate=eta, optimizer=options.optimizer,
+  optimizer = options.optimizer
+  if optimizer is None and state_dtype is not None:
+    optimizer = transforms.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, state_dtype=state_dtype,
+                                         seed=options.seed)
+  return projectors.online_pca(learning_rate=eta, optimizer=optimizer,
                                orthogonality_weight=orthogonality_weight, weight_decay=wd_p,
                                init=options.init)
 
@@ -170,14 +176,15 @@ def _projector_options(projector) -> ProjectorOptions:
 
 def _online_subspace_descent(inner, learning_rate, rank, *, weight_decay, mask, scale,
                              projector, weight_dimension_numbers, transport_state,
-                             reference_code, tail=()):
+                             reference_code, state_dtype, tail=()):
   """``inner`` in the subspace online PCA moves, then [tail,] weight decay and the lr."""
   _check_learning_rate(learning_rate)
   options = _projector_options(projector)
   side = options.side or ("reference" if reference_code else "smaller")
+  rule = _online_pca_rule(learning_rate, weight_decay, options, reference_code, state_dtype)
   return skipping.chain(
       scale_by_subspace_descent(
-          inner, rank, _online_pca_rule(learning_rate, weight_decay, options, reference_code),
+          inner, rank, rule,
           scale=DEFAULT_SCALE if scale is None else scale,
           weight_dimension_numbers=weight_dimension_numbers, projector_dtype=options.dtype,
           side=side, transport_state=transport_state, seed=options.seed),
@@ -208,6 +215,7 @@ def osd_adamw(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     transport_state: bool = False,
     reference_code: bool = False,
+    state_dtype: Any = None,
 ) -> skipping.SkippableTransformation:
   r"""AdamW in a rank-r subspace moved every step by online PCA (Online Subspace Descent).
 
@@ -235,6 +243,13 @@ def osd_adamw(
     projector: :class:`ProjectorOptions` (α, λ, P's init, optimizer and dtype...).
     weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
     transport_state: see :func:`osd_jax.scale_by_subspace_descent`.
+    state_dtype: where the moments live — the inner Adam's (projected and full-rank leaves)
+      and the projector's Adam's: None (the gradients' dtype; ``mu_dtype`` for the first
+      moment), ``"float32"``, ``"bfloat16"``, ``"int8"`` or ``"float8"`` (8 bits per element with
+      a scale per block of 256, :mod:`osd_jax.quantization`); compact moments are updated in
+      float32 and
+      written back by stochastic rounding (:mod:`osd_jax.transforms`). P itself keeps
+      ``projector.dtype`` (bfloat16 is enough with stochastic rounding; never 8 bits).
     reference_code: reproduce the official PyTorch code (kyleliang919/Online-Subspace-Descent,
       ``GaLoreAdamW`` with ``proj_type="continuous"``) instead of the paper's equations: λ = 0;
       P moved by AdamW with weight decay 0.01 at step lr(t)/lr_max/``update_proj_gap`` (both in
@@ -260,15 +275,24 @@ def osd_adamw(
   if eps is None:
     eps = 1e-6 if reference_code else 1e-8
   return _online_subspace_descent(
-      _adam(reference_code, b1, b2, eps, eps_root, mu_dtype), learning_rate, rank,
-      weight_decay=weight_decay, mask=mask, scale=scale, projector=projector,
-      weight_dimension_numbers=weight_dimension_numbers, transport_state=transport_state,
-      reference_code=reference_code)
+      _adam(reference_code, b1, b2, eps, eps_root, mu_dtype, state_dtype,
+            _projector_options(projector).seed),
+      learning_rate, rank, weight_decay=weight_decay, mask=mask, scale=scale,
+      projector=projector, weight_dimension_numbers=weight_dimension_numbers,
+      transport_state=transport_state, reference_code=reference_code, state_dtype=state_dtype)
 
 
-def _adam(reference_code, b1, b2, eps, eps_root, mu_dtype):
-  if not reference_code:  # optax.scale_by_adam, honouring apply_step (osd_jax.skipping)
-    return skipping.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
+def _no_compact_reference(reference_code, state_dtype):
+  if reference_code and state_dtype is not None:
+    raise ValueError("state_dtype is not available with reference_code=True (the official "
+                     "code's optimizers keep float32 state); leave it None.")
+
+
+def _adam(reference_code, b1, b2, eps, eps_root, mu_dtype, state_dtype=None, seed=0):
+  _no_compact_reference(reference_code, state_dtype)
+  if not reference_code:  # optax.scale_by_adam, honouring apply_step, compact state
+    return transforms.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+                                    state_dtype=state_dtype, seed=seed)
   if not isinstance(eps_root, jax.core.Tracer) and bool(jnp.any(jnp.asarray(eps_root) != 0)):
     raise ValueError("eps_root is not used by the official code; leave it at 0.0 with "
                      "reference_code=True.")
@@ -323,6 +347,7 @@ def osd_lion(
     weight_dimension_numbers: WeightDimensionNumbers = None,
     transport_state: bool = False,
     reference_code: bool = False,
+    state_dtype: Any = None,
 ) -> skipping.SkippableTransformation:
   r"""Lion in a rank-r subspace moved by online PCA (the paper's OSD-Lion).
 
@@ -344,7 +369,8 @@ def osd_lion(
     sign_after_projection: take the sign of the back-projected update (the official code's
       choice) instead of Lion's sign in the r×L coordinates.
     weight_decay, mask, scale, projector, weight_dimension_numbers, transport_state,
-      reference_code: as in :func:`osd_adamw`.
+      reference_code, state_dtype: as in :func:`osd_adamw` (``state_dtype`` is Lion's momentum
+      and the projector's Adam; not with ``sign_after_projection``).
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
@@ -357,13 +383,19 @@ def osd_lion(
   """
   sign_after_projection = sign_after_projection or reference_code
   if sign_after_projection:
+    if state_dtype is not None:
+      raise ValueError("state_dtype is not available with sign_after_projection (or "
+                       "reference_code); leave it None.")
     inner, tail = scale_by_lion_momentum(b1=b1, b2=b2, mu_dtype=mu_dtype), [optax.scale_by_sign()]
   else:
-    inner, tail = optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype), []
+    inner = transforms.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype, state_dtype=state_dtype,
+                                     seed=_projector_options(projector).seed)
+    tail = []
   return _online_subspace_descent(
       inner, learning_rate, rank, weight_decay=weight_decay, mask=mask, scale=scale,
       projector=projector, weight_dimension_numbers=weight_dimension_numbers,
-      transport_state=transport_state, reference_code=reference_code, tail=tail)
+      transport_state=transport_state, reference_code=reference_code, state_dtype=state_dtype,
+      tail=tail)
 
 
 def galore_adamw(
@@ -385,6 +417,7 @@ def galore_adamw(
     projector_dtype: Any = None,
     side: str | None = None,
     seed: int = 0,
+    state_dtype: Any = None,
 ) -> skipping.SkippableTransformation:
   r"""GaLore-AdamW (the baseline): AdamW in the top-r singular subspace, refreshed every T steps.
 
@@ -416,6 +449,7 @@ def galore_adamw(
     weight_dimension_numbers: which leaves/axes are projected (default: every 2-D leaf).
     projector_dtype: dtype of P (None = float32).
     side, seed: see :func:`osd_jax.scale_by_subspace_descent`.
+    state_dtype: the inner Adam's moments, as in :func:`osd_adamw`.
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
@@ -436,7 +470,7 @@ def galore_adamw(
   rule = projectors.svd(every=update_proj_gap, method=svd_method, align=align_signs)
   return skipping.chain(
       scale_by_subspace_descent(
-          _adam(reference_code, b1, b2, eps, 0.0, mu_dtype),
+          _adam(reference_code, b1, b2, eps, 0.0, mu_dtype, state_dtype, seed),
           rank, rule, scale=scale,
           weight_dimension_numbers=weight_dimension_numbers, projector_dtype=projector_dtype,
           side=side, seed=seed,

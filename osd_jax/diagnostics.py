@@ -62,15 +62,46 @@ def projector_orthogonality_error(opt_state: Any) -> jax.Array:
                    jnp.nan)
 
 
-def subspace_drift(old_state: Any, new_state: Any) -> jax.Array:
+ORTHONORMALIZATIONS = ("qr", "newton_schulz")
+NEWTON_SCHULZ_STEPS = 12
+
+
+def _orthonormal(p: jax.Array, method: str) -> jax.Array:
+  """An orthonormal basis Q (*batch, s, r) of span(P).
+
+  ``"qr"``: a QR (LAPACK on CPU). ``"newton_schulz"``: Q = P (PᵀP)^(−1/2), the inverse square
+  root by :data:`NEWTON_SCHULZ_STEPS` coupled Newton–Schulz iterations — matmuls only (no LAPACK
+  call, which XLA:CPU can deadlock on inside a loop), exact to float32 for a P near orthonormal
+  (the projectors here: ‖PᵀP − I‖ well below 1), approximate for a badly conditioned one.
+  """
+  if method == "qr":  # a zero P (not set yet) spans nothing: Q = 0, as Newton–Schulz gives
+    q = jnp.linalg.qr(p)[0]
+    return jnp.where(jnp.any(p != 0, axis=(-2, -1), keepdims=True), q, 0.0)
+  if method != "newton_schulz":
+    raise ValueError(f"method must be one of {ORTHONORMALIZATIONS}, got {method!r}")
+  a = jnp.einsum("...sr,...sq->...rq", p, p)
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  # scaled by an upper bound of its largest eigenvalue (the largest absolute row sum), so the
+  # iteration converges; for PᵀP ≈ I the bound is ≈ 1 and a few steps suffice
+  c = jnp.maximum(jnp.max(jnp.sum(jnp.abs(a), axis=-1), axis=-1), jnp.finfo(a.dtype).tiny)
+  y, z = a / c[..., None, None], jnp.broadcast_to(eye, a.shape)
+  for _ in range(NEWTON_SCHULZ_STEPS):
+    t = 0.5 * (3.0 * eye - z @ y)
+    y, z = y @ t, t @ z
+  return p @ (z / jnp.sqrt(c)[..., None, None])  # z → (A/c)^(−1/2)
+
+
+def subspace_drift(old_state: Any, new_state: Any, method: str = "qr") -> jax.Array:
   """Mean over matrices of 1 − ‖Q_newᵀ Q_old‖²_F / r ∈ [0, 1] (mean sin² of principal angles).
 
-  Q are orthonormal bases of the two projectors (QR); 0 means the subspace did not move.
+  Q are orthonormal bases of the two projectors (``method``: ``"qr"`` or ``"newton_schulz"``,
+  see :func:`_orthonormal`); 0 means the subspace did not move, 1 that it is new (also when the
+  old P was not set yet: a zero P spans nothing).
   """
   drifts = []
   for p_old, p_new in zip(projectors_of(old_state), projectors_of(new_state)):
-    q_old, _ = jnp.linalg.qr(_as_matrices(p_old))
-    q_new, _ = jnp.linalg.qr(_as_matrices(p_new))
+    q_old = _orthonormal(_as_matrices(p_old), method)
+    q_new = _orthonormal(_as_matrices(p_new), method)
     overlap = jnp.sum(jnp.einsum("bsr,bsq->brq", q_new, q_old) ** 2, axis=(-2, -1))
     drifts.append(1.0 - overlap / p_old.shape[-1])
   if not drifts:
@@ -82,7 +113,7 @@ def _is_subspace_state(x) -> bool:
   return isinstance(x, SubspaceDescentState)
 
 
-def captured_energy(grads: Any, opt_state: Any) -> jax.Array:
+def captured_energy(grads: Any, opt_state: Any, method: str = "qr") -> jax.Array:
   """Per projected matrix, the fraction of the gradient's energy inside span(P).
 
       e = ‖QᵀG'‖²_F / ‖G'‖²_F ∈ [0, 1],   Q = an orthonormal basis of P (QR),
@@ -95,7 +126,7 @@ def captured_energy(grads: Any, opt_state: Any) -> jax.Array:
   Which P is measured is the caller's choice: with the state after ``update`` it is the P the
   optimizer carries forward — for ``svd``/``random``/``frozen`` the Pₜ that projected Gₜ, for
   ``online_pca`` Pₜ₊₁, one projector step (of size α·lr) after Pₜ.  ``grads`` must have the
-  structure of the params the state was built for.
+  structure of the params the state was built for; ``method``: as :func:`subspace_drift`.
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
@@ -122,7 +153,7 @@ def captured_energy(grads: Any, opt_state: Any) -> jax.Array:
       if not is_projected_leaf(node):
         continue
       gp = to_matrix(g, node.layout).astype(jnp.float32)  # G' (*batch, s, L)
-      q, _ = jnp.linalg.qr(node.state.p.astype(jnp.float32))  # (*batch, s, r)
+      q = _orthonormal(node.state.p.astype(jnp.float32), method)  # (*batch, s, r)
       inside = jnp.sum(jnp.matmul(jnp.swapaxes(q, -1, -2), gp) ** 2, axis=(-2, -1))
       total = jnp.sum(gp**2, axis=(-2, -1))
       out.append((inside / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)).reshape(-1))

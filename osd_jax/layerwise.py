@@ -189,9 +189,12 @@ class LayerSplit:
   def update_layer(self, grads_i: Any, state: Any, params_i: Any, i, **extra_args):
     """``tx.update`` of layer ``i``: ``(updates_i, new one-layer state)``.
 
-    ``grads_i``/``params_i`` are :meth:`layer_view`\\ s; ``state`` is the whole state.
+    ``grads_i``/``params_i`` are :meth:`layer_view`\\ s; ``state`` is the whole state. The extra
+    argument ``layer_index=i`` goes along: a transformation that draws per-element random bits
+    (stochastic rounding, :mod:`osd_jax.transforms`) then draws those of the whole stack.
     """
-    return self.tx.update(grads_i, self.layer_state(state, i), params_i, **extra_args)
+    return self.tx.update(grads_i, self.layer_state(state, i), params_i, layer_index=i,
+                          **extra_args)
 
   def update_rest(self, grads_rest: Any, state: Any, params_rest: Any, **extra_args):
     """``tx.update`` of the other leaves: ``(updates, new rest state)`` (:meth:`rest_view`\\ s)."""
@@ -237,6 +240,13 @@ def write_after(token: jax.Array) -> Callable[[jax.Array], jax.Array]:
     return y - (finite * 0).astype(jnp.int32).astype(y.dtype)
 
   return after
+
+
+def _stacked_to(shapes, flags, treedef, n: int):
+  """``shapes`` with every stacked leaf's layer axis of length ``n``."""
+  leaves = treedef.flatten_up_to(shapes)
+  return treedef.unflatten([jax.ShapeDtypeStruct((n,) + tuple(x.shape[1:]), x.dtype) if f else x
+                            for x, f in zip(leaves, flags)])
 
 
 def _masked(params, keep: list[bool], treedef):
@@ -327,7 +337,14 @@ def split_layers(tx: optax.GradientTransformation, params: Any, stacked: Any, *,
 
 
 def _check(split: LayerSplit, shapes, state, flags, extra_args) -> None:
-  """The jaxpr check of :func:`split_layers` on the whole-tree update."""
+  """The jaxpr check of :func:`split_layers` on the whole-tree update.
+
+  A stack of one layer is checked as a stack of two (abstract shapes: free), since XLA's and
+  JAX's size-1 squeezes would hide where its layer axis goes.
+  """
+  if split.n_layers == 1:
+    shapes = _stacked_to(shapes, flags, split.params_treedef, 2)
+    state = jax.eval_shape(split.tx.init, shapes)
   param_kinds = split.params_treedef.unflatten([LAYER if s else REST for s in flags])
   state_kinds = split.state_treedef.unflatten(list(split.state_kinds))
   extra_kinds = jax.tree.map(lambda _: SHARED, extra_args)

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from osd_jax import quantization
 from osd_jax.dimension_numbers import WeightDimensionNumbers, resolve_layouts
 
 OPTIMIZERS = ("adamw", "osd_adamw", "osd_lion", "galore_adamw")
@@ -24,6 +25,16 @@ def state_bytes(state: Any) -> int:
   return total
 
 
+def moment_bytes(shape: tuple[int, ...], state_dtype: str | None, dtype: Any) -> int:
+  """Bytes of one optimizer moment of ``shape``: in ``state_dtype`` (``"int8"``, ``"float8"``: a
+  byte per element plus a float32 scale per block of 256 along the last axis), or ``dtype`` when
+  None."""
+  size = math.prod(shape)
+  if state_dtype in quantization.EIGHT_BIT:
+    return size + 4 * math.prod(quantization.scale_shape(tuple(shape)))
+  return size * jnp.dtype(dtype if state_dtype is None else state_dtype).itemsize
+
+
 def expected_state_bytes(
     params: Any,
     rank: int = 128,
@@ -34,31 +45,37 @@ def expected_state_bytes(
     projector_dtype: Any = jnp.float32,
     side: str = "smaller",
     learning_rate_is_schedule: bool = False,
+    state_dtype: Any = None,
 ) -> int:
   r"""Closed-form optimizer-state bytes of one of the aliases on ``params``.
 
-  Per projected matrix (batch size B, G' ∈ ℝ^{s×L}, rank r), with b the param itemsize,
-  b_μ the first-moment itemsize and b_P the projector's:
+  Per projected matrix (batch size B, G' ∈ ℝ^{s×L}, rank r), with M(shape) the bytes of one
+  moment of that shape (:func:`moment_bytes`: b_μ or b per element, or ``state_dtype``'s) and
+  b_P the projector's itemsize:
 
-      osd_adamw:     B·r·L·(b_μ + b)  +  3·B·s·r·b_P  +  4·B   (Adam on P keeps a count)
-      osd_lion:      B·r·L·b_μ        +  3·B·s·r·b_P  +  4·B
-      galore_adamw:  B·r·L·(b_μ + b)  +    B·s·r·b_P
-      adamw:         size·(b_μ + b)   for every leaf
+      osd_adamw:     B·(M_μ(r×L) + M(r×L))  +  B·s·r·b_P + 2·B·M(s×r)  +  4·B   (P's Adam count)
+      osd_lion:      B·M_μ(r×L)             +  B·s·r·b_P + 2·B·M(s×r)  +  4·B
+      galore_adamw:  B·(M_μ(r×L) + M(r×L))  +  B·s·r·b_P
+      adamw:         M_μ + M of every leaf
 
-  Unprojected leaves cost size·(b_μ + b) (Adam) or size·b_μ (Lion).  Step counters add 4
-  bytes each: the subspace transform's, the inner optimizer's, and the learning-rate
-  schedule's when ``learning_rate_is_schedule``.  ``side`` must be "smaller" or "larger".
+  Unprojected leaves cost M_μ + M (Adam) or M_μ (Lion).  Step counters add 4 bytes each: the
+  subspace transform's, the inner optimizer's, and the learning-rate schedule's when
+  ``learning_rate_is_schedule``.  ``side``: "smaller", "larger" or "reference" (as
+  :func:`osd_jax.dimension_numbers.resolve_layouts`).
 
   Example:
     >>> import jax.numpy as jnp, osd_jax
     >>> params = {"w": jnp.zeros((64, 256))}
     >>> osd_jax.expected_state_bytes(params, rank=8)  # 2·8·256·4 + 3·64·8·4 + 4 + 4 + 4
     22540
+    >>> osd_jax.expected_state_bytes(params, rank=8, state_dtype="int8")  # bytes + block scales
+    6252
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
   if side not in ("smaller", "larger", "reference"):
     raise ValueError("expected_state_bytes supports side='smaller', 'larger' or 'reference' only.")
+  state_dtype = quantization.check_state_dtype(state_dtype)
   leaves = jax.tree.leaves(params)
   if optimizer == "adamw":
     layouts = [None] * len(leaves)
@@ -69,16 +86,20 @@ def expected_state_bytes(
   if learning_rate_is_schedule:
     total += _COUNT
   for x, layout in zip(leaves, layouts):
-    b = jnp.dtype(x.dtype).itemsize
-    b_mu = jnp.dtype(mu_dtype).itemsize if mu_dtype is not None else b
-    slot_bytes = b_mu if optimizer == "osd_lion" else b_mu + b
+    dtype = jnp.dtype(x.dtype)
+    mu = dtype if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def moments(shape, dtype=dtype, mu=mu):  # the inner optimizer's slots of this shape
+      first = moment_bytes(shape, state_dtype, mu)
+      return first if optimizer == "osd_lion" else first + moment_bytes(shape, state_dtype, dtype)
+
     if layout is None:
-      total += math.prod(x.shape) * slot_bytes
+      total += moments(tuple(x.shape))
       continue
     batch = math.prod(layout.batch_shape)
-    total += batch * rank * layout.L * slot_bytes
-    if optimizer == "galore_adamw":
-      total += batch * layout.s * rank * pb
-    else:
-      total += batch * (3 * layout.s * rank * pb + _COUNT)
+    total += batch * moments((rank, layout.L))
+    total += batch * layout.s * rank * pb  # P
+    if optimizer != "galore_adamw":  # P's Adam: two moments (in P's dtype) and a count
+      total += batch * (2 * moment_bytes((layout.s, rank), state_dtype, projector_dtype)
+                        + _COUNT)
   return total

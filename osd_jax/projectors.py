@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from osd_jax import skipping
+from osd_jax import rounding, skipping, transforms
 
 INITS = ("svd", "randomized", "random")
 
@@ -76,6 +76,7 @@ class ProjectorRule(NamedTuple):
   honours_apply_step: bool = False  # step(..., apply_step=ok) keeps the state (but p) if not ok
   # transposed -> the same rule laid out for a transposed view G' = Gᵀ (None: ignores it)
   orient: Callable[[bool], ProjectorRule] | None = None
+  takes_seed: bool = False  # step(..., seed=s): a uint32 per matrix for stochastic rounding
 
   def oriented(self, transposed: bool) -> ProjectorRule:
     """This rule for G' = Gᵀ (``transposed``) or G' = G; the values are the same."""
@@ -99,6 +100,7 @@ def projector_rule(
     refresh: Callable[[jax.Array, Any, jax.Array, jax.Array], Any] | None = None,
     honours_apply_step: bool = False,
     orient: Callable[[bool], ProjectorRule] | None = None,
+    takes_seed: bool = False,
 ) -> ProjectorRule:
   """A :class:`ProjectorRule` from its parts.
 
@@ -114,6 +116,8 @@ def projector_rule(
       returns the state it was given except for ``p`` (the state must be a NamedTuple).
     orient: ``transposed -> ProjectorRule``, the rule laid out for a transposed view of the
       gradient (see the module docstring); None when the layout does not matter.
+    takes_seed: ``step`` also takes ``seed=`` (a uint32 scalar per matrix, deterministic in the
+      run's seed, the step, the leaf and the matrix) for stochastic rounding of its state.
 
   Example:
     >>> import jax.numpy as jnp, optax, osd_jax
@@ -131,7 +135,7 @@ def projector_rule(
   if not callable(init) or not callable(step):
     raise TypeError("projector_rule: init and step must be functions "
                     "(init(s, L, rank, dtype), step(g, state, count)).")
-  return ProjectorRule(init, step, is_refresh, refresh, honours_apply_step, orient)
+  return ProjectorRule(init, step, is_refresh, refresh, honours_apply_step, orient, takes_seed)
 
 
 # --------------------------------------------------------------------------- rank-r products
@@ -245,6 +249,11 @@ def initial_projector(g: jax.Array, rank: int, key: jax.Array, method: str = "sv
   raise ValueError(f"projector init must be one of {INITS}, got {method!r}.")
 
 
+def _working_dtype(dtype) -> jnp.dtype:
+  """The dtype to compute a projector in: P's own, but at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _check_init(init: str) -> None:
   if init not in INITS:
     raise ValueError(f"init must be one of {INITS}, got {init!r}.")
@@ -337,7 +346,7 @@ def online_pca(
 
   Args:
     learning_rate: η, a float or a schedule of the global step t (the aliases pass α·lr(t)).
-    optimizer: the projector optimizer; default ``osd_jax.skipping.scale_by_adam(0.9, 0.999,
+    optimizer: the projector optimizer; default ``osd_jax.transforms.scale_by_adam(0.9, 0.999,
       1e-8)`` (``optax.scale_by_adam``'s values). Its count starts at its first step (t = 1).
     orthogonality_weight: λ, the weight of the ‖PᵀP − I‖² penalty (0 in the reference code).
     weight_decay: decoupled weight decay on P (0.01 in the reference code).
@@ -354,7 +363,7 @@ def online_pca(
   """
   _check_init(init)
   if optimizer is None:  # optax.scale_by_adam's values; it also honours apply_step
-    optimizer = skipping.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+    optimizer = transforms.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
   def init_fn(s, L, rank, dtype):  # noqa: N803
     p = jnp.zeros((s, rank), dtype)
@@ -363,36 +372,44 @@ def online_pca(
   def is_refresh(count):
     return count == 0
 
-  def refresh(g, state, count, key):  # P₀ = init(G'₀)
+  def refresh(g, state, count, key):  # P₀ = init(G'₀), in float32 at least (LAPACK's)
     p = state.p
-    return state._replace(p=initial_projector(g.astype(p.dtype), p.shape[-1], key, init)
+    work = _working_dtype(p.dtype)
+    return state._replace(p=initial_projector(g.astype(work), p.shape[-1], key, init)
                           .astype(p.dtype))
 
   def rule(transposed: bool) -> ProjectorRule:
-    def step(g, state, count, apply_step=None):
+    def step(g, state, count, apply_step=None, seed=None):
       p_t = state.p
       dtype = p_t.dtype
-      g = g.astype(dtype)
-      g_hat = project(p_t, g, transposed)  # Ĝ = Pₜᵀ G'
-      grad = online_pca_gradient(p_t, g, orthogonality_weight, g_hat, transposed)  # ∇L(Pₜ)
+      p32 = p_t.astype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else p_t
+      g = g.astype(p32.dtype)
+      g_hat = project(p32, g, transposed)  # Ĝ = Pₜᵀ G'
+      grad = online_pca_gradient(p32, g, orthogonality_weight, g_hat, transposed)  # ∇L(Pₜ)
       # No projector step at t = 0 (nor on a skipped step): an elementwise select on the s×r
       # results, not a branch.
       hold = count == 0 if apply_step is None else (count == 0) | ~apply_step
+      extra = {} if seed is None else {"rounding_seed": seed}
       if skipping.honours_apply_step(optimizer):
         # the optimizer keeps its own state and computes D from the kept moments, so the
         # select is written in place (selecting its outputs here instead made XLA copy P's
         # moments at every step: D is computed from the unselected ones)
-        d, opt_state = optimizer.update(grad, state.opt_state, p_t, apply_step=~hold)  # D
+        d, opt_state = optimizer.update(grad, state.opt_state, p32, apply_step=~hold,
+                                        **extra)  # D
       else:
-        d, opt_state = optimizer.update(grad, state.opt_state, p_t)  # D
+        d, opt_state = optimizer.update(grad, state.opt_state, p32)  # D
         opt_state = skipping.select_state(~hold, opt_state, state.opt_state)
       eta = _schedule_value(learning_rate, count)
-      p_next = (p_t - eta * (d + weight_decay * p_t)).astype(dtype)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
+      p_next = p32 - eta * (d + weight_decay * p32)  # Pₜ₊₁ = Pₜ − η(D + wd·Pₜ)
+      # a P narrower than float32 (bfloat16) keeps the small steps on average: rounded
+      # stochastically when given a seed (scale_by_subspace_descent gives one per matrix)
+      p_next = (p_next.astype(dtype) if seed is None
+                else rounding.stochastic_round(p_next, dtype, rounding.combine_seeds(seed, 1)))
       p_next = jnp.where(hold, p_t, p_next)
-      return p_t, g_hat, OnlinePCAState(p_next, opt_state)
+      return p_t, g_hat.astype(dtype), OnlinePCAState(p_next, opt_state)
 
     return projector_rule(init_fn, step, is_refresh, refresh, honours_apply_step=True,
-                          orient=rule)
+                          orient=rule, takes_seed=True)
 
   return rule(False)
 
@@ -415,9 +432,11 @@ def _periodic(refresh_fn, is_refresh_step, align: bool = False) -> ProjectorRule
   def rule(transposed: bool) -> ProjectorRule:
     def refresh(g, state, count, key):
       dtype = state.p.dtype
-      p_new = refresh_fn(g.astype(dtype), state.p.shape[-1], key, transposed).astype(dtype)
+      work = _working_dtype(dtype)  # float32 at least: LAPACK has no bfloat16
+      p_new = refresh_fn(g.astype(work), state.p.shape[-1], key, transposed)
       # P_old = 0 at t = 0: no flip
-      return PeriodicProjectorState(align_signs(p_new, state.p) if align else p_new)
+      p_new = align_signs(p_new, state.p.astype(work)) if align else p_new
+      return PeriodicProjectorState(p_new.astype(dtype))
 
     def step(g, state, count):
       p_t = state.p

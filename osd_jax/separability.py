@@ -109,6 +109,7 @@ copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamm
 integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow
 real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
 tanh xor shift_left shift_right_logical shift_right_arithmetic population_count
+le_to lt_to ge_to gt_to eq_to ne_to bitcast_convert_type
 """.split())
 REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
                        "reduce_xor argmax argmin".split())
@@ -227,6 +228,16 @@ def _rule(eqn, ins: list[Dep]) -> list[Dep]:  # noqa: C901
     return [_axis_map(ins[0], kept, why)]
   if name == "dot_general":
     return [_dot_general(eqn, ins, why)]
+  if name == "gather" and ins[0].layer is None and _is_axis(ins[1].layer):
+    # a lookup in a layer-free table (e.g. a quantization table) by per-layer indices: the
+    # output's non-offset dims are the indices' batch dims, in order
+    dn = params["dimension_numbers"]
+    out_nd = _ndim(eqn.outvars[0])
+    batch_positions = [d for d in range(out_nd) if d not in tuple(dn.offset_dims)]
+    k = ins[1].layer
+    if k < len(batch_positions) and k != _ndim(eqn.invars[1]) - 1:
+      return [Dep(ins[0].rest or ins[1].rest, batch_positions[k])]
+    return [Dep(True, MIXED, why)]
   if name in LINALG:
     # batched over the leading axes: the layer axis must not be one of the last two
     nd = max(_ndim(v) for v in eqn.invars)

@@ -17,6 +17,7 @@ not divide its mesh axes is replicated, so odd ranks or sizes never fail to comp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -24,6 +25,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from osd_jax import quantization
 from osd_jax.dimension_numbers import MatrixLayout
 from osd_jax.subspace_descent import (
   ProjectedLeafState,
@@ -37,7 +39,7 @@ def _is_spec_leaf(x) -> bool:
 
 
 def _is_state_leaf(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
+  return isinstance(x, optax.MaskedNode) or quantization.is_quantized(x)
 
 
 def _is_projector_slot(x) -> bool:
@@ -91,7 +93,8 @@ def _projector_entries(layout: MatrixLayout, param_entries: tuple) -> dict[int, 
 def _leaf_spec(x, param_entries, layout, fitter: _Fitter) -> PartitionSpec:
   """Spec of a state leaf sitting at a parameter's position in a params-like subtree."""
   shape = tuple(x.shape)
-  if layout is not None and shape == layout.low_rank_shape:
+  if layout is not None and (shape == layout.low_rank_shape or (  # (or its 8-bit scales)
+      len(shape) == len(layout.low_rank_shape) and shape[:-1] == layout.low_rank_shape[:-1])):
     e = _projector_entries(layout, param_entries)
     return fitter.spec(shape, e["batch"] + (None, e["L"]))
   if param_entries is not None and len(shape) == len(param_entries) and layout is None:
@@ -103,7 +106,8 @@ def _projector_leaf_spec(x, param_entries, layout: MatrixLayout, fitter: _Fitter
   shape = tuple(x.shape)
   e = _projector_entries(layout, param_entries)
   nb = len(layout.batch_shape)
-  if shape == layout.projector_shape:
+  if shape == layout.projector_shape or (  # P and its moments (or their 8-bit scales)
+      len(shape) == len(layout.projector_shape) and shape[:-1] == layout.projector_shape[:-1]):
     return fitter.spec(shape, e["batch"] + (e["s"], None))
   if shape[:nb] == layout.batch_shape:
     return fitter.spec(shape, e["batch"] + (None,) * (len(shape) - nb))
@@ -157,6 +161,11 @@ def optimizer_state_sharding(opt_state: Any, param_sharding: Any, mesh=None) -> 
       padded = _entries(PartitionSpec(*(entries or ())), ndim)
       if len(padded) > ndim:  # a spec longer than the leaf: not this param's layout
         padded = (None,) * ndim
+      if quantization.is_quantized(x):  # codes as the moment would be; scales alike
+        out.append(dataclasses.replace(
+            x, codes=_leaf_spec(x.codes, padded, layout, fitter),
+            scale=_leaf_spec(x.scale, padded, layout, fitter)))
+        continue
       out.append(_leaf_spec(x, padded, layout, fitter))
     return d.unflatten(out)
 

@@ -14,10 +14,10 @@ caller keeps its params.
 
 Whether a transformation honours it is structural, a property of the transformation object: it
 is a :class:`SkippableTransformation` (an ``optax.GradientTransformationExtraArgs`` subclass that
-adds no field). :func:`scale_by_adam`, :func:`osd_jax.scale_by_subspace_descent`, the aliases
-and :func:`chain` of skippable parts are; ``optax.chain`` or ``optax.inject_hyperparams`` around
-them are not (they do not say so), and :func:`honour_apply_step` makes any transformation honour
-it by selecting its state.
+adds no field). :func:`osd_jax.transforms.scale_by_adam`, ``scale_by_lion``,
+:func:`osd_jax.scale_by_subspace_descent`, the aliases and :func:`chain` of skippable parts are;
+``optax.chain`` or ``optax.inject_hyperparams`` around them are not (they do not say so), and
+:func:`honour_apply_step` makes any transformation honour it by selecting its state.
 """
 
 from __future__ import annotations
@@ -106,47 +106,9 @@ def chain(*transformations: optax.GradientTransformation) -> SkippableTransforma
   return skippable(inner.init, inner.update)
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
-                  mu_dtype: Any = None) -> SkippableTransformation:
-  r"""Adam's scaling, as ``optax.scale_by_adam``, that also honours ``apply_step``.
+def scale_by_adam(*args, **kwargs) -> SkippableTransformation:
+  """Adam's scaling that honours ``apply_step``: :func:`osd_jax.transforms.scale_by_adam`
+  (which also keeps its moments in bfloat16 or 8 bits)."""
+  from osd_jax import transforms  # transforms builds on this module
 
-      m ← β₁m + (1−β₁)g,   v ← β₂v + (1−β₂)g²,   t ← t + 1   (only where ``apply_step``)
-      N = m̂ / (√(v̂ + ε_root) + ε),   m̂ = m/(1−β₁ᵗ),  v̂ = v/(1−β₂ᵗ)
-
-  N is computed from the (selected) moments, so the select is written in place. The state is an
-  ``optax.ScaleByAdamState``; without ``apply_step`` the values are optax's.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from osd_jax import skipping
-    >>> tx = skipping.scale_by_adam()
-    >>> g = {"w": jnp.ones(3)}
-    >>> state = tx.init(g)
-    >>> _, kept = tx.update(g, state, apply_step=jnp.bool_(False))
-    >>> int(kept.count), kept.mu["w"].tolist()
-    (0, [0.0, 0.0, 0.0])
-  """
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-
-  def init_fn(params):
-    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = optax.tree.zeros_like(params)
-    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
-
-  def update_fn(updates, state, params=None, *, apply_step=None, **extra_args):
-    del params, extra_args
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    count = optax.safe_increment(state.count)
-    if apply_step is not None:
-      mu, nu = select_state(apply_step, mu, state.mu), select_state(apply_step, nu, state.nu)
-      count = jnp.where(apply_step, count, state.count)
-    # at a skipped step count may be 0: the bias correction then divides by 0 (N is unused)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
-    nu_hat = optax.tree.bias_correction(nu, b2, count)
-    n = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
-    mu = optax.tree.cast(mu, mu_dtype)
-    nu = optax.tree.cast_like(nu, state.nu)
-    return n, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-  return skippable(init_fn, update_fn)
+  return transforms.scale_by_adam(*args, **kwargs)

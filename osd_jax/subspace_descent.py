@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from osd_jax import projectors as projectors_lib
-from osd_jax import skipping
+from osd_jax import rounding, skipping
 from osd_jax.dimension_numbers import (
   SIDES,
   MatrixLayout,
@@ -87,11 +87,24 @@ def _vmap_batch(fn, num_batch_axes: int, in_axes):
   return fn
 
 
-def _leaf_keys(base_key: jax.Array, leaf_index: int, count, batch_shape) -> jax.Array:
-  key = jax.random.fold_in(jax.random.fold_in(base_key, leaf_index), count)
-  if not batch_shape:
-    return key
-  return jax.random.split(key, math.prod(batch_shape)).reshape(batch_shape)
+def _matrix_seeds(seed: int, path: str, count, batch_shape, layer_index) -> jax.Array:
+  """uint32 seeds, one per matrix of a leaf (``batch_shape``), from (``seed``, the leaf's path,
+  the step, the matrix's index in the whole leaf): a layer's slice (``layer_index``, see
+  :mod:`osd_jax.layerwise`) gets the seeds its matrices get in the whole stack."""
+  n = math.prod(batch_shape)
+  index = jax.lax.iota(jnp.uint32, n).reshape(batch_shape)
+  if layer_index is not None:
+    index = index + jnp.asarray(layer_index).astype(jnp.uint32) * n
+  return rounding.combine_seeds(seed, rounding.path_seed(path), count, index)
+
+
+def _matrix_keys(seeds: jax.Array) -> jax.Array:
+  """PRNG keys from :func:`_matrix_seeds` (for the random and randomized inits)."""
+  flat = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seeds.reshape(-1))
+  return flat.reshape(seeds.shape)
+
+
+_P_STREAM = 0x9E37  # P's stochastic rounding draws its own bits (the inits use the plain seeds)
 
 
 def scale_by_subspace_descent(
@@ -219,12 +232,16 @@ def scale_by_subspace_descent(
     slots = treedef.flatten_up_to(state.projector_state)
     _check_shapes(leaves, slots)
     count = state.count
+    layer_index = extra_args.get("layer_index")  # a layer of a stack (osd_jax.layerwise)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    seeds = {i: _matrix_seeds(seed, paths[i], count, ps.layout.batch_shape, layer_index)
+             for i, ps in enumerate(slots) if is_projected_leaf(ps)}
     # the rule keeps its own state on a skipped step (no copy of its moments), or it is selected
     rule_skips = apply_step is not None and projector.honours_apply_step
-    rule_states = _rule_states_for_step(projector, leaves, slots, count, jax.random.key(seed))
+    rule_states = _rule_states_for_step(projector, leaves, slots, count, seeds)
     projected = {
         i: _project_leaf(projector, leaves[i], slots[i], rule_states[i], count,
-                         apply_step if rule_skips else None)
+                         apply_step if rule_skips else None, seeds[i])
         for i in rule_states
     }
     inner_in = [projected[i].g_hat.astype(g.dtype) if i in projected else g
@@ -268,33 +285,40 @@ def _check_shapes(leaves: list, slots: list) -> None:
       )
 
 
-def _rule_states_for_step(projector, leaves, slots, count, base_key) -> dict[int, Any]:
+def _rule_states_for_step(projector, leaves, slots, count, seeds: dict) -> dict[int, Any]:
   """``{leaf index: rule state for step t}`` of the projected leaves: refreshed (an SVD, a QR...
   of every projected matrix) inside ONE conditional for the whole tree on refresh steps."""
   projected = [i for i, ps in enumerate(slots) if is_projected_leaf(ps)]
   states = [slots[i].state for i in projected]
   if projector.is_refresh is not None and projected:
     states = _refresh_all(projector, [leaves[i] for i in projected],
-                          [slots[i] for i in projected], projected, count, base_key)
+                          [slots[i] for i in projected], [seeds[i] for i in projected], count)
   return dict(zip(projected, states))
 
 
 def _project_leaf(projector, g, slot: ProjectedLeafState, rule_state, count,
-                  apply_step) -> _Projected:
+                  apply_step, seeds) -> _Projected:
   """The rule's step on every matrix of one leaf: Ĝ = Pₜᵀ G', and the state for step t + 1.
 
   With ``apply_step`` the rule keeps its own state on a skipped step; P, which a refresh may
-  have replaced, is put back to the stored one here.
+  have replaced, is put back to the stored one here. A rule that ``takes_seed`` gets one per
+  matrix (for the stochastic rounding of a narrow P and its optimizer state).
   """
   layout = slot.layout
   rule = projector.oriented(layout.transpose)
-  if apply_step is None:
-    step = _vmap_batch(rule.step, len(layout.batch_shape), in_axes=(0, 0, None))
-    p_t, g_hat, new_state = step(to_matrix(g, layout), rule_state, count)
-  else:
-    step = _vmap_batch(lambda g_, s_, c_, ok: rule.step(g_, s_, c_, apply_step=ok),
-                       len(layout.batch_shape), in_axes=(0, 0, None, None))
-    p_t, g_hat, new_state = step(to_matrix(g, layout), rule_state, count, apply_step)
+  kwargs = {}
+  if apply_step is not None:
+    kwargs["apply_step"] = apply_step
+  matrix_seeds = rounding.combine_seeds(seeds, _P_STREAM) if rule.takes_seed else None
+
+  def step(g_, s_, seed_):
+    extra = dict(kwargs, seed=seed_) if seed_ is not None else kwargs
+    return rule.step(g_, s_, count, **extra)
+
+  in_axes = (0, 0, None if matrix_seeds is None else 0)
+  p_t, g_hat, new_state = _vmap_batch(step, len(layout.batch_shape), in_axes)(
+      to_matrix(g, layout), rule_state, matrix_seeds)
+  if apply_step is not None:
     new_state = new_state._replace(p=jnp.where(apply_step, new_state.p, slot.state.p))
   return _Projected(g_hat, Projections(slot.state.p, p_t, new_state.p),
                     ProjectedLeafState(state=new_state, layout=layout))
@@ -390,24 +414,23 @@ def _refresh_leaf(projector, g, layout: MatrixLayout, state, count, keys):
   return refresh((g, state, keys), 0)
 
 
-def _refresh_all(projector, grads, leaf_states, indices, count, base_key) -> list:
+def _refresh_all(projector, grads, leaf_states, seeds, count) -> list:
   """Rule states for step t of the projected leaves: refreshed on refresh steps, else kept.
 
   One ``lax.cond`` for all of them: the refresh branch runs ``projector.refresh`` on every
   matrix, one after another (:func:`_refresh_leaf`: a loop over batch axes), so the branch's
   temporaries are those of one matrix's refresh, however many matrices there are; the other
-  branch returns the states as they are.  The keys are made inside the refresh branch; the
-  gradients enter the branch as stored (``to_matrix`` inside), so the steady-state path
-  neither copies nor gathers them.
+  branch returns the states as they are.  The keys are made inside the refresh branch (from
+  :func:`_matrix_seeds`); the gradients enter the branch as stored (``to_matrix`` inside), so
+  the steady-state path neither copies nor gathers them.
   """
   states = [ps.state for ps in leaf_states]
   due = projector.is_refresh(count)
 
   def refresh_all(grads, states):
     out = []
-    for g, ps, state, i in zip(grads, leaf_states, states, indices):
-      keys = _leaf_keys(base_key, i, count, ps.layout.batch_shape)
-      new = _refresh_leaf(projector, g, ps.layout, state, count, keys)
+    for g, ps, state, leaf_seeds in zip(grads, leaf_states, states, seeds):
+      new = _refresh_leaf(projector, g, ps.layout, state, count, _matrix_keys(leaf_seeds))
       out.append(jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), new, state))
     return out
 
