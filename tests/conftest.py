@@ -25,6 +25,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
+# The trainer's XLA:CPU scheduler workaround (train/__init__.py), before any test starts a backend.
+import train  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def train_tokenizer(tmp_path_factory):

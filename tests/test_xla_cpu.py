@@ -31,7 +31,9 @@ def test_users_setting_wins_and_a_started_backend_is_left_alone(monkeypatch):
 
 
 def test_warning_names_the_fix_only_on_cpu_without_the_flag(monkeypatch, caplog):
-  monkeypatch.setattr(xla_cpu, "APPLIED_AT_IMPORT", False)
+  import train
+
+  monkeypatch.setattr(train, "XLA_CPU_WORKAROUND", False)
   monkeypatch.setattr(xla_cpu, "_warned", False)
   xla_cpu.warn_if_missing("gpu")
   assert not caplog.records

@@ -46,7 +46,8 @@ from train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 # Config fields that must match for a checkpoint to be restorable into the current run.
-STRUCTURAL_KEYS = ("preset", "model_overrides", "param_dtype", "optimizer", "rank", "project")
+STRUCTURAL_KEYS = ("preset", "model_overrides", "param_dtype", "state_dtype", "optimizer", "rank",
+                   "project")
 # Fields that define the data stream: the checkpoint's data position is a position in that stream.
 STREAM_KEYS = ("data", "seq_len", "batch_size", "seed")
 # Fields that may change on resume (e.g. more --steps) but change the run: resuming says so.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16", "int8", "float8")
 #: Default --rank per preset: the ranks of the GaLore paper's C4 runs (Zhao et al. 2024, Table 2:
 #: 128 of 512 for 60M, 256 of 768 for 130M, 256 of 1024 for 350M, 512 of 2048 for 1B; 1024 of 4096
 #: for 7B), which the OSD paper's LLaMA runs reuse; tiny (width 128) gets a quarter of its width.
@@ -32,6 +34,11 @@ ENERGY_METRIC_CHOICES = ("auto", "on", "off")
 #: Presets whose ``--energy-metric auto`` is off: the metric keeps every gradient alive until after
 #: the update (+20.2 GiB on the 7B step estimate, 74.55 -> 94.78 GiB; benchmarks/RESULTS.md §7).
 NO_ENERGY_METRIC_PRESETS = ("1b", "7b")
+#: Presets whose loss is chunked by default (--loss-chunk): their logits are the largest temporary
+#: once the gradients and the optimizer state are compact (7B, 16 x 256 tokens: 0.5 GiB, and as
+#: much again for their gradient; benchmarks/RESULTS.md §9).
+CHUNKED_LOSS_PRESETS = ("1b", "7b")
+DEFAULT_LOSS_CHUNK = 64
 #: The smallest --vocab-size of a trained tokenizer: 4 special + 256 byte pieces + >= 1 character.
 MIN_VOCAB_SIZE = 261
 
@@ -78,9 +85,23 @@ class TrainConfig:
                              "--model-override n_layers=2.", group="model", flag="model-override")
   dtype: str = _f("bfloat16", "Compute dtype of activations and matmuls.", choices=DTYPES,
                   group="model")
-  param_dtype: str = _f("float32", "Dtype of the master weights and optimizer state.",
-                        choices=DTYPES,
-                        group="model")
+  param_dtype: str = _f("float32", "Dtype of the master weights (and, without --state-dtype, of "
+                        "the optimizer state).", choices=DTYPES, group="model")
+  state_dtype: str | None = _f(None, "Dtype of the optimizer's moments: float32, bfloat16, int8 "
+                               "(a byte per element and a float32 scale per block of 256: the "
+                               "dynamic map of 8-bit optimizers; osd_jax.quantization) or float8 "
+                               "(the same with float8 e4m3's values). It covers the inner and "
+                               "projector moments of osd_*/galore_adamw and the full-rank moments "
+                               "(embedding, head, norms; adamw and lion too); compact moments are "
+                               "updated in float32 and written back by stochastic rounding. With "
+                               "bfloat16, int8 or float8 the projectors P are kept in bfloat16. "
+                               "Default: --param-dtype.",
+                               choices=STATE_DTYPES, group="model")
+  stochastic_rounding: bool | None = _f(None, "Round each new weight into --param-dtype "
+                                        "stochastically (unbiased, so updates below half a "
+                                        "bfloat16 step survive on average); deterministic in "
+                                        "--seed and the step, so a resume stays bitwise. "
+                                        "Default: on for bfloat16/float16 weights.", group="model")
   init_from: str | None = _f(None, "Start from a LLaMA-architecture Hugging Face directory "
                              "(config.json + safetensors, e.g. one written by python -m "
                              "train.export): its architecture replaces the preset's and its "
@@ -105,7 +126,7 @@ class TrainConfig:
   min_lr_ratio: float = _f(0.1, "Cosine decay ends at this fraction of --lr.", group="optimizer")
   weight_decay: float = _f(0.0, "Decoupled weight decay (matrices only; norms are not decayed).",
                            group="optimizer")
-  b1: float | None = _f(None, "First-moment decay (default: 0.9 for Adam, 0.9 for Lion).",
+  b1: float | None = _f(None, "First-moment decay (default 0.9, Adam and Lion alike).",
                         group="optimizer")
   b2: float | None = _f(None, "Second-moment decay (default: 0.999 for Adam, 0.99 for Lion).",
                         group="optimizer")
@@ -165,6 +186,11 @@ class TrainConfig:
   grad_accum: int = _f(1, "Split each batch into this many micro-batches (gradient accumulation).",
                        group="training")
   seed: int = _f(0, "Seed for parameter init and data order.", group="training")
+  loss_chunk: int | None = _f(None, "Compute the loss this many sequence positions at a time (a "
+                              "divisor of --seq-len), recomputing each chunk's logits in the "
+                              "backward pass, so the [batch, seq, vocab] logits are never held "
+                              "whole (0: at once). Default: 64 for 1b and 7b, else 0.",
+                              group="training")
   fused_update: bool = _f(False, "Update each scanned block inside the backward pass, as soon as "
                           "its gradient exists, so the whole gradient tree is never held (7B: "
                           "about the size of the params less; train/README.md, 'The fused "
@@ -262,6 +288,28 @@ class TrainConfig:
     return self.preset.lower() not in NO_ENERGY_METRIC_PRESETS
 
   @property
+  def resolved_stochastic_rounding(self) -> bool:
+    """Whether new weights are rounded stochastically (``--stochastic-rounding``; default: for
+    weights narrower than float32)."""
+    if self.stochastic_rounding is not None:
+      return bool(self.stochastic_rounding)
+    return self.param_dtype in ("bfloat16", "float16")
+
+  @property
+  def resolved_loss_chunk(self) -> int:
+    """Sequence positions per chunk of the loss (``--loss-chunk``; 0: one chunk)."""
+    if self.loss_chunk is not None:
+      return self.loss_chunk
+    if self.preset.lower() not in CHUNKED_LOSS_PRESETS:
+      return 0
+    return math.gcd(DEFAULT_LOSS_CHUNK, self.seq_len)
+
+  @property
+  def compact_state(self) -> bool:
+    """Moments in bfloat16 or 8 bits (then the projectors are kept in bfloat16)."""
+    return self.state_dtype in ("bfloat16", "int8", "float8")
+
+  @property
   def resolved_warmup(self) -> int:
     if self.warmup_steps is not None:
       return self.warmup_steps
@@ -284,6 +332,12 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.optimizer not in OPTIMIZERS:
     raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}; "
                       f"choose one of {', '.join(OPTIMIZERS)}")
+  if cfg.state_dtype is not None and cfg.state_dtype not in STATE_DTYPES:
+    raise ConfigError(f"unknown --state-dtype {cfg.state_dtype!r}; choose one of "
+                      f"{', '.join(STATE_DTYPES)}")
+  if cfg.state_dtype is not None and cfg.reference_code:
+    raise ConfigError("--state-dtype is not available with --reference-code (the official code "
+                      "keeps float32 optimizer state); drop one of them")
   for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                         ("projector_init", PROJECTOR_INITS), ("project", PROJECTION_RULES),
                         ("remat", REMAT_CHOICES)):
@@ -306,6 +360,10 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
   if cfg.warmup_steps is not None and not 0 <= cfg.warmup_steps <= cfg.steps:
     raise ConfigError(f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps}")
+  if cfg.loss_chunk is not None and (cfg.loss_chunk < 0 or (
+      cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk)):
+    raise ConfigError(f"--loss-chunk must be 0 or a divisor of --seq-len {cfg.seq_len}, got "
+                      f"{cfg.loss_chunk}")
   if cfg.fused_update and not cfg.scan_layers:
     raise ConfigError("--fused-update runs the update in the backward pass over the scanned "
                       "blocks; drop --no-scan-layers")

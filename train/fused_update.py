@@ -49,6 +49,7 @@ from train import sharding as shd
 from train import train_step as step_lib
 
 LAYERS = "layers"
+NS = "newton_schulz"
 
 
 def _is_stacked(path, _) -> bool:
@@ -90,10 +91,12 @@ def _projector_sums(old_state, new_state, grads, energy: bool):
   nan = jnp.full([], jnp.nan, jnp.float32)
   if not n:
     return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32), nan
-  drift = osd_jax.subspace_drift(old_state, new_state).astype(jnp.float32) * n
+  # orthonormal bases by Newton–Schulz, not QR: a LAPACK call inside the backward loop can
+  # deadlock XLA:CPU's thread pool (seen at 60M; osd_jax.diagnostics._orthonormal)
+  drift = osd_jax.subspace_drift(old_state, new_state, NS).astype(jnp.float32) * n
   if not energy:
     return jnp.float32(n), drift, nan, nan
-  e = osd_jax.captured_energy(grads, new_state)
+  e = osd_jax.captured_energy(grads, new_state, NS)
   return jnp.float32(n), drift, jnp.sum(e), jnp.min(e)
 
 
@@ -103,13 +106,17 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                           abstract_params: Any, *, grad_clip: float = 0.0,
                           loss_spike_factor: float = 0.0, subspace_metrics: bool = False,
                           energy_metrics: bool = True, metrics_every: int = 1,
-                          last_step: int = -1, donate: bool = True) -> Callable:
+                          last_step: int = -1, donate: bool = True,
+                          stochastic_rounding: bool = False, seed: int = 0,
+                          loss_chunk: int = 0) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
 
   ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
   the last part of the chain whose state the train state holds (a leading
   ``clip_by_global_norm``, stateless, is replaced by the previous step's norm). The metrics are
-  the unfused step's plus ``skipped_blocks``.
+  the unfused step's plus ``skipped_blocks``. ``stochastic_rounding``, ``seed``: as the unfused
+  step (the same bits: a block's slice draws what it draws in the whole stack); ``loss_chunk``:
+  :func:`train.train_step.cross_entropy_sum`.
   """
   split = split_optimizer(base, abstract_params)
   n_layers = split.n_layers
@@ -135,10 +142,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         return nnx.merge(graphdef, {**params, "embed": e}).embed_tokens(tokens)
 
       def head_loss(norm, head, h):
-        logits = nnx.merge(graphdef, {**params, "norm": norm, "head": head}).logits(h)
-        losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits, jnp.where(valid, targets, 0))
-        return jnp.sum(jnp.where(valid, losses, 0.0)) / n_tokens
+        top = nnx.merge(graphdef, {**params, "norm": norm, "head": head})
+        return step_lib.cross_entropy_sum(top.logits, h, targets, loss_chunk) / n_tokens
 
       # 1. forward, keeping each block's residuals (not its params)
       x0, embed_vjp = jax.vjp(embed, params["embed"])
@@ -172,9 +177,11 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         g_view = split.layer_view_of(jax.tree.leaves(g_i))
         p_view = split.layer_view_of(jax.tree.leaves(p_i))
         old_state = split.layer_state(opt, i)
-        u_view, new_state = split.tx.update(g_view, old_state, p_view, apply_step=ok)
-        new_p = optax.apply_updates(p_i, jax.tree.unflatten(
-            jax.tree.structure(p_i), split.stacked_leaves(u_view)))
+        u_view, new_state = split.tx.update(g_view, old_state, p_view, apply_step=ok,
+                                            layer_index=i)
+        new_view = step_lib.apply_updates(p_view, u_view, state.step, stochastic_rounding, seed,
+                                          layer_index=i)
+        new_p = jax.tree.unflatten(jax.tree.structure(p_i), split.stacked_leaves(new_view))
         new_p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p, p_i)
         metrics = acc["metrics"]
         if subspace_metrics:
@@ -212,8 +219,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
     p_rest = split.rest_view(params)
     old_rest = split.rest_state(opt)
     u_rest, new_rest = split.tx.update(g_rest, old_rest, p_rest, apply_step=ok)
-    new_p_rest = jax.tree.map(lambda p, u: jnp.where(ok, optax.apply_updates(p, u), p),
-                              p_rest, u_rest)
+    new_p_rest = step_lib.apply_updates(p_rest, u_rest, state.step, stochastic_rounding, seed)
+    new_p_rest = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p_rest, p_rest)
     new_params = split.merge_views(jax.tree.leaves(layers), new_p_rest)
     opt = split.set_rest(opt, new_rest)
     new_opt = (*state.opt_state[:-1], opt)

@@ -466,9 +466,11 @@ class Llama(nnx.Module):
     if tokens.shape[1] > c.max_seq_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds LlamaConfig.max_seq_len="
                        f"{c.max_seq_len}")
-    x = self.embed_tokens(tokens)
-    x = self._blocks(x, positions_of(tokens))
-    return self.logits(x)
+    return self.logits(self.hidden_states(tokens))
+
+  def hidden_states(self, tokens: jax.Array) -> jax.Array:
+    """The blocks' output [B, T, dim] (before the final norm and the head)."""
+    return self._blocks(self.embed_tokens(tokens), positions_of(tokens))
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """The blocks' input: the token embeddings [B, T, dim] in the compute dtype."""

@@ -160,28 +160,36 @@ def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   adam = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.999 if cfg.b2 is None else cfg.b2,
               eps=cfg.eps if cfg.eps is not None or ref else 1e-8)
   lion = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.99 if cfg.b2 is None else cfg.b2)
+  compact = dict(state_dtype=cfg.state_dtype, seed=cfg.seed)  # the moments' storage
+  # P in 16 bits (with stochastic rounding) next to compact moments: the weights' 16-bit float
+  # type (bfloat16 unless they are float16), else float32
+  p_dtype = (cfg.param_dtype if cfg.param_dtype == "float16" else "bfloat16"
+             ) if cfg.compact_state else None
   if name == "adamw":
     if cfg.scale is None:  # optax.adamw, whose moments keep themselves on a skipped step
-      return osd_jax.skipping.chain(osd_jax.skipping.scale_by_adam(**adam),
+      return osd_jax.skipping.chain(osd_jax.transforms.scale_by_adam(**adam, **compact),
                                     optax.add_decayed_weights(cfg.weight_decay, mask),
                                     optax.scale_by_learning_rate(schedule))
     return _scaled_adamw(cfg, schedule, params, mask, adam)
-  if name == "lion":
-    return optax.lion(schedule, weight_decay=cfg.weight_decay, mask=mask, **lion)
+  if name == "lion":  # optax.lion, as adamw
+    return osd_jax.skipping.chain(osd_jax.transforms.scale_by_lion(**lion, **compact),
+                                  optax.add_decayed_weights(cfg.weight_decay, mask),
+                                  optax.scale_by_learning_rate(schedule))
   dims = projection_rule(params, cfg.project)
   if name == "galore_adamw":
     return osd_jax.galore_adamw(
         schedule, cfg.resolved_rank, update_proj_gap=cfg.update_proj_gap,
         scale=osd_jax.DEFAULT_SCALE if cfg.scale is None else cfg.scale,
         weight_decay=cfg.weight_decay, weight_dimension_numbers=dims, mask=mask, seed=cfg.seed,
-        align_signs=None if ref else cfg.align_signs, reference_code=ref, **adam)
+        align_signs=None if ref else cfg.align_signs, reference_code=ref,
+        state_dtype=cfg.state_dtype, projector_dtype=p_dtype, **adam)
   projector = osd_jax.ProjectorOptions(
       lr_ratio=cfg.projector_lr_ratio, orthogonality_weight=cfg.orthogonality_weight,
       weight_decay=cfg.projector_weight_decay, init=cfg.projector_init, seed=cfg.seed,
-      update_proj_gap=cfg.update_proj_gap, peak_learning_rate=cfg.lr)
+      update_proj_gap=cfg.update_proj_gap, peak_learning_rate=cfg.lr, dtype=p_dtype)
   # scale: osd_jax.DEFAULT_SCALE (0.25) unless --scale is given
   osd = dict(scale=cfg.scale, projector=projector, weight_dimension_numbers=dims, mask=mask,
-             weight_decay=cfg.weight_decay, reference_code=ref)
+             weight_decay=cfg.weight_decay, reference_code=ref, state_dtype=cfg.state_dtype)
   if name == "osd_adamw":
     return osd_jax.osd_adamw(schedule, cfg.resolved_rank, **adam, **osd)
   if name == "osd_lion":
@@ -202,7 +210,7 @@ def _scaled_adamw(cfg: TrainConfig, schedule: optax.Schedule, params: Any, mask:
   selected = jax.tree.map(lambda d: d is not None, projection_rule(params, cfg.project),
                           is_leaf=is_dimension_numbers_leaf)
   return optax.chain(
-      optax.scale_by_adam(**adam),
+      osd_jax.transforms.scale_by_adam(**adam, state_dtype=cfg.state_dtype, seed=cfg.seed),
       optax.masked(optax.scale(cfg.scale), selected),
       optax.add_decayed_weights(cfg.weight_decay, mask),
       optax.scale_by_learning_rate(schedule))

@@ -122,7 +122,9 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
                           abstract, state_shardings)
   step_options = dict(loss_spike_factor=cfg.loss_spike_factor,
                       subspace_metrics=optimizers.is_subspace(cfg), metrics_every=cfg.log_every,
-                      last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric)
+                      last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric,
+                      stochastic_rounding=cfg.resolved_stochastic_rounding, seed=cfg.seed,
+                      loss_chunk=cfg.resolved_loss_chunk)
   if cfg.fused_update:
     from train import fused_update
 
@@ -135,7 +137,8 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
   else:
     train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, state_shardings,
                                           grad_accum=cfg.grad_accum, **step_options)
-  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum)
+  eval_step = step_lib.make_eval_step(graphdef, mesh, param_shardings, grad_accum=cfg.grad_accum,
+                                      loss_chunk=cfg.resolved_loss_chunk)
   return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,
                float(model_lib.flops_per_token(mcfg, cfg.seq_len)))

@@ -68,20 +68,65 @@ def state_shardings(param_shardings: Any, opt_shardings: Any, mesh: Mesh) -> Tra
   return TrainState(rep, param_shardings, opt_shardings, rep, rep, rep, rep, rep, rep)
 
 
+def apply_updates(params: Any, updates: Any, step, stochastic_rounding: bool, seed: int,
+                  layer_index=None) -> Any:
+  """The new weights: ``optax.apply_updates``, or rounded stochastically into their dtype with
+  bits from (``seed``, ``step``, the leaf's path, the element) — the same bits for a layer's
+  slice (``layer_index``, the fused update) as for the whole stack."""
+  if not stochastic_rounding:
+    return optax.apply_updates(params, updates)
+  return osd_jax.rounding.apply_updates(params, updates, osd_jax.rounding.combine_seeds(seed, step),
+                                        layer_index=layer_index)
+
+
+def cross_entropy_sum(logits_of: Callable[[jax.Array], jax.Array], h: jax.Array,
+                      targets: jax.Array, chunk: int = 0) -> jax.Array:
+  """Σ over valid targets (``target >= 0``) of the next-token cross-entropy of
+  ``logits_of(h)`` (h: the blocks' output [B, T, dim]).
+
+  With ``chunk`` (a divisor of T) the sequence is cut into chunks of that many positions and
+  each chunk's logits are computed, used and dropped in turn (a ``lax.scan`` whose body is under
+  ``jax.checkpoint``: the backward pass recomputes them), so the [B, T, vocab] logits and their
+  gradient are never held whole — one chunk's are.
+  """
+  def loss_sum(h_c, t_c):
+    logits = logits_of(h_c).astype(jnp.float32)
+    ok = t_c >= 0
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(ok, t_c, 0))
+    return jnp.sum(jnp.where(ok, losses, 0.0))
+
+  t = h.shape[1]
+  if not chunk or chunk >= t:
+    return loss_sum(h, targets)
+  if t % chunk:
+    raise ValueError(f"the loss chunk {chunk} does not divide the sequence length {t}")
+  b, n = h.shape[0], t // chunk
+  hs = h.reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)  # [chunks, B, chunk, dim]
+  ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+  one = jax.checkpoint(loss_sum)
+  total, _ = jax.lax.scan(lambda acc, xs: (acc + one(*xs), None), jnp.zeros([], jnp.float32),
+                          (hs, ts))
+  return total
+
+
 def token_loss(graphdef: nnx.GraphDef, params: Any, batch: dict,
-               pin_activations: Callable | None = None) -> tuple:
+               pin_activations: Callable | None = None, loss_chunk: int = 0) -> tuple:
   """Sum of next-token cross-entropy over valid targets (``target >= 0``) and their count.
 
   ``pin_activations`` (e.g. :func:`train.sharding.activation_constraint`) is applied to the
-  model's named activations (:func:`train.model.activation_sharding`).
+  model's named activations (:func:`train.model.activation_sharding`); ``loss_chunk``: see
+  :func:`cross_entropy_sum`.
   """
   model = nnx.merge(graphdef, params)
-  with model_lib.activation_sharding(pin_activations):
-    logits = model(batch["inputs"]).astype(jnp.float32)
   targets = batch["targets"]
-  valid = targets >= 0
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
-  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid).astype(jnp.float32)
+  with model_lib.activation_sharding(pin_activations):
+    if loss_chunk:
+      h = model.hidden_states(batch["inputs"])
+      loss = cross_entropy_sum(model.logits, h, targets, loss_chunk)
+    else:
+      logits = model(batch["inputs"]).astype(jnp.float32)
+      loss = cross_entropy_sum(lambda x: x, logits, targets)
+  return loss, jnp.sum(targets >= 0).astype(jnp.float32)
 
 
 def _micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
@@ -99,7 +144,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     grad_accum: int = 1, loss_spike_factor: float = 0.0,
                     subspace_metrics: bool = False, energy_metrics: bool = True,
                     metrics_every: int = 1,
-                    last_step: int = -1, donate: bool = True) -> Callable:
+                    last_step: int = -1, donate: bool = True,
+                    stochastic_rounding: bool = False, seed: int = 0,
+                    loss_chunk: int = 0) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings.
 
   ``energy_metrics=False`` leaves the captured energy out (NaN): it keeps every gradient alive
@@ -107,6 +154,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   With ``subspace_metrics`` the projector metrics are computed (under ``lax.cond``, so one compiled
   program serves every step) only at the steps the trainer logs: when the step count after the
   step is a multiple of ``metrics_every`` or equals ``last_step``; they are NaN at other steps.
+  ``stochastic_rounding`` rounds the new weights into their dtype stochastically
+  (:func:`osd_jax.rounding.apply_updates`, bits from ``seed`` and the step).
   """
 
   pin_activations = shd.activation_constraint(mesh)
@@ -116,7 +165,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     n_tokens = jnp.maximum(jnp.sum(batch["targets"] >= 0).astype(jnp.float32), 1.0)
 
     def loss_fn(params, mb):
-      loss_sum, _ = token_loss(graphdef, params, mb, pin_activations)
+      loss_sum, _ = token_loss(graphdef, params, mb, pin_activations, loss_chunk)
       return loss_sum / n_tokens
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -142,7 +191,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     # its own state on a skipped step: its inner Adam then computes the update from the kept
     # moments, and the select below, which would hold a copy of every moment, is left out.
     updates, new_opt = tx.update(grads, state.opt_state, state.params, apply_step=ok)
-    new_params = optax.apply_updates(state.params, updates)
+    new_params = apply_updates(state.params, updates, state.step, stochastic_rounding, seed)
 
     def keep(new, old):  # the old values on a skipped step
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -212,7 +261,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, *,
-                   grad_accum: int = 1) -> Callable:
+                   grad_accum: int = 1, loss_chunk: int = 0) -> Callable:
   """Builds ``eval_step(params, batch) -> (loss_sum, token_count)``, jitted.
 
   The batch runs in the same ``grad_accum`` micro-batches as the train step (``lax.scan`` summing
@@ -223,11 +272,11 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, *,
 
   def eval_fn(params, batch):
     if grad_accum == 1:
-      return token_loss(graphdef, params, batch, pin_activations)
+      return token_loss(graphdef, params, batch, pin_activations, loss_chunk)
     micro = jax.tree.map(lambda x: _micro_batches(x, grad_accum, mesh), batch)
 
     def body(carry, mb):
-      loss_i, count_i = token_loss(graphdef, params, mb, pin_activations)
+      loss_i, count_i = token_loss(graphdef, params, mb, pin_activations, loss_chunk)
       return (carry[0] + loss_i, carry[1] + count_i), None
 
     zero = jnp.zeros([], jnp.float32)

@@ -9,8 +9,9 @@ memory-minimising scheduler runs the same program correctly. It can only be chos
 ``XLA_FLAGS`` before XLA reads its flags (the per-compilation ``compiler_options`` of
 ``jax.jit`` leave part of the schedule to the global flag and the step still hangs).
 
-``import train`` therefore appends :data:`FLAG` to ``XLA_FLAGS`` unless a jax backend already
-exists or the variable already names the option (your setting wins). GPU and TPU ignore it.
+:func:`apply` appends :data:`FLAG` to ``XLA_FLAGS`` unless a jax backend already exists or the
+variable already names the option (your setting wins); ``train/__init__.py`` calls it when
+``train`` is imported, and says why there. GPU and TPU ignore the option.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def apply() -> bool:
   return True
 
 
-APPLIED_AT_IMPORT = apply()
 _warned = False
 
 
@@ -53,7 +53,9 @@ def warn_if_missing(platform: str) -> None:
   """One warning when a CPU step is built without the workaround (a jax computation ran before
   ``import train``, so XLA had read its flags already)."""
   global _warned
-  if platform == "cpu" and not APPLIED_AT_IMPORT and not _warned:
+  import train  # the result of the call in train/__init__.py
+
+  if platform == "cpu" and not train.XLA_CPU_WORKAROUND and not _warned:
     _warned = True  # once per process, not once per trainer build
     log.warning("warning: jax computed something before `import train`, so XLA_FLAGS could not "
                 "get %s; the scanned OSD step may hang on CPU (train/xla_cpu.py). Import train "
