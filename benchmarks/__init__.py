@@ -11,3 +11,10 @@ import os
 # 2.7 s instead of 35 ms. One OpenBLAS thread gives the SVD baselines (GaLore's refresh step, OSD's
 # P₀) their fair, fast timing. Set before jax loads LAPACK; a value given by the user wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# The trainer's XLA:CPU scheduler workaround (train/xla_cpu.py: the default scheduler can hang a
+# scanned train step), applied before any benchmark starts a jax backend: the option is read only
+# then, and every script records its environment (jax.devices()) before it builds a trainer.
+from train import xla_cpu  # noqa: E402
+
+xla_cpu.apply()

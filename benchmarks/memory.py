@@ -72,6 +72,11 @@ def parse_args(argv):
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--dtype", default="bfloat16", help="Compute dtype.")
   p.add_argument("--param-dtype", default="float32", help="Master-weight dtype.")
+  p.add_argument("--state-dtype", default=None,
+                 help="Optimizer-moment dtype (train --state-dtype: float32, bfloat16, int8, "
+                      "float8; default: --param-dtype's).")
+  p.add_argument("--loss-chunk", type=int, default=None,
+                 help="train --loss-chunk (default: the trainer's, by preset).")
   p.add_argument("--remat", default=None,
                  help="Rematerialisation policy (train --remat; default: the trainer's).")
   p.add_argument("--no-scan-layers", action="store_true",
@@ -80,11 +85,20 @@ def parse_args(argv):
                  choices=("off", "on", "both"),
                  help="Each block's update inside the backward pass (train --fused-update); "
                       "'both' compiles each cell with and without it.")
+  p.add_argument("--cpu-bf16-as", default="float16", choices=("float16", "bfloat16"),
+                 help="On a CPU backend, compile bfloat16 params and activations as this type. "
+                      "float16 (same width, native in XLA:CPU) gives the figure a GPU's native "
+                      "bfloat16 would: XLA:CPU widens bfloat16 slices, updates and dot operands "
+                      "to float32 and hoists whole widened stacks out of the layer loop. "
+                      "bfloat16: the CPU program's own figure.")
   p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="train --mesh.")
   p.add_argument("--num-devices", type=int, default=1,
                  help="Devices in the mesh (default 1: the single-device figure).")
   p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                  help="Override a model-config field, e.g. n_layers=2 (repeatable).")
+  p.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                 help="Any other TrainConfig field, e.g. projector_init=randomized "
+                      "(repeatable).")
   p.add_argument("--out", default=None, help="JSON output path.")
   p.add_argument("--quiet", action="store_true", help="Do not print the table.")
   args = p.parse_args(argv)
@@ -124,11 +138,32 @@ def train_config(args, optimizer: str):
     if "fused_update" not in fields:
       raise SystemExit("--fused-update: this version of the trainer has no fused update")
     extra["fused_update"] = True
+  dtype, param_dtype, state_dtype = args.dtype, args.param_dtype, args.state_dtype
+  if stand_in(args) != "bfloat16":  # the weights' and activations' bfloat16 (not the moments')
+    dtype, param_dtype = (stand_in(args) if d == "bfloat16" else d for d in (dtype, param_dtype))
+  for item in args.config:
+    key, sep, value = item.partition("=")
+    if not sep or key not in fields:
+      raise SystemExit(f"--config {item}: give FIELD=VALUE with a TrainConfig field")
+    extra[key] = common.parse_overrides([item])[key]
   return TrainConfig(
       preset=args.preset, optimizer=optimizer, rank=common.resolve_rank(args.preset, args.rank),
       steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-      dtype=args.dtype, param_dtype=args.param_dtype, mesh=args.mesh, progress=False,
+      dtype=dtype, param_dtype=param_dtype, state_dtype=state_dtype,
+      loss_chunk=args.loss_chunk, mesh=args.mesh, progress=False,
       tensorboard=False, model_overrides=common.parse_overrides(args.model_override), **extra)
+
+
+def stand_in(args) -> str:
+  """The type bfloat16 params and activations compile as (``--cpu-bf16-as`` on a CPU backend).
+
+  XLA:CPU has no native bfloat16 for dots, dynamic slices and dynamic updates: its
+  float-normalization pass computes them in float32, so a scanned layer loop reads its bfloat16
+  stacks through a float32 conversion of the whole stack (which loop-invariant code motion
+  materialises) and writes a layer's new weights by rewriting a float32 copy of the stack. A GPU
+  runs all three in bfloat16. float16 has bfloat16's width and XLA:CPU's native support, so
+  its program allocates what the GPU's would (benchmarks/RESULTS.md §9)."""
+  return args.cpu_bf16_as if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def abstract_batch(setup, batch_size: int, seq_len: int) -> dict:
@@ -173,9 +208,12 @@ def measure(args, optimizer: str) -> dict[str, Any]:
       "optimizer": optimizer,
       "rank": cfg.rank,
       "config": {k: v for k, v in cfg.to_dict().items()
-                 if k in ("preset", "dtype", "param_dtype", "batch_size", "seq_len", "grad_accum",
-                          "mesh", "remat", "scan_layers", "model_overrides", "fused_update")},
+                 if k in ("preset", "dtype", "param_dtype", "state_dtype", "loss_chunk",
+                          *(c.partition("=")[0] for c in args.config),
+                          "batch_size", "seq_len", "grad_accum", "mesh", "remat", "scan_layers",
+                          "model_overrides", "fused_update")},
       "devices": n_dev,
+      "bfloat16_compiled_as": stand_in(args),
       "param_bytes": osd_jax.state_bytes(state.params),
       "opt_state_bytes": osd_jax.state_bytes(state.opt_state),
       "n_params": common.tree_size(state.params),

@@ -56,13 +56,36 @@ VARIANTS = {
     "adamw (scale 0.125)": {"optimizer": "adamw", "scale": 0.125},
     "galore_adamw (no sign alignment)": {"optimizer": "galore_adamw", "align_signs": False},
 }
+#: Compact precision (benchmarks/RESULTS.md §9): bf16 weights rounded to nearest (the control that
+#: shows why stochastic rounding is needed), with stochastic rounding, then bf16 / 8-bit moments;
+#: the 8-bit runs with the fused update (--fused-update: the configuration that fits 7B in 21 GiB).
+#: Short names: osd_adamw_bf16rtn, osd_adamw_bf16, osd_adamw_bf16s, osd_adamw_int8,
+#: osd_adamw_float8 (and galore_adamw_...); osd_adamw_fused, galore_adamw_fused: float32, fused.
+COMPACT = {
+    "bf16 weights, round to nearest": ("bf16rtn", {"param_dtype": "bfloat16",
+                                                   "stochastic_rounding": False,
+                                                   "state_dtype": "float32"}),
+    "bf16 weights": ("bf16", {"param_dtype": "bfloat16", "state_dtype": "float32"}),
+    "bf16 weights, bf16 state": ("bf16s", {"param_dtype": "bfloat16", "state_dtype": "bfloat16"}),
+    "bf16 weights, int8 state, fused": ("int8", {"param_dtype": "bfloat16", "state_dtype": "int8",
+                                                 "fused_update": True}),
+    "bf16 weights, float8 state, fused": ("float8", {"param_dtype": "bfloat16",
+                                                     "state_dtype": "float8",
+                                                     "fused_update": True}),
+    "fused": ("fused", {"fused_update": True}),
+}
+for _optimizer in ("osd_adamw", "galore_adamw"):
+  for _label, (_short, _fields) in COMPACT.items():
+    VARIANTS[f"{_optimizer} ({_label})"] = {"optimizer": _optimizer, **_fields}
 DEFAULT_VARIANTS = ("adamw", "galore_adamw", "osd_adamw", "osd_lion", "osd_adamw (reference code)")
 ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)",
            "osd_adamw_s025": "osd_adamw (scale 0.25)",
            "osd_adamw_s1": "osd_adamw (scale 1)",
            "adamw_s025": "adamw (scale 0.25)",
            "adamw_s0125": "adamw (scale 0.125)",
-           "galore_noalign": "galore_adamw (no sign alignment)"}
+           "galore_noalign": "galore_adamw (no sign alignment)",
+           **{f"{o}_{short}": f"{o} ({label})" for o in ("osd_adamw", "galore_adamw")
+              for label, (short, _) in COMPACT.items()}}
 
 
 def _floats(text: str) -> list[float]:

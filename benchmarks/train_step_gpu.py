@@ -52,6 +52,11 @@ def parse_args(argv):
   p.add_argument("--seq-len", type=int, default=1024)
   p.add_argument("--dtype", default="bfloat16", help="Compute dtype.")
   p.add_argument("--param-dtype", default="float32", help="Master-weight dtype.")
+  p.add_argument("--state-dtype", default=None,
+                 help="Optimizer-moment dtype (train --state-dtype: float32, bfloat16, int8, "
+                      "float8; default: --param-dtype's).")
+  p.add_argument("--loss-chunk", type=int, default=None,
+                 help="train --loss-chunk (default: the trainer's, by preset).")
   p.add_argument("--remat", default=None, help="train --remat (default: the preset's).")
   p.add_argument("--attention-impl", default="auto", choices=ATTENTION,
                  help="auto: cudnn on a GPU, falling back to xla if cudnn fails; xla elsewhere.")
@@ -101,6 +106,7 @@ def train_config(args, attention: str):
       preset=args.preset, optimizer=args.optimizer,
       rank=common.resolve_rank(args.preset, args.rank), steps=10_000, batch_size=args.batch_size,
       seq_len=args.seq_len, dtype=args.dtype, param_dtype=args.param_dtype,
+      state_dtype=args.state_dtype, loss_chunk=args.loss_chunk,
       projector_init=args.projector_init, seed=args.seed, progress=False, tensorboard=False,
       model_overrides=overrides, **extra)
 
