@@ -46,12 +46,18 @@ CASES = {
     "optax.contrib.galore (plain step)": ("optax_galore", 201),
     "osd_adamw (t=0: SVD init)": ("osd_adamw", 0),
     "osd_adamw (t=0: randomized init)": ("osd_adamw_randomized", 0),
+    # compact state (train --state-dtype): the moments in bf16 or 8 bits, P in bf16
+    "osd_adamw (bf16 state)": ("osd_adamw:bfloat16", 1),
+    "osd_adamw (float8 state)": ("osd_adamw:float8", 1),
+    "osd_adamw (int8 state)": ("osd_adamw:int8", 1),
+    "optax.adamw (float8 state)": ("adamw:float8", 1),
 }
 #: Lower bounds of osd_adamw's step (not optimizers): only its three s×L×r matmuls per projected
 #: matrix (Ĝ = PᵀG', B = G'Ĝᵀ, U = PN), and only the full-rank AdamW of the unprojected leaves.
 FLOOR_CASES = ("floor: 3 rank-r matmuls per projected matrix",
                "floor: adamw on the unprojected leaves")
-DEFAULT_CASES = tuple(c for c in CASES if not c.startswith("osd_adamw (t=0"))
+DEFAULT_CASES = tuple(c for c in CASES if not c.startswith("osd_adamw (t=0")
+                      and not c.endswith(" state)"))
 SVD_CASES = {"galore_adamw (SVD step)", "optax.contrib.galore (SVD step)",
              "osd_adamw (t=0: SVD init)"}
 BASELINE = "optax.adamw"
@@ -73,6 +79,15 @@ def make_optimizer(family: str, params: Any, rank: int, *, project: str = "attn_
 
   mask = decay_mask(params)
   specs = projection_specs(params, project)
+  family, _, state_dtype = family.partition(":")
+  if state_dtype:  # compact: the trainer's building blocks with --state-dtype
+    if family == "adamw":
+      return osd_jax.skipping.chain(
+          osd_jax.transforms.scale_by_adam(state_dtype=state_dtype),
+          optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+    return osd_jax.osd_adamw(learning_rate, rank, weight_decay=weight_decay, mask=mask,
+                             weight_dimension_numbers=specs, state_dtype=state_dtype,
+                             projector=osd_jax.ProjectorOptions(dtype="bfloat16"))
   if family == "adamw":
     return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask)
   if family == "osd_adamw":
