@@ -41,8 +41,8 @@ def parse_args(argv):
   p = common.base_parser(__doc__.split("\n")[0], preset="tiny", repeats=10, warmup=2)
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                  help="Comma-separated optimizers (train --optimizer names), each optionally "
-                      "with variants: +fused (train --fused-update), +bf16, +float8, +int8 (bf16 weights; "
-                      "8-bit state), e.g. osd_adamw+float8+fused.")
+                      "with variants: +fused (train --fused-update), +bf16, +float8, +int8 "
+                      "(bf16 weights; 8-bit state), e.g. osd_adamw+float8+fused.")
   p.add_argument("--batch-size", type=int, default=16, help="Global batch in sequences.")
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--dtype", default=None,

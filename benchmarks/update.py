@@ -84,7 +84,8 @@ def make_optimizer(family: str, params: Any, rank: int, *, project: str = "attn_
     if family == "adamw":
       return osd_jax.skipping.chain(
           osd_jax.transforms.scale_by_adam(state_dtype=state_dtype),
-          optax.add_decayed_weights(weight_decay, mask), optax.scale_by_learning_rate(learning_rate))
+          optax.add_decayed_weights(weight_decay, mask),
+          optax.scale_by_learning_rate(learning_rate))
     return osd_jax.osd_adamw(learning_rate, rank, weight_decay=weight_decay, mask=mask,
                              weight_dimension_numbers=specs, state_dtype=state_dtype,
                              projector=osd_jax.ProjectorOptions(dtype="bfloat16"))
