@@ -60,7 +60,8 @@ VARIANTS = {
 #: shows why stochastic rounding is needed), with stochastic rounding, then bf16 / 8-bit moments;
 #: the 8-bit runs with the fused update (--fused-update: the configuration that fits 7B in 21 GiB).
 #: Short names: osd_adamw_bf16rtn, osd_adamw_bf16, osd_adamw_bf16s, osd_adamw_int8,
-#: osd_adamw_float8 (and galore_adamw_...); osd_adamw_fused, galore_adamw_fused: float32, fused.
+#: osd_adamw_int8dyn, osd_adamw_float8 (= int8) (and galore_adamw_...); osd_adamw_fused,
+#: galore_adamw_fused: float32, fused.
 COMPACT = {
     "bf16 weights, round to nearest": ("bf16rtn", {"param_dtype": "bfloat16",
                                                    "stochastic_rounding": False,
@@ -69,6 +70,9 @@ COMPACT = {
     "bf16 weights, bf16 state": ("bf16s", {"param_dtype": "bfloat16", "state_dtype": "bfloat16"}),
     "bf16 weights, int8 state, fused": ("int8", {"param_dtype": "bfloat16", "state_dtype": "int8",
                                                  "fused_update": True}),
+    "bf16 weights, int8_dynamic state, fused": ("int8dyn", {"param_dtype": "bfloat16",
+                                                            "state_dtype": "int8_dynamic",
+                                                            "fused_update": True}),
     "bf16 weights, float8 state, fused": ("float8", {"param_dtype": "bfloat16",
                                                      "state_dtype": "float8",
                                                      "fused_update": True}),

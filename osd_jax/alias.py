@@ -245,10 +245,10 @@ def osd_adamw(
     transport_state: see :func:`osd_jax.scale_by_subspace_descent`.
     state_dtype: where the moments live — the inner Adam's (projected and full-rank leaves)
       and the projector's Adam's: None (the gradients' dtype; ``mu_dtype`` for the first
-      moment), ``"float32"``, ``"bfloat16"``, ``"int8"`` or ``"float8"`` (8 bits per element with
-      a scale per block of 256, :mod:`osd_jax.quantization`); compact moments are updated in
-      float32 and
-      written back by stochastic rounding (:mod:`osd_jax.transforms`). P itself keeps
+      moment), ``"float32"``, ``"bfloat16"``, ``"int8"`` (8 bits per element: e4m3 codes with
+      a scale per block of 256; ``"float8"`` is the same, ``"int8_dynamic"`` the dynamic map:
+      :mod:`osd_jax.quantization`); compact moments are updated in float32 and written back
+      by stochastic rounding (:mod:`osd_jax.transforms`). P itself keeps
       ``projector.dtype`` (bfloat16 is enough with stochastic rounding; never 8 bits).
     reference_code: reproduce the official PyTorch code (kyleliang919/Online-Subspace-Descent,
       ``GaLoreAdamW`` with ``proj_type="continuous"``) instead of the paper's equations: λ = 0;

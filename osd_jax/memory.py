@@ -26,9 +26,9 @@ def state_bytes(state: Any) -> int:
 
 
 def moment_bytes(shape: tuple[int, ...], state_dtype: str | None, dtype: Any) -> int:
-  """Bytes of one optimizer moment of ``shape``: in ``state_dtype`` (``"int8"``, ``"float8"``: a
-  byte per element plus a float32 scale per block of 256 along the last axis), or ``dtype`` when
-  None."""
+  """Bytes of one optimizer moment of ``shape``: in ``state_dtype`` (``"int8"``, ``"float8"``,
+  ``"int8_dynamic"``: a byte per element plus a float32 scale per block of 256 along the last
+  axis), or ``dtype`` when None."""
   size = math.prod(shape)
   if state_dtype in quantization.EIGHT_BIT:
     return size + 4 * math.prod(quantization.scale_shape(tuple(shape)))
@@ -68,8 +68,10 @@ def expected_state_bytes(
     >>> params = {"w": jnp.zeros((64, 256))}
     >>> osd_jax.expected_state_bytes(params, rank=8)  # 2·8·256·4 + 3·64·8·4 + 4 + 4 + 4
     22540
-    >>> osd_jax.expected_state_bytes(params, rank=8, state_dtype="int8")  # bytes + block scales
-    6252
+    >>> # moments: a byte per element + a float32 scale per block of 256 (P stays float32):
+    >>> # 2·(8·256 + 8·4) + 64·8·4 + 2·(64·8 + 64·4) + 4 + 4 + 4
+    >>> osd_jax.expected_state_bytes(params, rank=8, state_dtype="int8")
+    7756
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")

@@ -168,14 +168,19 @@ def dequantize(q: Quantized) -> jax.Array:
 
 # --------------------------------------------------------------------------- moment storage
 
-STATE_DTYPES = ("float32", "bfloat16", "int8", "float8")
-#: the 8-bit state dtypes and their tables: ``int8`` the dynamic map, ``float8`` e4m3's values
-EIGHT_BIT = {"int8": "dynamic", "float8": "float8"}
+STATE_DTYPES = ("float32", "bfloat16", "int8", "float8", "int8_dynamic")
+#: the 8-bit state dtypes and their tables: ``int8`` (and its synonym ``float8``) e4m3's values,
+#: ``int8_dynamic`` the dynamic map of 8-bit optimizers. e4m3 was chosen by measurement
+#: (benchmarks/RESULTS.md §9): its codes are computed elementwise (the table needs a search and a
+#: gather per element: +1 GiB of temporaries at 7B) and it keeps a block's small elements closer
+#: (tests/test_compact.py::test_eight_bit_adam_keeps_small_elements_of_a_block).
+EIGHT_BIT = {"int8": "float8", "float8": "float8", "int8_dynamic": "dynamic"}
 
 
 def check_state_dtype(state_dtype) -> str | None:
   """None (the gradients' dtype, optax's default) or one of :data:`STATE_DTYPES`: ``int8`` and
-  ``float8`` are 8-bit codes with a float32 scale per block (the dynamic and the float8 table)."""
+  ``float8`` (e4m3 codes) and ``int8_dynamic`` (the dynamic map) are 8-bit codes with a float32
+  scale per block."""
   if state_dtype is None:
     return None
   name = jnp.dtype(state_dtype).name if not isinstance(state_dtype, str) else state_dtype

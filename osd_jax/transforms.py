@@ -93,12 +93,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     b1, b2, eps, eps_root: as ``optax.scale_by_adam``.
     mu_dtype: the first moment's dtype (as optax; ignored when ``state_dtype`` is given).
     state_dtype: None (optax's: the gradients' dtype, ``mu_dtype`` for m), ``"float32"``,
-      ``"bfloat16"``, ``"int8"`` or ``"float8"`` (8 bits with a scale per block of 256, two
-      tables: :mod:`osd_jax.quantization`) for both moments.
+      ``"bfloat16"``, ``"int8"`` (= ``"float8"``: 8-bit e4m3 codes with a scale per block of 256) or
+      ``"int8_dynamic"`` (the dynamic map; :mod:`osd_jax.quantization`) for both moments; in 8
+      bits Adam's v is stored as √v.
     seed: of the stochastic rounding of compact moments.
 
   The state is an ``optax.ScaleByAdamState``; its moment leaves are arrays, or
-  :class:`osd_jax.quantization.Quantized` for ``int8``.
+  :class:`osd_jax.quantization.Quantized` in 8 bits.
 
   Example:
     >>> import jax.numpy as jnp
@@ -152,7 +153,7 @@ def _store_all(store, new, stored, stream: int, apply_step, *, root: bool = Fals
   bitwise (8-bit codes are not re-rounded).
 
   ``root`` (Adam's v): an 8-bit leaf stores √v, not v. A block's codes reach down to about
-  4·10⁻⁶ (float8) or 10⁻⁷ (int8) of its largest value; v = E[g²] spans twice the orders of
+  4·10⁻⁶ (e4m3) or 10⁻⁷ (the dynamic map) of its largest value; v = E[g²] spans twice the orders of
   magnitude of the gradients, so stored as it is, a small element of a block rounds to 0 often,
   and the next step divides its m by √((1−β₂)g²) ≈ 0.03|g| instead of |g|: updates 30× too large
   (measured: the tiny demo diverged). √v halves the range in orders of magnitude, as g has."""

@@ -139,9 +139,12 @@ def test_eight_bit_adam_state_bytes_are_exact():
 
 
 @pytest.mark.parametrize("state_dtype, tol", [("float32", 1e-6), ("bfloat16", 2e-2),
-                                              ("int8", 8e-2)])
+                                              ("int8_dynamic", 8e-2), ("int8", 2e-1)])
 def test_compact_adam_follows_optax(state_dtype, tol):
-  """20 steps on the same gradients: N within ``tol`` (relative, whole leaf) of optax's."""
+  """20 steps on the same gradients: N within ``tol`` (relative, whole leaf) of optax's. The
+  dynamic map's finer steps near a block's maximum (0.7 % at 1) give 0.05–0.08 here, e4m3's
+  (6–12 % in every binade) 0.16: per step e4m3 is the noisier on gradients of one scale, and
+  the closer on gradients of many (test_eight_bit_adam_keeps_small_elements_of_a_block)."""
   g0 = {"w": jnp.zeros((6, 300)), "b": jnp.zeros(20)}
   ours, ref = transforms.scale_by_adam(state_dtype=state_dtype), optax.scale_by_adam()
   s1, s2 = ours.init(g0), ref.init(g0)
@@ -154,13 +157,13 @@ def test_compact_adam_follows_optax(state_dtype, tol):
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < tol
 
 
-@pytest.mark.parametrize("state_dtype", ["int8", "float8"])
+@pytest.mark.parametrize("state_dtype", ["int8_dynamic", "int8"])
 def test_eight_bit_adam_keeps_small_elements_of_a_block(state_dtype):
   """Gradients whose scale falls over 4 decades along a block (8 decades in v = E[g²]), 60
   steps: the RMS of N over each eighth of the block (half a decade) stays within 2× of optax's
   (float32). Stored as v, a block's small elements round to 0 and their next N is far too
-  large (measured: RMS ratio up to 1.6e3 int8, 4.1e3 float8; the tiny demo diverged); stored
-  as √v (osd_jax.transforms): 0.99–1.38 int8, 0.97–1.05 float8."""
+  large (measured: RMS ratio up to 1.6e3 with the dynamic map, 4.1e3 with e4m3; the tiny demo
+  diverged); stored as √v (osd_jax.transforms): 0.99–1.38 dynamic map, 0.97–1.05 e4m3."""
   scales = 10.0 ** -jnp.linspace(0.0, 4.0, 256)
   g0 = {"w": jnp.zeros((8, 256))}
   ours, ref = transforms.scale_by_adam(state_dtype=state_dtype), optax.scale_by_adam()

@@ -19,7 +19,7 @@ SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
-STATE_DTYPES = ("float32", "bfloat16", "int8", "float8")
+STATE_DTYPES = ("float32", "bfloat16", "int8", "float8", "int8_dynamic")
 #: Default --rank per preset: the ranks of the GaLore paper's C4 runs (Zhao et al. 2024, Table 2:
 #: 128 of 512 for 60M, 256 of 768 for 130M, 256 of 1024 for 350M, 512 of 2048 for 1B; 1024 of 4096
 #: for 7B), which the OSD paper's LLaMA runs reuse; tiny (width 128) gets a quarter of its width.
@@ -88,13 +88,14 @@ class TrainConfig:
   param_dtype: str = _f("float32", "Dtype of the master weights (and, without --state-dtype, of "
                         "the optimizer state).", choices=DTYPES, group="model")
   state_dtype: str | None = _f(None, "Dtype of the optimizer's moments: float32, bfloat16, int8 "
-                               "(a byte per element and a float32 scale per block of 256: the "
-                               "dynamic map of 8-bit optimizers; osd_jax.quantization) or float8 "
-                               "(the same with float8 e4m3's values). It covers the inner and "
+                               "(a byte per element and a float32 scale per block of 256: e4m3 "
+                               "codes, chosen by measurement; float8 is the same), int8_dynamic "
+                               "(the dynamic map of 8-bit optimizers; osd_jax.quantization). "
+                               "It covers the inner and "
                                "projector moments of osd_*/galore_adamw and the full-rank moments "
                                "(embedding, head, norms; adamw and lion too); compact moments are "
                                "updated in float32 and written back by stochastic rounding. With "
-                               "bfloat16, int8 or float8 the projectors P are kept in bfloat16. "
+                               "bfloat16 or 8 bits the projectors P are kept in bfloat16. "
                                "Default: --param-dtype.",
                                choices=STATE_DTYPES, group="model")
   stochastic_rounding: bool | None = _f(None, "Round each new weight into --param-dtype "
@@ -307,7 +308,7 @@ class TrainConfig:
   @property
   def compact_state(self) -> bool:
     """Moments in bfloat16 or 8 bits (then the projectors are kept in bfloat16)."""
-    return self.state_dtype in ("bfloat16", "int8", "float8")
+    return self.state_dtype in ("bfloat16", "int8", "float8", "int8_dynamic")
 
   @property
   def resolved_warmup(self) -> int:
