@@ -147,9 +147,9 @@ def test_format_version_newer_is_refused_older_is_read(saved_run, tmp_path, monk
 def test_eval_matches_the_trainer_and_a_float64_reference(saved_run, tmp_path):
   """train.eval on the run's data gives the trainer's final eval (same mesh: bitwise); on a text
   corpus its loss is the float64 mean token cross-entropy of the model's logits."""
-  from train import data as data_lib
   from train import eval as eval_lib
-  from train import tokenizer as tok_lib
+  from train.data import pipeline
+  from train.data import tokenizer as tok_lib
 
   run_dir, result = saved_run
   got = eval_lib.evaluate_checkpoint(run_dir, mesh="data=-1", devices=one_device())
@@ -162,7 +162,7 @@ def test_eval_matches_the_trainer_and_a_float64_reference(saved_run, tmp_path):
   got = eval_lib.evaluate_checkpoint(run_dir, data=f"text:{corpus}", batches=2, batch_size=4,
                                      step=2, mesh="data=-1", devices=one_device())
   tokenizer = tok_lib.load_tokenizer(f"{run_dir}/tokenizer.model")
-  ds = data_lib.make_dataset(f"text:{corpus}", tokenizer, split="eval", seq_len=32,
+  ds = pipeline.make_dataset(f"text:{corpus}", tokenizer, split="eval", seq_len=32,
                              batch_size=4)
   loaded = ckpt_lib.load_model(run_dir, step=2, mesh=shd.make_mesh("data=-1", one_device()))
   model = nnx.merge(loaded.graphdef, loaded.params)
@@ -198,21 +198,22 @@ def test_eval_command_line(saved_run):
 
 
 def test_seek_moves_to_a_global_batch_for_any_row_split():
-  from train import data as data_lib
+  from train.data import pipeline
+  from train.data import text as text_lib
 
   tokens = np.arange(4000) % 251
-  whole = iter(data_lib.make_token_dataset(tokens, seq_len=8, batch_size=8, seed=3))
+  whole = iter(text_lib.make_token_dataset(tokens, seq_len=8, batch_size=8, seed=3))
   batches = [next(whole)["inputs"] for _ in range(7)]
   for count in (1, 2, 4):
     for index in range(count):
-      it = iter(data_lib.make_token_dataset(tokens, seq_len=8, batch_size=8 // count, seed=3,
+      it = iter(text_lib.make_token_dataset(tokens, seq_len=8, batch_size=8 // count, seed=3,
                                             process_index=index, process_count=count))
-      data_lib.seek(it, 5, "embedded")
+      pipeline.seek(it, 5, "embedded")
       rows = slice(index * 8 // count, (index + 1) * 8 // count)
       np.testing.assert_array_equal(next(it)["inputs"], batches[5][rows])
       np.testing.assert_array_equal(next(it)["inputs"], batches[6][rows])
   with pytest.raises(ValueError, match="tfds:c4 is packed per process.*resume with the process"):
-    data_lib.seek(None, 5, "tfds:c4")
+    pipeline.seek(None, 5, "tfds:c4")
 
 
 # ----------------------------------------------------------------------------- elastic resume

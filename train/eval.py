@@ -58,10 +58,10 @@ def evaluate_checkpoint(run_dir: str, *, data: str | None = None, split: str = "
 
   from train import checkpoint as ckpt_lib
   from train import sharding as shd
-  from train import tokenizer as tok_lib
   from train import train_step as step_lib
   from train import trainer
   from train.config import ConfigError, validate
+  from train.data import tokenizer as tok_lib
 
   run_dir = os.path.abspath(run_dir)  # RUN_DIR relative to the working directory
   cfg = ckpt_lib.load_run_config(run_dir)

@@ -503,7 +503,7 @@ def export(params: Mapping, config: LlamaConfig, tokenizer_path: str, out_dir: s
   """
   from safetensors.numpy import save_file
 
-  from train.tokenizer import load_tokenizer
+  from train.data.tokenizer import load_tokenizer
 
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")

@@ -12,12 +12,13 @@ import jax
 from etils import epath
 
 from train import checkpoint as ckpt_lib
-from train import hf, inputs
+from train import hf
 from train import metrics as metrics_lib
 from train import rundir as rundir_lib
 from train import setup as setup_lib
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
+from train.data import inputs
 from train.launch import maybe_initialize_distributed
 
 log = logging.getLogger("train")
@@ -155,10 +156,10 @@ def _restore(cfg: TrainConfig, setup: setup_lib.Setup, checkpointer: Any,
     train_it.set_state(data_state)
   else:  # this process reads other rows of each global batch than the saver (another mesh or
     # process count; params and optimizer state came back resharded): go to global batch `step`
-    from train import data as data_lib  # grain: not installed on every Python (pyproject.toml)
+    from train.data import pipeline  # grain: not installed on every Python (pyproject.toml)
 
     try:
-      data_lib.seek(train_it, step, cfg.data)
+      pipeline.seek(train_it, step, cfg.data)
     except ValueError as e:
       raise ckpt_lib.CheckpointError(str(e)) from None
   log_resume(checkpointer.metadata(step), setup.mesh, step, data_state is None)

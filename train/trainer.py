@@ -12,7 +12,7 @@ files; every process takes part in checkpoint saves (each writes its own shards)
 
 The pieces a run is made of live in their own modules and are re-exported here: ``build``,
 ``Setup`` and ``model_config`` (:mod:`train.setup`), ``load_tokenizer``, ``make_datasets`` and
-``default_cache_dir`` (:mod:`train.inputs`), ``maybe_initialize_distributed``
+``default_cache_dir`` (:mod:`train.data.inputs`), ``maybe_initialize_distributed``
 (:mod:`train.launch`); starting or resuming is :mod:`train.startup`, signals
 :mod:`train.preemption`.
 """
@@ -39,7 +39,7 @@ from train import metrics as metrics_lib
 from train import sharding as shd
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
-from train.inputs import default_cache_dir, global_batch, load_tokenizer, make_datasets
+from train.data.inputs import default_cache_dir, global_batch, load_tokenizer, make_datasets
 from train.launch import maybe_initialize_distributed
 from train.preemption import Preemption
 from train.setup import Setup, build, model_config
@@ -102,7 +102,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     cfg: the run's configuration (``--resume`` continues from ``cfg.run_dir``).
     devices: devices for the mesh (default: all).
     stop_at: stop after this step as if preempted (a checkpoint is saved); for tests.
-    tokenizer: a ready :class:`train.tokenizer.Tokenizer` (default: from ``cfg``).
+    tokenizer: a ready :class:`train.data.tokenizer.Tokenizer` (default: from ``cfg``).
     hooks: callbacks that watch the run (:class:`TrainHooks`).
     announce_stop: say (log) when a signal or ``stop_at`` stops the run early; the command line
       passes False and prints its own line from the result instead.
