@@ -25,9 +25,10 @@ from tests.train_utils import (
   small_config,
 )
 from train import export as export_cli
-from train import hf, startup, trainer
+from train import hf, trainer
 from train.config import ConfigError
 from train.model import Llama, LlamaConfig
+from train.run import startup
 
 # (our path inside block i, HF name, transposed), written out independently of train/hf.py
 DOCUMENTED = [

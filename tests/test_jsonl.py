@@ -237,7 +237,8 @@ def test_training_on_jsonl_resumes_bitwise(tmp_path, tok, docs, caplog):
   counting the malformed lines its training stream skipped, the resumed one those since the
   run began."""
   from tests.train_utils import assert_trees_equal, one_device, small_config
-  from train import metrics, trainer
+  from train import trainer
+  from train.run import metrics
 
   _write_shards(tmp_path / "data", [d[:2000] for d in docs[:40]], malformed_every=7)
   cfg = small_config(optimizer="adamw", steps=4, ckpt_every=2, data=f"jsonl:{tmp_path}/data",

@@ -20,9 +20,10 @@ from tests.train_utils import (
   random_batch,
   small_config,
 )
-from train import health, plot, trainer
+from train import plot, trainer
 from train import sharding as shd
 from train.data import pipeline
+from train.run import health
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

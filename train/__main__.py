@@ -19,8 +19,8 @@ import re
 import sys
 from typing import Any
 
-from train import rundir
 from train.config import TrainConfig
+from train.run import rundir
 
 _GROUPS = (
     ("model", "model"),

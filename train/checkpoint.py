@@ -39,9 +39,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from train import model as model_lib
-from train import setup as setup_lib
 from train import sharding as shd
 from train.config import TrainConfig
+from train.run import build as build_lib
 
 log = logging.getLogger(__name__)
 
@@ -561,7 +561,7 @@ def _saved_config_and_params(manager, ckpt_dir: str, step: int):
 
 def _model_config(cfg, saved_params: Any):
   vocab = int(saved_params["embed"]["embedding"].shape[0])
-  return setup_lib.model_config(cfg, vocab)
+  return build_lib.model_config(cfg, vocab)
 
 
 def abstract_params(model_config, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:

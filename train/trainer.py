@@ -11,10 +11,10 @@ A run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``ch
 files; every process takes part in checkpoint saves (each writes its own shards).
 
 The pieces a run is made of live in their own modules and are re-exported here: ``build``,
-``Setup`` and ``model_config`` (:mod:`train.setup`), ``load_tokenizer``, ``make_datasets`` and
+``Setup`` and ``model_config`` (:mod:`train.run.build`), ``load_tokenizer``, ``make_datasets`` and
 ``default_cache_dir`` (:mod:`train.data.inputs`), ``maybe_initialize_distributed``
-(:mod:`train.launch`); starting or resuming is :mod:`train.startup`, signals
-:mod:`train.preemption`.
+(:mod:`train.run.launch`); starting or resuming is :mod:`train.run.startup`, signals
+:mod:`train.run.preemption`.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from etils import epath
 from flax import nnx
 
 import osd_jax
-from train import health, startup
-from train import metrics as metrics_lib
 from train import sharding as shd
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
 from train.data.inputs import default_cache_dir, global_batch, load_tokenizer, make_datasets
-from train.launch import maybe_initialize_distributed
-from train.preemption import Preemption
-from train.setup import Setup, build, model_config
+from train.run import health, startup
+from train.run import metrics as metrics_lib
+from train.run.build import Setup, build, model_config
+from train.run.launch import maybe_initialize_distributed
+from train.run.preemption import Preemption
 
 log = logging.getLogger("train")
 

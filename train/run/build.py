@@ -12,10 +12,11 @@ from flax import nnx
 
 import osd_jax
 from train import model as model_lib
-from train import optimizers, preflight, xla_cpu
+from train import optimizers, xla_cpu
 from train import sharding as shd
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig
+from train.run import preflight
 
 
 def _dtype_name(name: str) -> str:
