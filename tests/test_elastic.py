@@ -82,7 +82,9 @@ def _fake_run(run_dir, cfg, state, step=1, metadata=None, monkeypatch=None):
     f.write(cfg.replace(run_dir=str(run_dir)).to_json())
   with monkeypatch.context() if monkeypatch else _nothing() as m:
     if metadata is not None:
-      m.setattr(ckpt_lib, "checkpoint_metadata", lambda mesh=None: metadata)
+      from train.checkpoint import checkpointer  # where Checkpointer.save looks it up
+
+      m.setattr(checkpointer, "checkpoint_metadata", lambda mesh=None: metadata)
     with ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints")) as ck:
       ck.save(step, state, config=cfg.to_dict(), wait=True)
 
@@ -105,14 +107,16 @@ def test_load_params_reads_either_layer_layout(saved_run, tmp_path, monkeypatch)
   assert ckpt_lib.params_layout(got) == "unrolled"
   assert_trees_equal(got, unrolled)
 
-  abstract_params = ckpt_lib.abstract_params
+  from train.checkpoint import loading
+
+  abstract_params = loading.abstract_params
 
   def scanned_model(model_config, mesh):
     graphdef, target = abstract_params(model_config, mesh)
     # No public API builds the other layout's abstract target (the restore does it internally).
-    return graphdef, ckpt_lib._as_saved_layout(target, "scanned", mesh)  # noqa: SLF001
+    return graphdef, loading._as_saved_layout(target, "scanned", mesh)  # noqa: SLF001
 
-  monkeypatch.setattr(ckpt_lib, "abstract_params", scanned_model)
+  monkeypatch.setattr(loading, "abstract_params", scanned_model)
   got = ckpt_lib.load_params(run_dir, mesh=mesh)
   assert ckpt_lib.params_layout(got) == "scanned"
   assert_trees_equal(got, scanned)
