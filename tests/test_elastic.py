@@ -18,6 +18,7 @@ from tests.train_utils import assert_trees_equal, host, one_device, small_config
 from train import checkpoint as ckpt_lib
 from train import optimizers, trainer
 from train import sharding as shd
+from train.model import params_layout
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -102,9 +103,9 @@ def test_load_params_reads_either_layer_layout(saved_run, tmp_path, monkeypatch)
   scanned = _stacked(unrolled)
   mesh = shd.make_mesh("data=-1", one_device())
   _fake_run(tmp_path / "scanned", cfg, {"params": scanned, "step": np.int32(3)})
-  assert ckpt_lib.params_layout(scanned) == "scanned"
+  assert params_layout(scanned) == "scanned"
   got = ckpt_lib.load_params(str(tmp_path / "scanned"), mesh=mesh)
-  assert ckpt_lib.params_layout(got) == "unrolled"
+  assert params_layout(got) == "unrolled"
   assert_trees_equal(got, unrolled)
 
   from train.checkpoint import loading
@@ -118,7 +119,7 @@ def test_load_params_reads_either_layer_layout(saved_run, tmp_path, monkeypatch)
 
   monkeypatch.setattr(loading, "abstract_params", scanned_model)
   got = ckpt_lib.load_params(run_dir, mesh=mesh)
-  assert ckpt_lib.params_layout(got) == "scanned"
+  assert params_layout(got) == "scanned"
   assert_trees_equal(got, scanned)
 
 

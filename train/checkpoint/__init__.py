@@ -54,7 +54,6 @@ from train.checkpoint.loading import (
     load_model_config,
     load_params,
     load_run_config,
-    params_layout,
 )
 
 __all__ = [
@@ -62,5 +61,5 @@ __all__ = [
     "STRUCTURAL_KEYS", "CheckpointError", "Checkpointer", "LoadedModel", "abstract_params",
     "check_format_version", "checkpoint_metadata", "config_diff", "decode_data_state",
     "describe_topology", "encode_data_state", "layer_layout", "load_model", "load_model_config",
-    "load_params", "load_run_config", "params_layout", "signature", "unreadable_error",
+    "load_params", "load_run_config", "signature", "unreadable_error",
 ]

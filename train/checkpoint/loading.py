@@ -24,6 +24,7 @@ from train.checkpoint.format import (
     unreadable_error,
 )
 from train.config import TrainConfig
+from train.model import params_layout
 from train.run import build as build_lib
 
 
@@ -71,19 +72,6 @@ def _pick_step(manager, ckpt_dir: str, step: int | None) -> int:
   return step
 
 
-def _layers_unrolled(layers: Any) -> bool:
-  """True for the layout with one subtree per layer (keys 0, 1, ...), False for the scanned one
-  (each leaf stacked over layers on a leading axis)."""
-  return isinstance(layers, dict) and bool(layers) and all(str(k).isdigit() for k in layers)
-
-
-def params_layout(params: Any) -> str:
-  """``"unrolled"`` (``layers/<i>/...``) or ``"scanned"`` (``layers/...`` with a leading layer
-  axis) for a params tree (arrays, ShapeDtypeStructs or orbax metadata)."""
-  layers = params.get("layers") if isinstance(params, dict) else None
-  return "unrolled" if layers is None or _layers_unrolled(layers) else "scanned"
-
-
 def _spec_of(x: Any) -> jax.sharding.PartitionSpec:
   return getattr(x.sharding, "spec", jax.sharding.PartitionSpec())
 
@@ -121,18 +109,8 @@ def _to_target_layout(params: Any, target: Any) -> Any:
   if params_layout(params) == params_layout(target):
     return params
   shardings = jax.tree.map(lambda x: x.sharding, target)
-
-  def convert(p):
-    out = dict(p)
-    layers = p["layers"]
-    if _layers_unrolled(layers):
-      subs = [layers[k] for k in sorted(layers, key=lambda k: int(k))]
-      out["layers"] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *subs)
-    else:
-      n = jax.tree.leaves(layers)[0].shape[0]
-      out["layers"] = {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
-    return out
-
+  convert = (model_lib.stack_layers if params_layout(params) == "unrolled"
+             else model_lib.unstack_layers)
   return jax.jit(convert, out_shardings=shardings)(params)
 
 
@@ -256,7 +234,11 @@ def load_model(run_dir: str, step: int | None = None,
 def _restore_params(manager, step: int, where: str, saved_params: Any, target: Any,
                     mesh: jax.sharding.Mesh) -> Any:
   """Reads the params of ``step`` into ``target``'s layout and shardings (partial restore)."""
-  read = _as_saved_layout(target, params_layout(saved_params), mesh)
+  try:
+    saved_layout = params_layout(saved_params)
+  except ValueError as e:
+    raise CheckpointError(f"checkpoint {where}: {e}") from None
+  read = _as_saved_layout(target, saved_layout, mesh)
   saved_sig = signature(_keys_as_target(saved_params, read))
   if saved_sig != signature(read):
     raise CheckpointError(f"checkpoint {where} does not match the run's model: "

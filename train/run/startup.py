@@ -12,10 +12,10 @@ import jax
 from etils import epath
 
 from train import checkpoint as ckpt_lib
-from train import hf
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
 from train.data import inputs
+from train.interop import hf
 from train.run import build as build_lib
 from train.run import metrics as metrics_lib
 from train.run import rundir as rundir_lib
