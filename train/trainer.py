@@ -10,11 +10,10 @@ A run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``ch
 ``tokenizer.model`` (a copy of the SentencePiece model used). Only process 0 writes metrics and
 files; every process takes part in checkpoint saves (each writes its own shards).
 
-The pieces a run is made of live in their own modules and are re-exported here: ``build``,
-``Setup`` and ``model_config`` (:mod:`train.run.build`), ``load_tokenizer``, ``make_datasets`` and
-``default_cache_dir`` (:mod:`train.data.inputs`), ``maybe_initialize_distributed``
-(:mod:`train.run.launch`); starting or resuming is :mod:`train.run.startup`, signals
-:mod:`train.run.preemption`.
+The pieces a run is made of live in their own modules: building it is :mod:`train.run.build`
+(``build``, ``Setup`` and ``model_config`` are re-exported here, as is ``load_tokenizer`` of
+:mod:`train.data.inputs`), starting or resuming :mod:`train.run.startup`, signals
+:mod:`train.run.preemption`; the data are :mod:`train.data`.
 """
 
 from __future__ import annotations
@@ -37,11 +36,10 @@ import osd_jax
 from train import sharding as shd
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
-from train.data.inputs import default_cache_dir, global_batch, load_tokenizer, make_datasets
+from train.data.inputs import global_batch, load_tokenizer
 from train.run import health, startup
 from train.run import metrics as metrics_lib
 from train.run.build import Setup, build, model_config
-from train.run.launch import maybe_initialize_distributed
 from train.run.preemption import Preemption
 
 log = logging.getLogger("train")
@@ -53,9 +51,8 @@ LONG_CPU_RUN_S = 600.0
 #: The CPU demo's flags (``make demo``: about 3 minutes on 2 CPU cores).
 CPU_DEMO_FLAGS = "--steps 300 --batch-size 16 --seq-len 128 --dtype float32"
 
-__all__ = ["ConfigError", "Setup", "TrainConfig", "TrainHooks", "TrainResult", "build",
-           "default_cache_dir", "evaluate", "load_tokenizer", "make_datasets",
-           "maybe_initialize_distributed", "model_config", "train", "validate"]
+__all__ = ["ConfigError", "Setup", "TrainConfig", "TrainHooks", "TrainResult", "build", "evaluate",
+           "load_tokenizer", "model_config", "train", "validate"]
 
 
 @dataclasses.dataclass
