@@ -11,9 +11,9 @@ A run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``ch
 files; every process takes part in checkpoint saves (each writes its own shards).
 
 The pieces a run is made of live in their own modules: building it is :mod:`train.run.build`
-(``build``, ``Setup`` and ``model_config`` are re-exported here, as is ``load_tokenizer`` of
-:mod:`train.data.inputs`), starting or resuming :mod:`train.run.startup`, signals
-:mod:`train.run.preemption`; the data are :mod:`train.data`.
+(``build`` and ``Setup`` are re-exported here, as are ``model_config`` of :mod:`train.config`
+and ``load_tokenizer`` of :mod:`train.data.inputs`), starting or resuming
+:mod:`train.run.startup`, signals :mod:`train.run.preemption`; the data are :mod:`train.data`.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from flax import nnx
 import osd_jax
 from train import sharding as shd
 from train import train_step as step_lib
-from train.config import ConfigError, TrainConfig, validate
+from train.config import ConfigError, TrainConfig, model_config, validate
 from train.data.inputs import global_batch, load_tokenizer
 from train.run import health, startup
 from train.run import metrics as metrics_lib
-from train.run.build import Setup, build, model_config
+from train.run.build import Setup, build
 from train.run.preemption import Preemption
 
 log = logging.getLogger("train")

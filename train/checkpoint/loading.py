@@ -23,9 +23,8 @@ from train.checkpoint.format import (
     signature,
     unreadable_error,
 )
-from train.config import TrainConfig
+from train.config import TrainConfig, model_config
 from train.model import params_layout
-from train.run import build as build_lib
 
 
 def load_run_config(run_dir: str):
@@ -160,7 +159,7 @@ def _saved_config_and_params(manager, ckpt_dir: str, step: int):
 
 def _model_config(cfg, saved_params: Any):
   vocab = int(saved_params["embed"]["embedding"].shape[0])
-  return build_lib.model_config(cfg, vocab)
+  return model_config(cfg, vocab)
 
 
 def abstract_params(model_config, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
