@@ -165,7 +165,7 @@ def measure(args) -> dict[str, Any]:
   timings = common.interleaved(cases, args.repeats, warmup=0)
   out = {}
   for name, case in cases.items():
-    from train import metrics as metrics_lib
+    from train.run import metrics as metrics_lib
 
     med = timings[name]["median_s"]
     tps = case.tokens_per_step / med

@@ -141,10 +141,10 @@ class Recorder:
 
 
 def run(args, rec: Recorder, attention: str) -> None:
-  from train import metrics as metrics_lib
   from train import trainer
   from train.config import validate
   from train.model import PRESETS
+  from train.run import metrics as metrics_lib
 
   cfg = train_config(args, attention)
   validate(cfg)

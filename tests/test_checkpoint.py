@@ -248,7 +248,7 @@ def _last_logged_step(run_dir) -> int:
   path = run_dir / "metrics.jsonl"
   if not path.exists():
     return 0
-  from train.metrics import read_jsonl
+  from train.run.metrics import read_jsonl
 
   return max((r["step"] for r in read_jsonl(str(path)) if "loss" in r), default=0)
 

@@ -33,7 +33,7 @@ def test_help_documents_every_flag():
     flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
     assert flag in out.stdout, flag
   assert "examples:" in out.stdout
-  from train import tokenizer as tok_lib
+  from train.data import tokenizer as tok_lib
 
   vocab_help = {f.name: f for f in dataclasses.fields(TrainConfig)}["vocab_size"].metadata["help"]
   assert f"default: {tok_lib.DEFAULT_VOCAB_SIZE}," in vocab_help  # what load_tokenizer uses
@@ -256,7 +256,8 @@ def test_non_utf8_text_is_decoded_with_replacement_and_trains(tmp_path, train_to
   """Files that are not valid UTF-8 are decoded with U+FFFD replacement characters, counted in
   one warning, and the run trains to the end."""
   from tests.train_utils import one_device, small_config
-  from train import corpus, trainer
+  from train import trainer
+  from train.data import corpus
 
   for i, doc in enumerate(corpus.embedded_documents()[:40]):
     (tmp_path / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")

@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from train import corpus, data
-from train import tokenizer as tokenizer_lib
+from train.data import corpus, pipeline
+from train.data import text as text_lib
+from train.data import tokenizer as tokenizer_lib
 
 VOCAB = 512
 
@@ -122,11 +123,11 @@ def test_default_tokenizer_trains_once_and_caches(tmp_path, caplog):
 
 
 def test_embedded_batches(tok, embedded_cache):
-  ds = data.make_dataset("embedded", tok, seq_len=64, batch_size=4, cache_dir=embedded_cache)
+  ds = pipeline.make_dataset("embedded", tok, seq_len=64, batch_size=4, cache_dir=embedded_cache)
   for b in _take(iter(ds), 3):
     _check_batch(b, 4, 64, VOCAB)
   assert any(name.startswith("tokens-") for name in os.listdir(embedded_cache))
-  ev = data.make_dataset("embedded", tok, seq_len=64, batch_size=4, split="eval",
+  ev = pipeline.make_dataset("embedded", tok, seq_len=64, batch_size=4, split="eval",
                          cache_dir=embedded_cache, num_epochs=1)
   eval_batches = list(ev)
   assert eval_batches
@@ -137,7 +138,7 @@ def test_embedded_batches(tok, embedded_cache):
 
 def test_embedded_determinism_and_resume(tok, embedded_cache):
   def make(seed):
-    return data.make_dataset("embedded", tok, seq_len=32, batch_size=3, seed=seed,
+    return pipeline.make_dataset("embedded", tok, seq_len=32, batch_size=3, seed=seed,
                              cache_dir=embedded_cache)
 
   _assert_batches_equal(_take(iter(make(7)), 4), _take(iter(make(7)), 4))
@@ -164,16 +165,16 @@ def test_process_shards_are_disjoint_and_stack_into_the_single_process_batches()
   reading with batch P*B (also across the epoch boundary)."""
   seq_len, n_tokens = 8, 8 * 40 + 1  # 40 windows, each identified by its first token
   tokens = np.arange(n_tokens, dtype=np.int64)
-  all_starts = set(data.window_starts(n_tokens, seq_len).tolist())
+  all_starts = set(text_lib.window_starts(n_tokens, seq_len).tolist())
   assert len(all_starts) == 40
   for count in (2, 3):
     per_process = 2
-    single = data.make_token_dataset(tokens, seq_len=seq_len, batch_size=count * per_process,
+    single = text_lib.make_token_dataset(tokens, seq_len=seq_len, batch_size=count * per_process,
                                      seed=3, num_epochs=2)
     single = [b["inputs"][:, 0].tolist() for b in single]
     seen = []
     for index in range(count):
-      ds = data.make_token_dataset(tokens, seq_len=seq_len, batch_size=per_process, seed=3,
+      ds = text_lib.make_token_dataset(tokens, seq_len=seq_len, batch_size=per_process, seed=3,
                                    process_index=index, process_count=count, num_epochs=2)
       seen.append([b["inputs"][:, 0].tolist() for b in ds])
     assert [len(s) for s in seen] == [len(single)] * count == [80 // (count * per_process)] * count
@@ -188,7 +189,7 @@ def test_process_shards_are_disjoint_and_stack_into_the_single_process_batches()
 
 def test_windows_are_shuffled_per_epoch_and_targets_shifted():
   tokens = np.arange(8 * 30 + 1, dtype=np.int64)
-  ds = data.make_token_dataset(tokens, seq_len=8, batch_size=5, seed=0, num_epochs=2)
+  ds = text_lib.make_token_dataset(tokens, seq_len=8, batch_size=5, seed=0, num_epochs=2)
   batches = list(ds)
   first = [int(x) for b in batches for x in b["inputs"][:, 0]]
   assert len(first) == 60
@@ -197,33 +198,34 @@ def test_windows_are_shuffled_per_epoch_and_targets_shifted():
   assert epoch1 != epoch2 and epoch1 != sorted(epoch1)
   for b in batches:
     np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)
-  unshuffled = data.make_token_dataset(tokens, seq_len=8, batch_size=5, shuffle=False, num_epochs=1)
+  unshuffled = text_lib.make_token_dataset(tokens, seq_len=8, batch_size=5, shuffle=False,
+                                           num_epochs=1)
   assert _first_tokens(unshuffled) == list(range(0, 240, 8))
 
 
 def test_token_dataset_errors():
   tokens = np.arange(20)
   with pytest.raises(ValueError, match="process_index"):
-    data.make_token_dataset(tokens, seq_len=4, batch_size=1, process_index=2, process_count=2)
+    text_lib.make_token_dataset(tokens, seq_len=4, batch_size=1, process_index=2, process_count=2)
   with pytest.raises(ValueError, match="batch_size"):
-    data.make_token_dataset(tokens, seq_len=4, batch_size=100, num_epochs=1)
+    text_lib.make_token_dataset(tokens, seq_len=4, batch_size=100, num_epochs=1)
   with pytest.raises(ValueError, match="seq_len"):
-    data.make_token_dataset(tokens, seq_len=0, batch_size=1)
+    text_lib.make_token_dataset(tokens, seq_len=0, batch_size=1)
   with pytest.raises(ValueError, match="process_count"):
-    data.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=0)
+    text_lib.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=0)
   with pytest.raises(ValueError, match=r"global batch \(batch_size x process_count = 4\)"):
-    data.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=4, num_epochs=1)
+    text_lib.make_token_dataset(tokens, seq_len=8, batch_size=1, process_count=4, num_epochs=1)
   with pytest.raises(ValueError, match="no window"):
-    data.make_token_dataset(tokens, seq_len=20, batch_size=1)
+    text_lib.make_token_dataset(tokens, seq_len=20, batch_size=1)
 
 
 def test_parse_spec():
-  assert data.parse_spec("embedded") == ("embedded", "")
-  assert data.parse_spec("text:/a/*.txt") == ("text", "/a/*.txt")
-  assert data.parse_spec("tfds:c4/en:3.1.0") == ("tfds", "c4/en:3.1.0")
+  assert pipeline.parse_spec("embedded") == ("embedded", "")
+  assert pipeline.parse_spec("text:/a/*.txt") == ("text", "/a/*.txt")
+  assert pipeline.parse_spec("tfds:c4/en:3.1.0") == ("tfds", "c4/en:3.1.0")
   for bad in ("", "c4", "text:", "hf:c4"):
     with pytest.raises(ValueError, match="--data"):
-      data.parse_spec(bad)
+      pipeline.parse_spec(bad)
 
 
 # -- local text files ------------------------------------------------------------------------------
@@ -242,19 +244,19 @@ def test_local_text_path(tok, tmp_path):
   _write_text_corpus(tmp_path)
   spec = f"text:{tmp_path}/*.txt"
   with pytest.warns(UserWarning, match=r"1 of 62 files were not valid UTF-8"):
-    ds = data.make_dataset(spec, tok, seq_len=48, batch_size=4, seed=1)
+    ds = pipeline.make_dataset(spec, tok, seq_len=48, batch_size=4, seed=1)
   it = iter(ds)
   for b in _take(it, 3):
     _check_batch(b, 4, 48, VOCAB)
   state = it.get_state()
   expected = _take(it, 3)
   with pytest.warns(UserWarning):
-    again = iter(data.make_dataset(spec, tok, seq_len=48, batch_size=4, seed=1))
+    again = iter(pipeline.make_dataset(spec, tok, seq_len=48, batch_size=4, seed=1))
   again.set_state(state)
   _assert_batches_equal(expected, _take(again, 3))
   # a directory spec works too, and eval holds other windows than train
   with pytest.warns(UserWarning):
-    ev = list(data.make_dataset(f"text:{tmp_path}", tok, seq_len=48, batch_size=2, split="eval",
+    ev = list(pipeline.make_dataset(f"text:{tmp_path}", tok, seq_len=48, batch_size=2, split="eval",
                                 num_epochs=1))
   assert ev
   _check_batch(ev[0], 2, 48, VOCAB)
@@ -265,11 +267,11 @@ def test_local_text_process_sharding(tok, tmp_path):
   spec = f"text:{tmp_path}/doc*.txt"
   rows = []
   for index in range(2):
-    ds = data.make_dataset(spec, tok, seq_len=32, batch_size=2, process_index=index,
+    ds = pipeline.make_dataset(spec, tok, seq_len=32, batch_size=2, process_index=index,
                            process_count=2, num_epochs=1)
     rows.append([tuple(r) for b in ds for r in b["inputs"]])
   assert rows[0] and rows[1] and not set(rows[0]) & set(rows[1])
-  single = data.make_dataset(spec, tok, seq_len=32, batch_size=4, num_epochs=1)
+  single = pipeline.make_dataset(spec, tok, seq_len=32, batch_size=4, num_epochs=1)
   single = [tuple(r) for b in single for r in b["inputs"]]
   assert single == [r for k in range(len(rows[0]) // 2)
                     for r in rows[0][2 * k:2 * k + 2] + rows[1][2 * k:2 * k + 2]]
@@ -277,9 +279,9 @@ def test_local_text_process_sharding(tok, tmp_path):
 
 def test_single_file_falls_back_to_window_split(tok, tmp_path):
   (tmp_path / "one.txt").write_text(corpus.embedded_documents()[5] * 3)
-  train = list(data.make_dataset(f"text:{tmp_path}/one.txt", tok, seq_len=16, batch_size=1,
+  train = list(pipeline.make_dataset(f"text:{tmp_path}/one.txt", tok, seq_len=16, batch_size=1,
                                  num_epochs=1, shuffle=False))
-  ev = list(data.make_dataset(f"text:{tmp_path}/one.txt", tok, seq_len=16, batch_size=1,
+  ev = list(pipeline.make_dataset(f"text:{tmp_path}/one.txt", tok, seq_len=16, batch_size=1,
                               split="eval", num_epochs=1))
   assert train and ev
   assert len(ev) < len(train)
@@ -287,16 +289,16 @@ def test_single_file_falls_back_to_window_split(tok, tmp_path):
 
 def test_local_text_errors(tok, tmp_path):
   with pytest.raises(ValueError, match="no files match"):
-    data.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=8, batch_size=1)
+    pipeline.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=8, batch_size=1)
   (tmp_path / "a.txt").write_text("")
   (tmp_path / "b.txt").write_text("  \n")
   with pytest.raises(ValueError, match="empty corpus"):
-    data.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=8, batch_size=1)
+    pipeline.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=8, batch_size=1)
   (tmp_path / "c.txt").write_text("tiny")
   with pytest.raises(ValueError, match="seq_len"):
-    data.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=512, batch_size=1)
+    pipeline.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=512, batch_size=1)
   with pytest.raises(ValueError, match="split"):
-    data.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=2, batch_size=1, split="test")
+    pipeline.make_dataset(f"text:{tmp_path}/*.txt", tok, seq_len=2, batch_size=1, split="test")
 
 
 # -- tfds (C4 through tensorflow-datasets' mock) ---------------------------------------------------
@@ -312,7 +314,7 @@ def mock_c4(tmp_path):
 
 def test_tfds_c4_batches_and_resume(tok, mock_c4):
   def make(**kw):
-    return data.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=24, batch_size=3,
+    return pipeline.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=24, batch_size=3,
                              tfds_data_dir=mock_c4, read_threads=2, **kw)
 
   it = iter(make(seed=4))
@@ -331,7 +333,7 @@ def test_tfds_c4_batches_and_resume(tok, mock_c4):
 def test_tfds_process_shards_disjoint(tok, mock_c4):
   rows = []
   for index in range(2):
-    ds = data.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=16, batch_size=1, num_epochs=1,
+    ds = pipeline.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=16, batch_size=1, num_epochs=1,
                            shuffle=False, process_index=index, process_count=2,
                            tfds_data_dir=mock_c4, read_threads=1)
     rows.append([tuple(b["inputs"][0]) for b in ds])
@@ -341,15 +343,15 @@ def test_tfds_process_shards_disjoint(tok, mock_c4):
 def test_tfds_missing_data_dir(tok, tmp_path):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(FileNotFoundError, match="--tfds-data-dir"):
-    data.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=8, batch_size=1,
+    pipeline.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=8, batch_size=1,
                       tfds_data_dir=str(tmp_path / "missing"))
   with pytest.raises(ValueError, match="--tfds-data-dir"):  # exists but holds no prepared data
-    data.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=8, batch_size=1,
+    pipeline.make_dataset("tfds:c4/en:3.1.0", tok, seq_len=8, batch_size=1,
                       tfds_data_dir=str(tmp_path))
 
 
 def test_importing_the_pipeline_does_not_import_tfds_or_tensorflow():
-  code = ("import sys, train.data, train.tokenizer, train.corpus; "
+  code = ("import sys, train.data.pipeline, train.data.tokenizer, train.data.corpus; "
           "assert 'tensorflow_datasets' not in sys.modules and 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True,
                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

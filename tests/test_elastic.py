@@ -18,6 +18,7 @@ from tests.train_utils import assert_trees_equal, host, one_device, small_config
 from train import checkpoint as ckpt_lib
 from train import optimizers, trainer
 from train import sharding as shd
+from train.model import params_layout
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -82,7 +83,9 @@ def _fake_run(run_dir, cfg, state, step=1, metadata=None, monkeypatch=None):
     f.write(cfg.replace(run_dir=str(run_dir)).to_json())
   with monkeypatch.context() if monkeypatch else _nothing() as m:
     if metadata is not None:
-      m.setattr(ckpt_lib, "checkpoint_metadata", lambda mesh=None: metadata)
+      from train.checkpoint import checkpointer  # where Checkpointer.save looks it up
+
+      m.setattr(checkpointer, "checkpoint_metadata", lambda mesh=None: metadata)
     with ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints")) as ck:
       ck.save(step, state, config=cfg.to_dict(), wait=True)
 
@@ -100,21 +103,23 @@ def test_load_params_reads_either_layer_layout(saved_run, tmp_path, monkeypatch)
   scanned = _stacked(unrolled)
   mesh = shd.make_mesh("data=-1", one_device())
   _fake_run(tmp_path / "scanned", cfg, {"params": scanned, "step": np.int32(3)})
-  assert ckpt_lib.params_layout(scanned) == "scanned"
+  assert params_layout(scanned) == "scanned"
   got = ckpt_lib.load_params(str(tmp_path / "scanned"), mesh=mesh)
-  assert ckpt_lib.params_layout(got) == "unrolled"
+  assert params_layout(got) == "unrolled"
   assert_trees_equal(got, unrolled)
 
-  abstract_params = ckpt_lib.abstract_params
+  from train.checkpoint import loading
+
+  abstract_params = loading.abstract_params
 
   def scanned_model(model_config, mesh):
     graphdef, target = abstract_params(model_config, mesh)
     # No public API builds the other layout's abstract target (the restore does it internally).
-    return graphdef, ckpt_lib._as_saved_layout(target, "scanned", mesh)  # noqa: SLF001
+    return graphdef, loading._as_saved_layout(target, "scanned", mesh)  # noqa: SLF001
 
-  monkeypatch.setattr(ckpt_lib, "abstract_params", scanned_model)
+  monkeypatch.setattr(loading, "abstract_params", scanned_model)
   got = ckpt_lib.load_params(run_dir, mesh=mesh)
-  assert ckpt_lib.params_layout(got) == "scanned"
+  assert params_layout(got) == "scanned"
   assert_trees_equal(got, scanned)
 
 
@@ -147,9 +152,9 @@ def test_format_version_newer_is_refused_older_is_read(saved_run, tmp_path, monk
 def test_eval_matches_the_trainer_and_a_float64_reference(saved_run, tmp_path):
   """train.eval on the run's data gives the trainer's final eval (same mesh: bitwise); on a text
   corpus its loss is the float64 mean token cross-entropy of the model's logits."""
-  from train import data as data_lib
   from train import eval as eval_lib
-  from train import tokenizer as tok_lib
+  from train.data import pipeline
+  from train.data import tokenizer as tok_lib
 
   run_dir, result = saved_run
   got = eval_lib.evaluate_checkpoint(run_dir, mesh="data=-1", devices=one_device())
@@ -162,7 +167,7 @@ def test_eval_matches_the_trainer_and_a_float64_reference(saved_run, tmp_path):
   got = eval_lib.evaluate_checkpoint(run_dir, data=f"text:{corpus}", batches=2, batch_size=4,
                                      step=2, mesh="data=-1", devices=one_device())
   tokenizer = tok_lib.load_tokenizer(f"{run_dir}/tokenizer.model")
-  ds = data_lib.make_dataset(f"text:{corpus}", tokenizer, split="eval", seq_len=32,
+  ds = pipeline.make_dataset(f"text:{corpus}", tokenizer, split="eval", seq_len=32,
                              batch_size=4)
   loaded = ckpt_lib.load_model(run_dir, step=2, mesh=shd.make_mesh("data=-1", one_device()))
   model = nnx.merge(loaded.graphdef, loaded.params)
@@ -198,21 +203,22 @@ def test_eval_command_line(saved_run):
 
 
 def test_seek_moves_to_a_global_batch_for_any_row_split():
-  from train import data as data_lib
+  from train.data import pipeline
+  from train.data import text as text_lib
 
   tokens = np.arange(4000) % 251
-  whole = iter(data_lib.make_token_dataset(tokens, seq_len=8, batch_size=8, seed=3))
+  whole = iter(text_lib.make_token_dataset(tokens, seq_len=8, batch_size=8, seed=3))
   batches = [next(whole)["inputs"] for _ in range(7)]
   for count in (1, 2, 4):
     for index in range(count):
-      it = iter(data_lib.make_token_dataset(tokens, seq_len=8, batch_size=8 // count, seed=3,
+      it = iter(text_lib.make_token_dataset(tokens, seq_len=8, batch_size=8 // count, seed=3,
                                             process_index=index, process_count=count))
-      data_lib.seek(it, 5, "embedded")
+      pipeline.seek(it, 5, "embedded")
       rows = slice(index * 8 // count, (index + 1) * 8 // count)
       np.testing.assert_array_equal(next(it)["inputs"], batches[5][rows])
       np.testing.assert_array_equal(next(it)["inputs"], batches[6][rows])
   with pytest.raises(ValueError, match="tfds:c4 is packed per process.*resume with the process"):
-    data_lib.seek(None, 5, "tfds:c4")
+    pipeline.seek(None, 5, "tfds:c4")
 
 
 # ----------------------------------------------------------------------------- elastic resume

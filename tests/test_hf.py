@@ -1,4 +1,4 @@
-"""Tests of the Hugging Face interop (train/hf.py, python -m train.export, --init-from).
+"""Tests of the Hugging Face interop (train/interop/hf.py, python -m train.export, --init-from).
 
 The reference for the name/layout mapping is the table written out below by hand (HF's
 ``LlamaForCausalLM`` state dict: torch ``Linear`` weights are ``[out, in]``), not the module's own
@@ -25,11 +25,13 @@ from tests.train_utils import (
   small_config,
 )
 from train import export as export_cli
-from train import hf, startup, trainer
+from train import trainer
 from train.config import ConfigError
-from train.model import Llama, LlamaConfig
+from train.interop import hf
+from train.model import Llama, LlamaConfig, params_layout
+from train.run import startup
 
-# (our path inside block i, HF name, transposed), written out independently of train/hf.py
+# (our path inside block i, HF name, transposed), written out independently of train/interop/hf.py
 DOCUMENTED = [
     ("embed/embedding", "model.embed_tokens.weight", False),
     ("layers/{i}/attention/wq/kernel", "model.layers.{i}.self_attn.q_proj.weight", True),
@@ -167,7 +169,7 @@ def test_export_reads_back_to_identical_logits(trained, exported):
     index = json.load(f)
   assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
   # mapped back into the model: the same logits, bitwise
-  params = hf.from_hf_tensors(tensors, config, layout=hf.param_layout(trained.params))
+  params = hf.from_hf_tensors(tensors, config, layout=params_layout(trained.params))
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16), dtype=np.int32)
   np.testing.assert_array_equal(_logits(config, params, tokens),
                                 _logits(config, host(trained.params), tokens))
@@ -239,10 +241,10 @@ def test_export_import_is_bitwise_and_bfloat16_rounds(trained, exported, tmp_pat
 def test_scanned_layout_maps_to_the_same_tensors(trained):
   config = trained.setup.model_config
   params = host(trained.params)
-  if hf.param_layout(params) == "scanned":  # the trainer's default layout with --scan-layers
+  if params_layout(params) == "scanned":  # the trainer's default layout with --scan-layers
     params = _unrolled(params)
   scanned = _scanned(params)
-  assert hf.param_layout(params) == "unrolled" and hf.param_layout(scanned) == "scanned"
+  assert params_layout(params) == "unrolled" and params_layout(scanned) == "scanned"
   a = dict(hf.to_hf_tensors(params, config))
   b = dict(hf.to_hf_tensors(scanned, config))
   assert list(a) == list(b)
@@ -252,7 +254,7 @@ def test_scanned_layout_maps_to_the_same_tensors(trained):
   assert_trees_equal(back, scanned)
   # load_params follows the layout of the tree it is given
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), scanned)
-  assert hf.param_layout(like) == "scanned"
+  assert params_layout(like) == "scanned"
 
 
 @pytest.mark.parametrize("config", [

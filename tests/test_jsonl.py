@@ -1,4 +1,4 @@
-"""Tests of the ``--data jsonl:GLOB`` pipeline (train/data.py) on generated gzip shards."""
+"""Tests of the ``--data jsonl:GLOB`` pipeline (train/data/jsonl.py) on generated gzip shards."""
 
 import collections
 import gzip
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tests.train_utils import make_tokenizer
-from train import corpus, data
 from train.config import ConfigError, TrainConfig, validate
+from train.data import corpus, pipeline
+from train.data import jsonl as jsonl_lib
 
 SEQ = 32
 
@@ -68,7 +69,7 @@ def _all(it):
 def test_unshuffled_stream_is_the_documents_in_file_order(tmp_path, tok, docs):
   _, order = _write_shards(tmp_path, docs)
   ref = _reference_windows(order, tok, "train")
-  ds = data.make_dataset(f"jsonl:{tmp_path}/*.json.gz", tok, seq_len=SEQ, batch_size=4,
+  ds = pipeline.make_dataset(f"jsonl:{tmp_path}/*.json.gz", tok, seq_len=SEQ, batch_size=4,
                          shuffle=False, num_epochs=1)
   got = _windows(_all(iter(ds)))
   n = len(ref) // 4 * 4
@@ -77,7 +78,7 @@ def test_unshuffled_stream_is_the_documents_in_file_order(tmp_path, tok, docs):
     assert b["inputs"].dtype == np.int32 and b["inputs"].shape == (4, SEQ)
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
   # eval: the held-out documents only, as for text: data
-  ev = data.make_dataset(f"jsonl:{tmp_path}", tok, seq_len=SEQ, batch_size=2, split="eval",
+  ev = pipeline.make_dataset(f"jsonl:{tmp_path}", tok, seq_len=SEQ, batch_size=2, split="eval",
                          num_epochs=1)
   ref_eval = _reference_windows(order, tok, "eval")
   np.testing.assert_array_equal(_windows(_all(iter(ev))), ref_eval[:len(ref_eval) // 2 * 2])
@@ -88,7 +89,7 @@ def test_shuffle_is_deterministic_and_a_permutation(tmp_path, tok, docs):
   spec = f"jsonl:{tmp_path}/*.json.gz"
 
   def epoch(seed, block=16):
-    ds = data.make_jsonl_dataset(spec[6:], tok, seq_len=SEQ, batch_size=4, seed=seed,
+    ds = jsonl_lib.make_jsonl_dataset(spec[6:], tok, seq_len=SEQ, batch_size=4, seed=seed,
                                  num_epochs=1, block_windows=block)
     return _windows(_all(iter(ds)))
 
@@ -99,7 +100,7 @@ def test_shuffle_is_deterministic_and_a_permutation(tmp_path, tok, docs):
   assert len(a) == len(ref) // 4 * 4
   # one file: the shuffled epoch is a permutation of the file's windows (minus the dropped rest)
   _, single = _write_shards(tmp_path / "one", docs[:40], n_files=1)
-  ds = data.make_jsonl_dataset(str(tmp_path / "one"), tok, seq_len=SEQ, batch_size=4, seed=0,
+  ds = jsonl_lib.make_jsonl_dataset(str(tmp_path / "one"), tok, seq_len=SEQ, batch_size=4, seed=0,
                                num_epochs=1, block_windows=16)
   got, ref = _windows(_all(iter(ds))), _reference_windows(single, tok, "train")
 
@@ -109,7 +110,7 @@ def test_shuffle_is_deterministic_and_a_permutation(tmp_path, tok, docs):
   assert len(got) == len(ref) // 4 * 4 and not bag(got) - bag(ref)
   assert not np.array_equal(got, ref[:len(got)])
   # the second epoch reads the files in another order
-  ds = data.make_jsonl_dataset(spec[6:], tok, seq_len=SEQ, batch_size=4, seed=0, num_epochs=2,
+  ds = jsonl_lib.make_jsonl_dataset(spec[6:], tok, seq_len=SEQ, batch_size=4, seed=0, num_epochs=2,
                                block_windows=16)
   two = _windows(_all(iter(ds)))
   assert len(two) > len(a) and not np.array_equal(two[:len(a)], two[len(a):2 * len(a)])
@@ -119,8 +120,8 @@ def test_process_rows_stack_to_the_one_process_batches(tmp_path, tok, docs):
   _write_shards(tmp_path, docs)
   spec = f"jsonl:{tmp_path}/*.json.gz"
   common = {"seq_len": SEQ, "seed": 3, "num_epochs": 1}
-  one = _all(iter(data.make_dataset(spec, tok, batch_size=6, **common)))
-  parts = [_all(iter(data.make_dataset(spec, tok, batch_size=2, process_index=p,
+  one = _all(iter(pipeline.make_dataset(spec, tok, batch_size=6, **common)))
+  parts = [_all(iter(pipeline.make_dataset(spec, tok, batch_size=2, process_index=p,
                                        process_count=3, **common))) for p in range(3)]
   assert len(one) == len(parts[0]) == len(parts[2])
   for k, batch in enumerate(one):
@@ -133,7 +134,7 @@ def test_resume_from_a_saved_position_is_exact(tmp_path, tok, docs, block):
   _write_shards(tmp_path, [d[:300] for d in docs[:30]], malformed_every=5)  # ~30 batches/epoch
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    ds = data.make_jsonl_dataset(f"{tmp_path}/*.json.gz", tok, seq_len=SEQ, batch_size=3,
+    ds = jsonl_lib.make_jsonl_dataset(f"{tmp_path}/*.json.gz", tok, seq_len=SEQ, batch_size=3,
                                  seed=7, block_windows=block)
     it = iter(ds)
     states, batches = [], []
@@ -153,7 +154,7 @@ def test_resume_from_a_saved_position_is_exact(tmp_path, tok, docs, block):
 def test_malformed_lines_are_counted_and_warned_about_once(tmp_path, tok, docs, caplog):
   paths, order = _write_shards(tmp_path, docs, malformed_every=4)
   with caplog.at_level(logging.WARNING, logger="train.data"):
-    ds = data.make_jsonl_dataset(str(tmp_path), tok, seq_len=SEQ, batch_size=4, shuffle=False,
+    ds = jsonl_lib.make_jsonl_dataset(str(tmp_path), tok, seq_len=SEQ, batch_size=4, shuffle=False,
                                  num_epochs=1)
     it = iter(ds)
     batches = _all(it)
@@ -173,13 +174,13 @@ def test_both_splits_warn_once_and_a_resume_counts_each_line_once(tmp_path, tok,
   _write_shards(tmp_path, docs, malformed_every=4)
   common = {"seq_len": SEQ, "batch_size": 4, "text_field": "text"}
   with caplog.at_level(logging.WARNING, logger="train.data"):
-    train = data.make_dataset(f"jsonl:{tmp_path}", tok, split="train", **common)
-    data.make_dataset(f"jsonl:{tmp_path}", tok, split="eval", **common)
-    _all(iter(data.make_dataset(f"jsonl:{tmp_path}", tok, split="eval", num_epochs=1,
+    train = pipeline.make_dataset(f"jsonl:{tmp_path}", tok, split="train", **common)
+    pipeline.make_dataset(f"jsonl:{tmp_path}", tok, split="eval", **common)
+    _all(iter(pipeline.make_dataset(f"jsonl:{tmp_path}", tok, split="eval", num_epochs=1,
                                 **common)))
   assert len([r for r in caplog.records if "malformed" in r.getMessage()]) == 1, caplog.text
   _write_shards(tmp_path / "short", [d[:300] for d in docs[:30]], malformed_every=2)
-  small = data.make_jsonl_dataset(str(tmp_path / "short"), tok, seq_len=SEQ, batch_size=4,
+  small = jsonl_lib.make_jsonl_dataset(str(tmp_path / "short"), tok, seq_len=SEQ, batch_size=4,
                                   block_windows=16)
   it = iter(small)
   states = []
@@ -203,18 +204,18 @@ def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs, caplo
   with pytest.raises(ConfigError, match=r"c4-train\.zzz\.json\.gz has no readable line; line "
                                         r"1: Expecting value.*--text-field") as e, \
       caplog.at_level(logging.WARNING, logger="train.data"):
-    _all(iter(data.make_jsonl_dataset(str(tmp_path / "ok"), tok, seq_len=SEQ, batch_size=1,
+    _all(iter(jsonl_lib.make_jsonl_dataset(str(tmp_path / "ok"), tok, seq_len=SEQ, batch_size=1,
                                       shuffle=False, num_epochs=1)))
   assert "\n" not in str(e.value)
   assert not caplog.records, caplog.text  # the error alone, no warning before it
   # the text lives in another field: --text-field reads it
   _, order = _write_shards(tmp_path / "content", docs[:30], field="content")
-  ds = data.make_dataset(f"jsonl:{tmp_path}/content/*.gz", tok, seq_len=SEQ, batch_size=2,
+  ds = pipeline.make_dataset(f"jsonl:{tmp_path}/content/*.gz", tok, seq_len=SEQ, batch_size=2,
                          shuffle=False, num_epochs=1, text_field="content")
   ref = _reference_windows(order, tok, "train")
   np.testing.assert_array_equal(_windows(_all(iter(ds))), ref[:len(ref) // 2 * 2])
   with pytest.raises(ValueError, match="no files match"):
-    data.make_dataset(f"jsonl:{tmp_path}/none/*.gz", tok, seq_len=SEQ, batch_size=1)
+    pipeline.make_dataset(f"jsonl:{tmp_path}/none/*.gz", tok, seq_len=SEQ, batch_size=1)
   # a truncated gzip file
   trunc = tmp_path / "trunc"
   paths, _ = _write_shards(trunc, docs[:30], n_files=1)
@@ -223,9 +224,9 @@ def test_unreadable_files_and_bad_specs_are_one_error(tmp_path, tok, docs, caplo
   with open(paths[0], "wb") as f:
     f.write(raw[: len(raw) // 2])
   with pytest.raises(ConfigError, match="cannot read"):
-    _all(iter(data.make_jsonl_dataset(str(trunc), tok, seq_len=SEQ, batch_size=1,
+    _all(iter(jsonl_lib.make_jsonl_dataset(str(trunc), tok, seq_len=SEQ, batch_size=1,
                                       shuffle=False, num_epochs=1)))
-  assert data.parse_spec("jsonl:/data/c4-*.json.gz") == ("jsonl", "/data/c4-*.json.gz")
+  assert pipeline.parse_spec("jsonl:/data/c4-*.json.gz") == ("jsonl", "/data/c4-*.json.gz")
   with pytest.raises(ConfigError, match="bad --data 'jsonl:'"):
     validate(TrainConfig(data="jsonl:"))
 
@@ -236,7 +237,8 @@ def test_training_on_jsonl_resumes_bitwise(tmp_path, tok, docs, caplog):
   counting the malformed lines its training stream skipped, the resumed one those since the
   run began."""
   from tests.train_utils import assert_trees_equal, one_device, small_config
-  from train import metrics, trainer
+  from train import trainer
+  from train.run import metrics
 
   _write_shards(tmp_path / "data", [d[:2000] for d in docs[:40]], malformed_every=7)
   cfg = small_config(optimizer="adamw", steps=4, ckpt_every=2, data=f"jsonl:{tmp_path}/data",
@@ -258,7 +260,7 @@ def test_training_on_jsonl_resumes_bitwise(tmp_path, tok, docs, caplog):
   assert_trees_equal(resumed.state, full.state)
   counts = re.findall(rf"--data {re.escape(cfg.data)}: (\d+) malformed lines? skipped in the "
                       r"training data read so far", caplog.text)
-  reader = iter(data.make_dataset(cfg.data, tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+  reader = iter(pipeline.make_dataset(cfg.data, tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                   seed=cfg.seed))
   for _ in range(4):
     next(reader)

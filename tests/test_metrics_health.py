@@ -20,9 +20,10 @@ from tests.train_utils import (
   random_batch,
   small_config,
 )
-from train import data as data_lib
-from train import health, plot, trainer
+from train import plot, trainer
 from train import sharding as shd
+from train.data import pipeline
+from train.run import health
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +73,7 @@ def test_records_hold_tokens_seen_and_epochs_and_warn_about_repeated_data(tmp_pa
   cfg = small_config(tmp_path / "run", optimizer="adamw", steps=12, log_every=6,
                      data=f"text:{corpus}", eval_batches=1, batch_size=8, seq_len=16)
   # the windows of one epoch of the train split, counted independently of the trainer
-  ds = data_lib.make_dataset(cfg.data, train_tokenizer, seq_len=16, batch_size=1, split="train",
+  ds = pipeline.make_dataset(cfg.data, train_tokenizer, seq_len=16, batch_size=1, split="train",
                              num_epochs=1, shuffle=False)
   windows = sum(1 for _ in ds)
   with caplog.at_level(logging.WARNING, logger="train"):

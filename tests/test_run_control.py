@@ -14,9 +14,9 @@ import time
 import pytest
 
 from tests.train_utils import cli_args, committed_steps
-from train import rundir
 from train.__main__ import parse_config
 from train.config import TrainConfig
+from train.run import rundir
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_default_run_dirs_are_unique_and_absolute():
   assert os.path.isabs(name) and os.path.dirname(name) == os.path.abspath("runs")
   assert re.fullmatch(rf"60m-adamw-\d{{8}}-\d{{6}}-{os.getpid()}-[0-9a-f]{{6}}",
                       os.path.basename(name)), name
-  code = ("import os; from train import rundir, config; "
+  code = ("import os; from train import config; from train.run import rundir; "
           "print(os.getpid(), rundir.default_run_dir(config.TrainConfig()))")
   out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
                        timeout=60, check=True)

@@ -95,7 +95,7 @@ def test_tensorboard_events_after_the_resume_step_are_purged(tmp_path):
   hides the ones a killed run wrote after it; a fresh start hides all earlier ones."""
   import time
 
-  from train import metrics as metrics_lib
+  from train.run import metrics as metrics_lib
 
   def run(purge_step, steps, value, eval_at=()):
     writer = metrics_lib.MetricsWriter(str(tmp_path), purge_step=purge_step)

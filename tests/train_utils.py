@@ -18,8 +18,8 @@ TOKENIZER_VOCAB = 512
 
 def make_tokenizer(directory) -> object:
   """A SentencePiece model (vocab 512) trained on 150 documents of the embedded corpus."""
-  from train import corpus
-  from train import tokenizer as tok_lib
+  from train.data import corpus
+  from train.data import tokenizer as tok_lib
 
   docs = corpus.split_documents(corpus.embedded_documents(), "train")[:150]
   return tok_lib.train_tokenizer(docs, TOKENIZER_VOCAB, os.path.join(directory, "small.model"),

@@ -19,8 +19,8 @@ import re
 import sys
 from typing import Any
 
-from train import rundir
 from train.config import TrainConfig
+from train.run import rundir
 
 _GROUPS = (
     ("model", "model"),
@@ -244,10 +244,15 @@ def main(argv: list[str] | None = None, *, hooks: Any = None) -> int:
     return EXIT_INTERRUPTED
   import jax
 
+  if jax.process_index() == 0:
+    _print_outcome(result)
+  return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else 0
+
+
+def _print_outcome(result: Any) -> None:
+  """The run's last line: where it stopped and how to continue it, or the eval it ended with."""
   ev = result.final_eval
-  if jax.process_index() != 0:
-    pass
-  elif result.preempted and int(result.state.step) == 0:
+  if result.preempted and int(result.state.step) == 0:
     print(f"stopped before the first step; nothing saved in {result.run_dir}")
   elif result.preempted:
     by = f" by {result.stop_signal}" if result.stop_signal else ""
@@ -262,7 +267,6 @@ def main(argv: list[str] | None = None, *, hooks: Any = None) -> int:
              if result.start_step else f"{end} steps")
     print(f"done: {steps} in {result.wall_time_s:.0f} s; eval perplexity "
           f"{start}{ev['eval_perplexity']:.2f}; run dir {result.run_dir}")
-  return EXIT_INTERRUPTED if result.stop_signal == "SIGINT" else 0
 
 
 def _exit(code: int) -> None:

@@ -420,3 +420,38 @@ def validate(cfg: TrainConfig) -> None:
     if not (colon and host and port.isdigit()):
       raise ConfigError(f"--coordinator-address must be HOST:PORT, got "
                         f"{cfg.coordinator_address!r}")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+  """The :class:`train.model.LlamaConfig` for ``cfg`` with the tokenizer's vocabulary (unless
+  overridden). Raises ConfigError."""
+  import jax.numpy as jnp
+
+  from train import model as model_lib  # here, as in validate: config.py imports no train module
+
+  if cfg.preset.lower() not in model_lib.PRESETS:
+    raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of "
+                      f"{', '.join(model_lib.PRESETS)}")
+  overrides = dict(cfg.model_overrides)
+  if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
+    raise ConfigError(f"--model-override vocab_size={overrides['vocab_size']} is smaller than the "
+                      f"tokenizer's vocabulary ({vocab_size}); drop the override or use a "
+                      f"matching --tokenizer")
+  overrides.setdefault("vocab_size", vocab_size)
+  overrides.setdefault("max_seq_len", cfg.seq_len)
+  overrides.setdefault("dtype", jnp.dtype(cfg.dtype).name)
+  overrides.setdefault("param_dtype", jnp.dtype(cfg.param_dtype).name)
+  for key in ("scan_layers", "remat"):  # flags of their own (the checkpoint records the layout)
+    if key in overrides:
+      raise ConfigError(f"--model-override {key}=...: use --{key.replace('_', '-')} instead")
+  overrides["scan_layers"] = bool(cfg.scan_layers)
+  if cfg.remat != "auto":
+    overrides["remat"] = cfg.remat
+  try:
+    mcfg = model_lib.get_config(cfg.preset, **overrides)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"--preset/--model-override: {e}") from None
+  if mcfg.max_seq_len < cfg.seq_len:
+    raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+                      f"{mcfg.max_seq_len}")
+  return mcfg

@@ -58,10 +58,11 @@ def evaluate_checkpoint(run_dir: str, *, data: str | None = None, split: str = "
 
   from train import checkpoint as ckpt_lib
   from train import sharding as shd
-  from train import tokenizer as tok_lib
   from train import train_step as step_lib
   from train import trainer
   from train.config import ConfigError, validate
+  from train.data import tokenizer as tok_lib
+  from train.data.inputs import make_datasets
 
   run_dir = os.path.abspath(run_dir)  # RUN_DIR relative to the working directory
   cfg = ckpt_lib.load_run_config(run_dir)
@@ -87,7 +88,7 @@ def evaluate_checkpoint(run_dir: str, *, data: str | None = None, split: str = "
   shardings = jax.tree.map(lambda x: x.sharding, loaded.params)
   eval_step = step_lib.make_eval_step(loaded.graphdef, device_mesh, shardings,
                                       grad_accum=cfg.grad_accum)
-  train_ds, eval_ds = trainer.make_datasets(cfg, tokenizer, device_mesh)
+  train_ds, eval_ds = make_datasets(cfg, tokenizer, device_mesh)
   ds = eval_ds if split == "eval" else train_ds
   setup = types.SimpleNamespace(mesh=device_mesh, eval_step=eval_step, cfg=cfg)
   result = trainer.evaluate(setup, loaded.params, ds, cfg.eval_batches)

@@ -1,8 +1,8 @@
 """Command line: ``python -m train.export RUN_DIR OUT_DIR`` writes a Hugging Face LLaMA directory.
 
 ``OUT_DIR`` loads with ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` as a
-``LlamaForCausalLM`` (see :mod:`train.hf` for the name/layout mapping). Only the params are read
-from the checkpoint (no optimizer state), on whatever devices this machine has. Bad input ends
+``LlamaForCausalLM`` (see :mod:`train.interop.hf` for the name/layout mapping). Only the params are
+read from the checkpoint (no optimizer state), on whatever devices this machine has. Bad input ends
 with one ``error: ...`` line and exit status 2.
 
 Example::
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
   from train.__main__ import missing_module_error
 
   try:
-    from train import hf
     from train.checkpoint import CheckpointError
+    from train.interop import hf
   except ModuleNotFoundError as e:  # e.g. the system Python, not the project's environment
     print(missing_module_error("train.export", e), file=sys.stderr)
     return 2

@@ -44,7 +44,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -272,13 +272,38 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
   return float(6 * matmul_param_count(c) + attn)
 
 
+def is_layer_index(key: Any) -> bool:
+  """Whether ``key`` (a dict key under ``layers``, or a path name) is a layer's index: the
+  unrolled layout has one subtree per layer under ``layers/0``, ``layers/1``, ... (int keys, or
+  their strings in orbax metadata and key paths)."""
+  return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
+
+
+def params_layout(params: Mapping) -> str:
+  """``"unrolled"`` (``layers/<i>/...``) or ``"scanned"`` (``layers/...``, a leading ``n_layers``
+  axis on every block leaf) of a Llama params tree: arrays, ShapeDtypeStructs or orbax metadata.
+  :func:`stack_layers` and :func:`unstack_layers` convert between the two.
+
+  Raises ValueError for a tree without a ``layers`` subtree, or one that mixes the two layouts.
+  """
+  layers = params.get("layers") if isinstance(params, Mapping) else None
+  if not isinstance(layers, Mapping) or not layers:
+    raise ValueError("params have no 'layers' subtree; expected a Llama param tree")
+  keys = list(layers)
+  if all(is_layer_index(k) for k in keys):
+    return "unrolled"
+  if any(is_layer_index(k) for k in keys):
+    raise ValueError(f"params['layers'] mixes layer indices and names: {keys}")
+  return "scanned"
+
+
 def stack_layers(params: dict) -> dict:
   """Unrolled params (``layers/<i>/...``) -> scanned params (``layers/...``, leading axis i).
 
   Works on a pure dict (``nnx.to_pure_dict``) of arrays; every other entry is kept as it is.
   """
   layers = params["layers"]
-  blocks = [layers[i] for i in sorted(layers)]
+  blocks = [layers[i] for i in sorted(layers, key=int)]
   return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
 
 

@@ -18,6 +18,7 @@ import optax
 
 import osd_jax
 from osd_jax.dimension_numbers import is_dimension_numbers_leaf
+from train import model as model_lib
 from train.config import SUBSPACE_OPTIMIZERS, ConfigError, TrainConfig
 
 # Path components that mark a matrix the paper projects (attention and MLP weights).
@@ -68,7 +69,7 @@ def layer_axes(path) -> int:
   names = _path_names(path)
   if LAYERS_COLLECTION in names[:-1]:
     after = names[names.index(LAYERS_COLLECTION) + 1]
-    return 0 if after.isdigit() else 1
+    return 0 if model_lib.is_layer_index(after) else 1
   return 0
 
 

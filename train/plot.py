@@ -21,7 +21,7 @@ import os
 import sys
 
 from train.config import TrainConfig
-from train.metrics import read_jsonl
+from train.run.metrics import read_jsonl
 
 SERIES = ("loss", "eval_perplexity", "lr", "grad_norm")
 # Of the flags of the model, optimizer, training and data groups, those that do not change what

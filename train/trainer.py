@@ -10,11 +10,10 @@ A run directory holds ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``ch
 ``tokenizer.model`` (a copy of the SentencePiece model used). Only process 0 writes metrics and
 files; every process takes part in checkpoint saves (each writes its own shards).
 
-The pieces a run is made of live in their own modules and are re-exported here: ``build``,
-``Setup`` and ``model_config`` (:mod:`train.setup`), ``load_tokenizer``, ``make_datasets`` and
-``default_cache_dir`` (:mod:`train.inputs`), ``maybe_initialize_distributed``
-(:mod:`train.launch`); starting or resuming is :mod:`train.startup`, signals
-:mod:`train.preemption`.
+The pieces a run is made of live in their own modules: building it is :mod:`train.run.build`
+(``build`` and ``Setup`` are re-exported here, as are ``model_config`` of :mod:`train.config`
+and ``load_tokenizer`` of :mod:`train.data.inputs`), starting or resuming
+:mod:`train.run.startup`, signals :mod:`train.run.preemption`; the data are :mod:`train.data`.
 """
 
 from __future__ import annotations
@@ -34,15 +33,14 @@ from etils import epath
 from flax import nnx
 
 import osd_jax
-from train import health, startup
-from train import metrics as metrics_lib
 from train import sharding as shd
 from train import train_step as step_lib
-from train.config import ConfigError, TrainConfig, validate
-from train.inputs import default_cache_dir, global_batch, load_tokenizer, make_datasets
-from train.launch import maybe_initialize_distributed
-from train.preemption import Preemption
-from train.setup import Setup, build, model_config
+from train.config import ConfigError, TrainConfig, model_config, validate
+from train.data.inputs import global_batch, load_tokenizer
+from train.run import health, startup
+from train.run import metrics as metrics_lib
+from train.run.build import Setup, build
+from train.run.preemption import Preemption
 
 log = logging.getLogger("train")
 
@@ -53,9 +51,8 @@ LONG_CPU_RUN_S = 600.0
 #: The CPU demo's flags (``make demo``: about 3 minutes on 2 CPU cores).
 CPU_DEMO_FLAGS = "--steps 300 --batch-size 16 --seq-len 128 --dtype float32"
 
-__all__ = ["ConfigError", "Setup", "TrainConfig", "TrainHooks", "TrainResult", "build",
-           "default_cache_dir", "evaluate", "load_tokenizer", "make_datasets",
-           "maybe_initialize_distributed", "model_config", "train", "validate"]
+__all__ = ["ConfigError", "Setup", "TrainConfig", "TrainHooks", "TrainResult", "build", "evaluate",
+           "load_tokenizer", "model_config", "train", "validate"]
 
 
 @dataclasses.dataclass
@@ -102,7 +99,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     cfg: the run's configuration (``--resume`` continues from ``cfg.run_dir``).
     devices: devices for the mesh (default: all).
     stop_at: stop after this step as if preempted (a checkpoint is saved); for tests.
-    tokenizer: a ready :class:`train.tokenizer.Tokenizer` (default: from ``cfg``).
+    tokenizer: a ready :class:`train.data.tokenizer.Tokenizer` (default: from ``cfg``).
     hooks: callbacks that watch the run (:class:`TrainHooks`).
     announce_stop: say (log) when a signal or ``stop_at`` stops the run early; the command line
       passes False and prints its own line from the result instead.

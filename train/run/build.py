@@ -7,49 +7,15 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import osd_jax
 from train import model as model_lib
-from train import optimizers, preflight, xla_cpu
+from train import optimizers, xla_cpu
 from train import sharding as shd
 from train import train_step as step_lib
-from train.config import ConfigError, TrainConfig
-
-
-def _dtype_name(name: str) -> str:
-  return jnp.dtype(name).name
-
-
-def model_config(cfg: TrainConfig, vocab_size: int):
-  """The LlamaConfig for ``cfg`` with the tokenizer's vocabulary (unless overridden)."""
-  if cfg.preset.lower() not in model_lib.PRESETS:
-    raise ConfigError(f"unknown --preset {cfg.preset!r}; choose one of "
-                      f"{', '.join(model_lib.PRESETS)}")
-  overrides = dict(cfg.model_overrides)
-  if "vocab_size" in overrides and overrides["vocab_size"] < vocab_size:
-    raise ConfigError(f"--model-override vocab_size={overrides['vocab_size']} is smaller than the "
-                      f"tokenizer's vocabulary ({vocab_size}); drop the override or use a "
-                      f"matching --tokenizer")
-  overrides.setdefault("vocab_size", vocab_size)
-  overrides.setdefault("max_seq_len", cfg.seq_len)
-  overrides.setdefault("dtype", _dtype_name(cfg.dtype))
-  overrides.setdefault("param_dtype", _dtype_name(cfg.param_dtype))
-  for key in ("scan_layers", "remat"):  # flags of their own (the checkpoint records the layout)
-    if key in overrides:
-      raise ConfigError(f"--model-override {key}=...: use --{key.replace('_', '-')} instead")
-  overrides["scan_layers"] = bool(cfg.scan_layers)
-  if cfg.remat != "auto":
-    overrides["remat"] = cfg.remat
-  try:
-    mcfg = model_lib.get_config(cfg.preset, **overrides)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"--preset/--model-override: {e}") from None
-  if mcfg.max_seq_len < cfg.seq_len:
-    raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
-                      f"{mcfg.max_seq_len}")
-  return mcfg
+from train.config import ConfigError, TrainConfig, model_config
+from train.run import preflight
 
 
 @dataclasses.dataclass

@@ -230,7 +230,7 @@ def default_tokenizer(cache_dir: str | os.PathLike,
 
   Only the train split of the corpus is used for training. A cached file is reused as is.
   """
-  from train import corpus
+  from train.data import corpus
 
   path = os.path.join(os.fspath(cache_dir), f"embedded-{vocab_size}.model")
   if os.path.isfile(path):

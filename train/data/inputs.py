@@ -11,8 +11,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from train import sharding as shd
-from train import tokenizer as tok_lib
 from train.config import ConfigError, TrainConfig
+from train.data import tokenizer as tok_lib
 
 
 def default_cache_dir() -> str:
@@ -53,7 +53,7 @@ def make_datasets(cfg: TrainConfig, tokenizer,
   processes trains on exactly the same batches. Without one, process i reads rows
   ``[i * B / P, (i + 1) * B / P)``.
   """
-  from train import data as data_lib  # grain: not installed on every Python (pyproject.toml)
+  from train.data import pipeline  # grain: not installed on every Python (pyproject.toml)
 
   if mesh is None:
     rows = cfg.batch_size // jax.process_count()
@@ -68,8 +68,8 @@ def make_datasets(cfg: TrainConfig, tokenizer,
             "process_index": start // rows, "process_count": cfg.batch_size // rows,
             "tfds_data_dir": cfg.tfds_data_dir, "text_field": cfg.text_field}
   try:
-    train_ds = data_lib.make_dataset(cfg.data, tokenizer, split="train", **common)
-    eval_ds = data_lib.make_dataset(cfg.data, tokenizer, split="eval", **common)
+    train_ds = pipeline.make_dataset(cfg.data, tokenizer, split="train", **common)
+    eval_ds = pipeline.make_dataset(cfg.data, tokenizer, split="eval", **common)
   except (ValueError, OSError, RuntimeError, ImportError) as e:
     message = str(e) if "--data" in str(e) else f"--data {cfg.data}: {e}"
     raise ConfigError(message) from None

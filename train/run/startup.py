@@ -12,13 +12,14 @@ import jax
 from etils import epath
 
 from train import checkpoint as ckpt_lib
-from train import hf, inputs
-from train import metrics as metrics_lib
-from train import rundir as rundir_lib
-from train import setup as setup_lib
 from train import train_step as step_lib
 from train.config import ConfigError, TrainConfig, validate
-from train.launch import maybe_initialize_distributed
+from train.data import inputs
+from train.interop import hf
+from train.run import build as build_lib
+from train.run import metrics as metrics_lib
+from train.run import rundir as rundir_lib
+from train.run.launch import maybe_initialize_distributed
 
 log = logging.getLogger("train")
 
@@ -27,7 +28,7 @@ class Started(NamedTuple):
   """What :func:`start` returns: everything the training loop begins from."""
 
   cfg: TrainConfig  # ``resume`` decided (``--auto-resume``)
-  setup: setup_lib.Setup
+  setup: build_lib.Setup
   state: step_lib.TrainState  # fresh, or restored from the checkpoint at ``step``
   step: int  # the step the loop continues from (0 for a fresh run)
   train_it: Iterator  # this process's training batches, positioned at ``step``
@@ -107,7 +108,7 @@ def start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any) -> Star
     cfg = _decide_resume(cfg, checkpointer, ckpt_dir)
     tokenizer = tokenizer or inputs.load_tokenizer(cfg)
     try:
-      setup = setup_lib.build(cfg, tokenizer.vocab_size, devices=devices)
+      setup = build_lib.build(cfg, tokenizer.vocab_size, devices=devices)
     except ValueError as e:  # e.g. the optimizer rejecting a flag value
       raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     train_ds, eval_ds = inputs.make_datasets(cfg, tokenizer, setup.mesh)
@@ -146,7 +147,7 @@ def _decide_resume(cfg: TrainConfig, checkpointer: Any, ckpt_dir: str) -> TrainC
   return cfg
 
 
-def _restore(cfg: TrainConfig, setup: setup_lib.Setup, checkpointer: Any,
+def _restore(cfg: TrainConfig, setup: build_lib.Setup, checkpointer: Any,
              train_it: Any) -> tuple[step_lib.TrainState, dict]:
   """The latest checkpoint's state (and the config it saved); ``train_it`` moved to its step."""
   state, data_state, saved = checkpointer.restore(setup.abstract_state, config=cfg.to_dict())
@@ -155,17 +156,17 @@ def _restore(cfg: TrainConfig, setup: setup_lib.Setup, checkpointer: Any,
     train_it.set_state(data_state)
   else:  # this process reads other rows of each global batch than the saver (another mesh or
     # process count; params and optimizer state came back resharded): go to global batch `step`
-    from train import data as data_lib  # grain: not installed on every Python (pyproject.toml)
+    from train.data import pipeline  # grain: not installed on every Python (pyproject.toml)
 
     try:
-      data_lib.seek(train_it, step, cfg.data)
+      pipeline.seek(train_it, step, cfg.data)
     except ValueError as e:
       raise ckpt_lib.CheckpointError(str(e)) from None
   log_resume(checkpointer.metadata(step), setup.mesh, step, data_state is None)
   return state, saved
 
 
-def init_from(cfg: TrainConfig, setup: setup_lib.Setup) -> Any:
+def init_from(cfg: TrainConfig, setup: build_lib.Setup) -> Any:
   """The params of ``--init-from`` (host arrays in this run's param layout and dtype)."""
   try:
     return hf.load_params(cfg.init_from, setup.abstract_state.params)

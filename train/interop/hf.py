@@ -28,12 +28,12 @@ j + head_dim/2), so the q/k rows are not reordered (Meta's original checkpoints,
 features, need that reordering; ours do not).
 
 Both param layouts are handled: the unrolled one (``layers/<i>/...``, integer keys) and the scanned
-one (``layers/...`` with a leading ``n_layers`` axis on every block leaf); :func:`param_layout`
-tells them apart.
+one (``layers/...`` with a leading ``n_layers`` axis on every block leaf);
+:func:`train.model.params_layout` tells them apart.
 
 Example::
 
-  from train import hf
+  from train.interop import hf
   hf.export(params, model_config, "runs/x/tokenizer.model", "export/x")   # a HF directory
   params = hf.load_params("export/x", abstract_params)                    # and back, bitwise
 
@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from train.model import LlamaConfig
+from train.model import LlamaConfig, params_layout
 
 __all__ = [
   "BLOCK_NAMES",
@@ -66,7 +66,6 @@ __all__ = [
   "llama_config_from_hf",
   "load_params",
   "model_overrides_from_hf",
-  "param_layout",
   "parse_size",
   "read_hf_config",
   "read_hf_tensors",
@@ -108,20 +107,6 @@ class HFError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # param trees
 # --------------------------------------------------------------------------------------------------
-
-
-def param_layout(params: Mapping) -> str:
-  """``"unrolled"`` (``layers/<i>/...`` with integer keys) or ``"scanned"`` (``layers/...`` whose
-  leaves carry a leading ``n_layers`` axis)."""
-  layers = params.get("layers") if isinstance(params, Mapping) else None
-  if not isinstance(layers, Mapping) or not layers:
-    raise ValueError("params have no 'layers' subtree; expected a Llama param tree")
-  keys = list(layers)
-  if all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in keys):
-    return "unrolled"
-  if any(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in keys):
-    raise ValueError(f"params['layers'] mixes layer indices and names: {keys}")
-  return "scanned"
 
 
 def _get(tree: Any, path: tuple) -> Any:
@@ -180,7 +165,7 @@ def to_hf_tensors(params: Mapping, config: LlamaConfig,
   Kernels are transposed to torch's ``[out, in]``; everything is cast to ``dtype``.
   """
   dt = _np_dtype(dtype)
-  scanned = param_layout(params) == "scanned"
+  scanned = params_layout(params) == "scanned"
   layers = params["layers"]
   for name, i, path, transpose in _names(config):
     if i is None:
@@ -503,7 +488,7 @@ def export(params: Mapping, config: LlamaConfig, tokenizer_path: str, out_dir: s
   """
   from safetensors.numpy import save_file
 
-  from train.tokenizer import load_tokenizer
+  from train.data.tokenizer import load_tokenizer
 
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -570,7 +555,7 @@ def load_params(hf_dir: str, like: Any) -> dict:
   import jax
 
   config = llama_config_from_hf(read_hf_config(hf_dir))
-  layout = param_layout(like)
+  layout = params_layout(like)
   params = from_hf_tensors(read_hf_tensors(hf_dir), config, layout=layout, dtype="float32")
   flat_like, treedef = jax.tree_util.tree_flatten_with_path(like)
   out = []
