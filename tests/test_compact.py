@@ -125,8 +125,6 @@ def test_eight_bit_adam_state_bytes_are_exact():
                           ("osd_lion", lambda: osd_jax.osd_lion(1e-3, 8, state_dtype="int8"))):
     state = jax.eval_shape(make().init, params)
     expected = osd_jax.expected_state_bytes(params, 8, optimizer=optimizer, state_dtype="int8")
-    if optimizer == "adamw":
-      expected -= 0  # a chain of scale_by_adam alone: its one count, as the closed form's
     assert osd_jax.state_bytes(state) == expected, optimizer
   # by hand for osd_adamw: inner moments (8, 700) and full-rank ones, P (64, 8) in float32,
   # P's moments (64, 8) in 8 bits, counts
