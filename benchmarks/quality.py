@@ -61,7 +61,8 @@ VARIANTS = {
 #: the 8-bit runs with the fused update (--fused-update: the configuration that fits 7B in 21 GiB).
 #: Short names: osd_adamw_bf16rtn, osd_adamw_bf16, osd_adamw_bf16s, osd_adamw_int8,
 #: osd_adamw_int8dyn, osd_adamw_float8 (= int8) (and galore_adamw_...); osd_adamw_fused,
-#: galore_adamw_fused: float32, fused.
+#: galore_adamw_fused: float32, fused; osd_adamw_int8_pada, osd_adamw_int8_plion: int8 with P
+#: moved by Adafactor or Lion.
 COMPACT = {
     "bf16 weights, round to nearest": ("bf16rtn", {"param_dtype": "bfloat16",
                                                    "stochastic_rounding": False,
@@ -77,10 +78,18 @@ COMPACT = {
                                                      "state_dtype": "float8",
                                                      "fused_update": True}),
     "fused": ("fused", {"fused_update": True}),
+    # P moved by a lighter optimizer than Adam (--projector-optimizer; osd_adamw only)
+    "bf16 weights, int8 state, fused, P by adafactor": (
+        "int8_pada", {"param_dtype": "bfloat16", "state_dtype": "int8", "fused_update": True,
+                      "projector_optimizer": "adafactor"}),
+    "bf16 weights, int8 state, fused, P by lion": (
+        "int8_plion", {"param_dtype": "bfloat16", "state_dtype": "int8", "fused_update": True,
+                       "projector_optimizer": "lion"}),
 }
 for _optimizer in ("osd_adamw", "galore_adamw"):
   for _label, (_short, _fields) in COMPACT.items():
-    VARIANTS[f"{_optimizer} ({_label})"] = {"optimizer": _optimizer, **_fields}
+    if _optimizer == "osd_adamw" or "projector_optimizer" not in _fields:
+      VARIANTS[f"{_optimizer} ({_label})"] = {"optimizer": _optimizer, **_fields}
 DEFAULT_VARIANTS = ("adamw", "galore_adamw", "osd_adamw", "osd_lion", "osd_adamw (reference code)")
 ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)",
            "osd_adamw_s025": "osd_adamw (scale 0.25)",
@@ -89,7 +98,7 @@ ALIASES = {"osd_adamw_ref": "osd_adamw (reference code)",
            "adamw_s0125": "adamw (scale 0.125)",
            "galore_noalign": "galore_adamw (no sign alignment)",
            **{f"{o}_{short}": f"{o} ({label})" for o in ("osd_adamw", "galore_adamw")
-              for label, (short, _) in COMPACT.items()}}
+              for label, (short, _) in COMPACT.items() if f"{o} ({label})" in VARIANTS}}
 
 
 def _floats(text: str) -> list[float]:

@@ -128,7 +128,9 @@ class ProjectorOptions(NamedTuple):
   learning_rate: optax.ScalarOrSchedule | None = None  # the step η(t), instead of α·lr(t)
   weight_decay: float | None = None  # wd_P (default: the optimizer's weight_decay)
   init: str = "svd"  # P₀: "svd", "randomized" (range finder) or "random"
-  optimizer: optax.GradientTransformation | None = None  # default skipping.scale_by_adam()
+  # P's optimizer: a name of osd_jax.projectors.projector_optimizer ("adam", "lion",
+  # "adafactor"; its moments in the alias's state_dtype) or any transformation
+  optimizer: str | optax.GradientTransformation = "adam"
   dtype: Any = None  # of P and its optimizer state (None: float32)
   side: str | None = None  # the side P spans; "smaller" ("reference" with reference_code)
   seed: int = 0  # seeds the randomized/random inits
@@ -139,8 +141,8 @@ class ProjectorOptions(NamedTuple):
 
 def _online_pca_rule(learning_rate, weight_decay, options: ProjectorOptions, reference_code,
                      state_dtype=None):
-  """Online-PCA rule with the alias defaults (paper) or the reference-code variant; its default
-  optimizer (Adam) keeps its moments in ``state_dtype``."""
+  """Online-PCA rule with the alias defaults (paper) or the reference-code variant; a named
+  projector optimizer keeps its moments in ``state_dtype``."""
   orthogonality_weight, wd_p, eta = (options.orthogonality_weight, options.weight_decay,
                                      options.learning_rate)
   if reference_code:
@@ -157,9 +159,9 @@ def _online_pca_rule(learning_rate, weight_decay, options: ProjectorOptions, ref
     eta = ((lambda count: ratio * learning_rate(count)) if callable(learning_rate)
            else ratio * learning_rate)
   optimizer = options.optimizer
-  if optimizer is None and state_dtype is not None:
-    optimizer = transforms.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, state_dtype=state_dtype,
-                                         seed=options.seed)
+  if optimizer is None or isinstance(optimizer, str):
+    optimizer = projectors.projector_optimizer(optimizer or "adam", state_dtype=state_dtype,
+                                               seed=options.seed)
   return projectors.online_pca(learning_rate=eta, optimizer=optimizer,
                                orthogonality_weight=orthogonality_weight, weight_decay=wd_p,
                                init=options.init)

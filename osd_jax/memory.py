@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from osd_jax import quantization
 from osd_jax.dimension_numbers import WeightDimensionNumbers, resolve_layouts
+from osd_jax.projectors import PROJECTOR_OPTIMIZERS
 
 OPTIMIZERS = ("adamw", "osd_adamw", "osd_lion", "galore_adamw")
 _COUNT = 4  # one int32 step counter
@@ -46,6 +47,7 @@ def expected_state_bytes(
     side: str = "smaller",
     learning_rate_is_schedule: bool = False,
     state_dtype: Any = None,
+    projector_optimizer: str = "adam",
 ) -> int:
   r"""Closed-form optimizer-state bytes of one of the aliases on ``params``.
 
@@ -53,10 +55,15 @@ def expected_state_bytes(
   moment of that shape (:func:`moment_bytes`: b_μ or b per element, or ``state_dtype``'s) and
   b_P the projector's itemsize:
 
-      osd_adamw:     B·(M_μ(r×L) + M(r×L))  +  B·s·r·b_P + 2·B·M(s×r)  +  4·B   (P's Adam count)
-      osd_lion:      B·M_μ(r×L)             +  B·s·r·b_P + 2·B·M(s×r)  +  4·B
+      osd_adamw:     B·(M_μ(r×L) + M(r×L))  +  B·s·r·b_P  +  B·S_P
+      osd_lion:      B·M_μ(r×L)             +  B·s·r·b_P  +  B·S_P
       galore_adamw:  B·(M_μ(r×L) + M(r×L))  +  B·s·r·b_P
       adamw:         M_μ + M of every leaf
+
+  with S_P the projector optimizer's state (``projector_optimizer``, as
+  :func:`osd_jax.projectors.projector_optimizer`): Adam 2·M(s×r) + 4 (its count), Lion
+  M(s×r) + 4, Adafactor 4·(s + r + 1) + 4 (float32 row and column statistics, optax's one-element
+  placeholder, its count).
 
   Unprojected leaves cost M_μ + M (Adam) or M_μ (Lion).  Step counters add 4 bytes each: the
   subspace transform's, the inner optimizer's, and the learning-rate schedule's when
@@ -78,6 +85,9 @@ def expected_state_bytes(
   if side not in ("smaller", "larger", "reference"):
     raise ValueError("expected_state_bytes supports side='smaller', 'larger' or 'reference' only.")
   state_dtype = quantization.check_state_dtype(state_dtype)
+  if projector_optimizer not in PROJECTOR_OPTIMIZERS:
+    raise ValueError(f"projector_optimizer must be one of {', '.join(PROJECTOR_OPTIMIZERS)}, "
+                     f"got {projector_optimizer!r}.")
   leaves = jax.tree.leaves(params)
   if optimizer == "adamw":
     layouts = [None] * len(leaves)
@@ -101,7 +111,11 @@ def expected_state_bytes(
     batch = math.prod(layout.batch_shape)
     total += batch * moments((rank, layout.L))
     total += batch * layout.s * rank * pb  # P
-    if optimizer != "galore_adamw":  # P's Adam: two moments (in P's dtype) and a count
-      total += batch * (2 * moment_bytes((layout.s, rank), state_dtype, projector_dtype)
-                        + _COUNT)
+    if optimizer != "galore_adamw":  # P's optimizer: its moments (in P's dtype) and a count
+      if projector_optimizer == "adafactor":
+        p_state = 4 * (layout.s + rank + 1)
+      else:
+        n_moments = 2 if projector_optimizer == "adam" else 1
+        p_state = n_moments * moment_bytes((layout.s, rank), state_dtype, projector_dtype)
+      total += batch * (p_state + _COUNT)
   return total

@@ -329,6 +329,46 @@ def _schedule_value(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
+#: :func:`projector_optimizer`'s names: what each keeps per s×r projector besides P.
+PROJECTOR_OPTIMIZERS = {
+    "adam": "two s×r moments (the paper's)",
+    "lion": "one s×r moment",
+    "adafactor": "s + r floats (a factored second moment, no momentum)",
+}
+
+
+def projector_optimizer(name: str = "adam", *, state_dtype: Any = None,
+                        seed: int = 0) -> optax.GradientTransformation:
+  r"""P's optimizer by name: the D of :func:`online_pca`'s step Pₜ₊₁ = Pₜ − η(D + wd·Pₜ).
+
+  * ``"adam"``: D = m̂/(√v̂ + ε) (b1 0.9, b2 0.999, ε 1e-8), two s×r moments, in ``state_dtype``;
+  * ``"lion"``: D = sign((1−b1)∇L + b1·m) (b1 0.9, b2 0.99), one s×r moment, in ``state_dtype``;
+  * ``"adafactor"``: D = ∇L / √V̂ with V̂ = (R Cᵀ)/mean(R), R and C the running row and column
+    means of (∇L)² (``optax.scale_by_factored_rms``, factored at every size, decay 1 − t^-0.8):
+    s + r float32 numbers per projector, at any ``state_dtype``.
+
+  All three are odd per coordinate of ∇L with steps of order one per element, so one η(t) = α·lr(t)
+  serves them (plain SGD does not: ∇L of the Frobenius-normalised G̃ is O(1/√(s·r)) per element).
+  The memory they keep is :func:`osd_jax.expected_state_bytes`'s ``projector_optimizer``.
+
+  Example:
+    >>> import osd_jax
+    >>> rule = osd_jax.projectors.online_pca(
+    ...     5e-3, optimizer=osd_jax.projectors.projector_optimizer("adafactor"))
+  """
+  if name == "adam":
+    return transforms.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, state_dtype=state_dtype, seed=seed)
+  if name == "lion":
+    return transforms.scale_by_lion(b1=0.9, b2=0.99, state_dtype=state_dtype, seed=seed)
+  if name == "adafactor":
+    factored = optax.scale_by_factored_rms(min_dim_size_to_factor=1)
+    # its statistics stay float32 whatever P's dtype (a bf16 P would otherwise give bf16 ones)
+    return skipping.honour_apply_step(optax.GradientTransformation(
+        lambda p: factored.init(p.astype(jnp.float32)), factored.update))
+  raise ValueError(f"projector optimizer must be one of {', '.join(PROJECTOR_OPTIMIZERS)}, "
+                   f"got {name!r}.")
+
+
 def online_pca(
     learning_rate: optax.ScalarOrSchedule,
     optimizer: optax.GradientTransformation | None = None,
@@ -346,8 +386,9 @@ def online_pca(
 
   Args:
     learning_rate: η, a float or a schedule of the global step t (the aliases pass α·lr(t)).
-    optimizer: the projector optimizer; default ``osd_jax.transforms.scale_by_adam(0.9, 0.999,
-      1e-8)`` (``optax.scale_by_adam``'s values). Its count starts at its first step (t = 1).
+    optimizer: the projector optimizer; default ``projector_optimizer("adam")``
+      (``optax.scale_by_adam``'s values; see :func:`projector_optimizer` for the others). Its
+      count starts at its first step (t = 1).
     orthogonality_weight: λ, the weight of the ‖PᵀP − I‖² penalty (0 in the reference code).
     weight_decay: decoupled weight decay on P (0.01 in the reference code).
     init: ``"svd"`` (top-r singular vectors of G'₀), ``"randomized"`` or ``"random"``.
@@ -363,7 +404,7 @@ def online_pca(
   """
   _check_init(init)
   if optimizer is None:  # optax.scale_by_adam's values; it also honours apply_step
-    optimizer = transforms.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+    optimizer = projector_optimizer("adam")
 
   def init_fn(s, L, rank, dtype):  # noqa: N803
     p = jnp.zeros((s, rank), dtype)

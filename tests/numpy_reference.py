@@ -49,6 +49,25 @@ class Lion:
     return np.sign(c) if self.sign else c
 
 
+class FactoredRMS:
+  """Adafactor's factored second moment, no momentum: g / √V̂, V̂ = R Cᵀ / mean(R).
+
+  R, C: running means of g² over each row and each column, decay β_t = 1 − t^-0.8 (t = 1, 2, ...),
+  with ε = 1e-30 added to g² (optax.scale_by_factored_rms).
+  """
+
+  def __init__(self, shape):
+    self.row, self.col, self.t = np.zeros(shape[0]), np.zeros(shape[1]), 0
+
+  def __call__(self, g):
+    self.t += 1
+    beta = 1.0 - self.t**-0.8
+    g2 = g * g + 1e-30
+    self.row = beta * self.row + (1 - beta) * g2.mean(axis=1)
+    self.col = beta * self.col + (1 - beta) * g2.mean(axis=0)
+    return g / np.sqrt(np.outer(self.row, self.col) / self.row.mean())
+
+
 def online_pca_grad(p, g, lam):
   """∇ of ‖PPᵀG̃ − G̃‖² + λ‖PᵀP − I‖², G̃ = G/max(‖G‖, tiny), with R materialised."""
   gt = g / max(np.linalg.norm(g), np.finfo(np.float64).tiny)
@@ -61,14 +80,14 @@ class ProjectedMatrix:
   """One weight matrix W (m×n) under OSD (``rule="osd"``) or GaLore (``rule="galore"``)."""
 
   def __init__(self, shape, rank, inner, rule="osd", scale=1.0, lam=0.1, proj_lr=None,
-               proj_wd=0.0, gap=200, sign_after=False):
+               proj_wd=0.0, gap=200, sign_after=False, proj_opt=Adam):
     m, n = shape
     self.transpose = not m < n  # G' = Gᵀ when m ≥ n (ties project the columns)
     s, L = (n, m) if self.transpose else (m, n)
     self.rank, self.rule, self.scale, self.lam = rank, rule, scale, lam
     self.proj_lr, self.proj_wd, self.gap, self.sign_after = proj_lr, proj_wd, gap, sign_after
     self.inner = inner((rank, L))
-    self.proj_adam = Adam((s, rank))
+    self.proj_opt = proj_opt((s, rank))
     self.p = None
 
   def direction(self, g, t):
@@ -87,7 +106,7 @@ class ProjectedMatrix:
     if self.sign_after:
       u = np.sign(u)
     if self.rule == "osd" and t >= 1:
-      d = self.proj_adam(online_pca_grad(p_t, gp, self.lam))
+      d = self.proj_opt(online_pca_grad(p_t, gp, self.lam))
       self.p = p_t - self.proj_lr(t) * (d + self.proj_wd * p_t)
     return u.T if self.transpose else u
 

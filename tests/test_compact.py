@@ -136,6 +136,32 @@ def test_eight_bit_adam_state_bytes_are_exact():
   assert osd_jax.state_bytes(state) == by_hand
 
 
+@pytest.mark.parametrize("projector_optimizer", ["adam", "lion", "adafactor"])
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_projector_optimizer_state_bytes_are_exact(projector_optimizer, state_dtype):
+  """P's optimizer's state, stacked over 3 layers, counted exactly and by hand."""
+  params = {"w": jnp.zeros((3, 64, 700)), "b": jnp.zeros(700)}
+  dims = {"w": osd_jax.DimensionNumbers(1, 2), "b": None}
+  for optimizer in ("osd_adamw", "osd_lion"):
+    alias = getattr(osd_jax, optimizer)
+    tx = alias(1e-3, 8, weight_dimension_numbers=dims, state_dtype=state_dtype,
+               projector=osd_jax.ProjectorOptions(optimizer=projector_optimizer))
+    state = jax.eval_shape(tx.init, params)
+    assert osd_jax.state_bytes(state) == osd_jax.expected_state_bytes(
+        params, 8, optimizer=optimizer, weight_dimension_numbers=dims, state_dtype=state_dtype,
+        projector_optimizer=projector_optimizer), optimizer
+  # by hand, P's optimizer only, per layer (P is 64 × 8, float32): the difference to Adam's
+  moment = 64 * 8 * 4 if state_dtype is None else 64 * 8 + 64 * 4  # 1 block of 256 per row
+  p_state = {"adam": 2 * moment + 4, "lion": moment + 4,
+             "adafactor": 4 * (64 + 8 + 1) + 4}[projector_optimizer]  # rows, columns, optax's
+  adam = jax.eval_shape(osd_jax.osd_adamw(1e-3, 8, weight_dimension_numbers=dims,  # placeholder
+                                          state_dtype=state_dtype).init, params)
+  state = jax.eval_shape(osd_jax.osd_adamw(
+      1e-3, 8, weight_dimension_numbers=dims, state_dtype=state_dtype,
+      projector=osd_jax.ProjectorOptions(optimizer=projector_optimizer)).init, params)
+  assert osd_jax.state_bytes(adam) - osd_jax.state_bytes(state) == 3 * (2 * moment + 4 - p_state)
+
+
 @pytest.mark.parametrize("state_dtype, tol", [("float32", 1e-6), ("bfloat16", 2e-2),
                                               ("int8_dynamic", 8e-2), ("int8", 2e-1)])
 def test_compact_adam_follows_optax(state_dtype, tol):
@@ -283,3 +309,37 @@ def test_a_checkpoint_with_another_state_dtype_is_refused_in_one_line(tmp_path, 
     trainer.train(cfg.replace(state_dtype="bfloat16", resume=True, steps=4),
                   tokenizer=train_tokenizer, devices=one_device())
   assert "\n" not in str(e.value)
+
+
+def test_projector_optimizer_flag_trains_and_is_structural(tmp_path, train_tokenizer):
+  """--projector-optimizer adafactor keeps P's factored statistics (s + r floats, no s×r moment)
+  through the fused compact step; resuming it as another P optimizer is refused in one line, and
+  a checkpoint written before the flag existed counts as adam."""
+  from tests.train_utils import one_device
+  from train import __main__ as cli
+  from train import checkpoint as ckpt_lib
+  from train import config as config_lib
+  from train import trainer
+
+  assert cli.parse_config(["--projector-optimizer", "lion"]).projector_optimizer == "lion"
+  assert cli.parse_config([]).projector_optimizer == "adam"
+  with pytest.raises(config_lib.ConfigError, match="--projector-optimizer 'sgd'"):
+    config_lib.validate(_compact_config(projector_optimizer="sgd"))
+  cfg = _compact_config(tmp_path / "run", steps=2, projector_optimizer="adafactor")
+  result = trainer.train(cfg, tokenizer=train_tokenizer, devices=one_device())
+  proj = result.state.opt_state[-1][0].projector_state["layers"]["mlp"]["w1"]["kernel"].state
+  factored = proj.opt_state
+  assert isinstance(factored, optax.FactoredState) and int(np.max(factored.count)) == 1
+  s, r = proj.p.shape[-2:]  # stacked over the 3 layers
+  assert factored.v_row.shape[-1] + factored.v_col.shape[-1] == s + r
+  assert {factored.v_row.dtype, factored.v_col.dtype} == {jnp.dtype(jnp.float32)}
+  assert np.all(np.isfinite(np.asarray(proj.p, np.float32)))
+  with pytest.raises(ckpt_lib.CheckpointError, match="projector_optimizer: 'adafactor' in the "
+                                                     "checkpoint, 'adam' now") as e:
+    trainer.train(cfg.replace(projector_optimizer="adam", resume=True, steps=4),
+                  tokenizer=train_tokenizer, devices=one_device())
+  assert "\n" not in str(e.value)
+  assert ckpt_lib.config_diff({"optimizer": "osd_adamw"},
+                              {"optimizer": "osd_adamw", "projector_optimizer": "adam"}) == []
+  assert ckpt_lib.config_diff({"optimizer": "adamw"},
+                              {"optimizer": "adamw", "projector_optimizer": "lion"}) == []

@@ -65,6 +65,16 @@ CASES = {
                                              proj_lr=lambda t: 2.0 * lr_schedule(t),
                                              proj_wd=0.05),
         vector=ref.Adam, wd=0.05),
+    # P moved by Lion or Adafactor instead of Adam (ProjectorOptions.optimizer)
+    **{f"osd_adamw_projector_{name}": dict(
+        tx=lambda name=name: osd_jax.osd_adamw(lr_schedule, RANK, weight_decay=0.05, scale=0.7,
+            projector=osd_jax.ProjectorOptions(orthogonality_weight=0.3, lr_ratio=2.0,
+            dtype=jnp.float64, optimizer=name)),
+        matrix=lambda s, opt=opt: ref.ProjectedMatrix(s, RANK, ref.Adam, scale=0.7, lam=0.3,
+                                                      proj_lr=lambda t: 2.0 * lr_schedule(t),
+                                                      proj_wd=0.05, proj_opt=opt),
+        vector=ref.Adam, wd=0.05) for name, opt in (("lion", ref.Lion),
+                                                    ("adafactor", ref.FactoredRMS))},
     # The official code's projector rule through the paper-mode alias (reference_code=True
     # itself is checked against the official update in tests/test_official_parity.py).
     "osd_adamw_reference_projector": dict(

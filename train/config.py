@@ -17,6 +17,7 @@ from typing import Any
 OPTIMIZERS = ("adamw", "lion", "osd_adamw", "osd_lion", "galore_adamw")
 SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
+PROJECTOR_OPTIMIZERS = ("adam", "lion", "adafactor")  # osd_jax.projectors.projector_optimizer
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
 STATE_DTYPES = ("float32", "bfloat16", "int8", "float8", "int8_dynamic")
@@ -152,6 +153,11 @@ class TrainConfig:
                                             group="optimizer")
   projector_init: str = _f("svd", "OSD: how P is initialised at step 0.", choices=PROJECTOR_INITS,
                            group="optimizer")
+  projector_optimizer: str = _f("adam", "OSD: P's optimizer: adam (the paper's; two s x r "
+                                "moments per matrix), lion (one), adafactor (a factored second "
+                                "moment: s + r floats; 1.75 GiB less than adam at 7B r 1024 with "
+                                "int8 state). See benchmarks/RESULTS.md 9.",
+                                choices=PROJECTOR_OPTIMIZERS, group="optimizer")
   update_proj_gap: int = _f(200, "GaLore: recompute P by SVD every this many steps.",
                             group="optimizer")
   align_signs: bool = _f(True, "GaLore: flip each refreshed column of P to the sign of the "
@@ -340,8 +346,9 @@ def validate(cfg: TrainConfig) -> None:
     raise ConfigError("--state-dtype is not available with --reference-code (the official code "
                       "keeps float32 optimizer state); drop one of them")
   for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                        ("projector_init", PROJECTOR_INITS), ("project", PROJECTION_RULES),
-                        ("remat", REMAT_CHOICES)):
+                        ("projector_init", PROJECTOR_INITS),
+                        ("projector_optimizer", PROJECTOR_OPTIMIZERS),
+                        ("project", PROJECTION_RULES), ("remat", REMAT_CHOICES)):
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; "
                         f"choose one of {', '.join(allowed)}")

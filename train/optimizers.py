@@ -187,7 +187,8 @@ def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   projector = osd_jax.ProjectorOptions(
       lr_ratio=cfg.projector_lr_ratio, orthogonality_weight=cfg.orthogonality_weight,
       weight_decay=cfg.projector_weight_decay, init=cfg.projector_init, seed=cfg.seed,
-      update_proj_gap=cfg.update_proj_gap, peak_learning_rate=cfg.lr, dtype=p_dtype)
+      update_proj_gap=cfg.update_proj_gap, peak_learning_rate=cfg.lr, dtype=p_dtype,
+      optimizer=cfg.projector_optimizer)
   # scale: osd_jax.DEFAULT_SCALE (0.25) unless --scale is given
   osd = dict(scale=cfg.scale, projector=projector, weight_dimension_numbers=dims, mask=mask,
              weight_decay=cfg.weight_decay, reference_code=ref, state_dtype=cfg.state_dtype)

@@ -28,7 +28,11 @@ from train.checkpoint.format import (
 
 # Config fields that must match for a checkpoint to be restorable into the current run.
 STRUCTURAL_KEYS = ("preset", "model_overrides", "param_dtype", "state_dtype", "optimizer", "rank",
-                   "project")
+                   "project", "projector_optimizer")
+# Structural fields newer than some checkpoints: what a checkpoint without them was written with.
+_EARLIER_DEFAULTS = {"projector_optimizer": "adam"}
+# Structural fields that shape the state of some optimizers only.
+_ONLY_FOR = {"projector_optimizer": ("osd_adamw", "osd_lion")}
 # Fields that define the data stream: the checkpoint's data position is a position in that stream.
 STREAM_KEYS = ("data", "seq_len", "batch_size", "seed")
 # Fields that may change on resume (e.g. more --steps) but change the run: resuming says so.
@@ -46,8 +50,12 @@ def layer_layout(config: dict) -> str:
 def config_diff(saved: dict, current: dict, keys: tuple[str, ...] = STRUCTURAL_KEYS) -> list[str]:
   """The ``keys`` of two configs that differ, as ``"name: saved in the checkpoint, current
   now"``."""
-  return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
-          for k in keys if saved.get(k) != current.get(k)]
+  def saved_value(k):
+    return saved.get(k, _EARLIER_DEFAULTS.get(k))
+
+  return [f"{k}: {saved_value(k)!r} in the checkpoint, {current.get(k)!r} now"
+          for k in keys if saved_value(k) != current.get(k)
+          and (k not in _ONLY_FOR or current.get("optimizer") in _ONLY_FOR[k])]
 
 
 def _gather_json(obj: Any) -> list[Any]:
