@@ -57,6 +57,31 @@ def _small_args(tokenizer_path, run_dir):
   return cli_args(tokenizer_path, run_dir, "--steps", "2")
 
 
+def test_optimizer_flags_are_flat_on_the_command_line_and_nested_in_code():
+  """cfg.optim groups every "optimizer" flag (the projector's under .projector) and resolves
+  the defaults each optimizer family takes; only the skip policy stays with the training loop."""
+  from train.config import OptimizerConfig, ProjectorConfig
+
+  flags = {f.name for f in dataclasses.fields(TrainConfig)
+           if f.metadata.get("group") == "optimizer"}
+  nested = {f.name for f in dataclasses.fields(OptimizerConfig)} - {"name", "projector"}
+  projector = {f"projector_{f.name}" for f in dataclasses.fields(ProjectorConfig)}
+  projector = projector - {"projector_orthogonality_weight"} | {"orthogonality_weight"}
+  assert flags - nested - projector == {"optimizer", "loss_spike_factor", "max_consecutive_skips",
+                                       "stop_on_divergence"}
+  cfg = parse_config(["--optimizer", "osd_lion", "--projector-optimizer", "adafactor",
+                      "--projector-lr-ratio", "2", "--lr", "3e-4", "--steps", "50"])
+  opt = cfg.optim
+  assert (opt.name, opt.lr, opt.b1, opt.b2, opt.eps, opt.warmup_steps) == (
+      "osd_lion", 3e-4, 0.9, 0.99, 1e-8, 5)
+  assert (opt.projector.optimizer, opt.projector.lr_ratio) == ("adafactor", 2.0)
+  assert parse_config(["--optimizer", "adamw"]).optim.b2 == 0.999
+  assert parse_config(["--reference-code"]).optim.eps is None  # the official code's
+  assert opt.rank == cfg.resolved_rank and dataclasses.is_dataclass(opt)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    opt.lr = 1.0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--mesh", "data=3"], "--mesh 'data=3' needs 3 devices but 8 are available"),

@@ -88,6 +88,36 @@ def test_run_dir_lock_is_exclusive_and_released(tmp_path):
   rundir.RunDirLock(run_dir).release()
 
 
+def test_the_config_is_resolved_once_and_frozen(tmp_path, monkeypatch):
+  """startup.resolve: validated, directories absolute, rank filled in, --auto-resume decided,
+  the run directory locked; the config it returns cannot be changed in place. A failed resolve
+  (--resume without a checkpoint) releases the lock."""
+  import dataclasses
+
+  from train.config import ConfigError
+  from train.run import startup
+
+  monkeypatch.chdir(tmp_path)
+  cfg = TrainConfig(preset="tiny", run_dir="runs/a", ckpt_dir="ckpts", auto_resume=True)
+  resolved, lock = startup.resolve(cfg)
+  try:
+    assert resolved.run_dir == str(tmp_path / "runs" / "a")
+    assert resolved.checkpoint_dir == str(tmp_path / "ckpts")
+    assert resolved.rank == cfg.resolved_rank and cfg.rank is None
+    assert resolved.resume is False  # no checkpoint yet
+    with pytest.raises(rundir.ConfigError, match="in use by another run"):
+      startup.resolve(cfg)
+  finally:
+    lock.release(clean=True)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    resolved.lr = 1.0
+  with pytest.raises(ConfigError, match="--resume: no checkpoints in"):
+    startup.resolve(cfg.replace(auto_resume=False, resume=True))
+  startup.resolve(cfg)[1].release(clean=True)  # the failed one let go of the directory
+  with pytest.raises(ConfigError, match="--lr"):
+    startup.resolve(cfg.replace(lr=-1.0))
+
+
 def test_config_of_a_copied_run_dir_names_the_copy(tmp_path):
   original, copy = tmp_path / "A", tmp_path / "B"
   original.mkdir()

@@ -76,9 +76,48 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
   return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+  """How OSD moves each projector P (``--projector-*``, ``--orthogonality-weight``)."""
+
+  lr_ratio: float  # α: P's step is α·lr(t)
+  orthogonality_weight: float  # λ
+  weight_decay: float | None  # on P (None: the optimizer's)
+  init: str  # P₀
+  optimizer: str  # adam | lion | adafactor
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer's options as the code reads them (:attr:`TrainConfig.optim`): the flat
+  ``optimizer`` flags of the command line, grouped, with their defaults resolved."""
+
+  name: str  # adamw | lion | osd_adamw | osd_lion | galore_adamw
+  lr: float  # the peak of the schedule
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float | None  # None: the official code's (--reference-code)
+  grad_clip: float  # 0: off
+  scale: float | None  # None: osd_jax.DEFAULT_SCALE for the subspace optimizers, 1 for adamw
+  rank: int
+  project: str  # which matrices are projected
+  reference_code: bool
+  update_proj_gap: int  # GaLore's T
+  align_signs: bool  # GaLore's refreshes
+  state_dtype: str | None  # the moments' storage (None: float32)
+  projector: ProjectorConfig  # OSD's P
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything a training run depends on. Saved as ``config.json`` in the run directory."""
+  """Everything a training run depends on. Saved as ``config.json`` in the run directory.
+
+  Frozen: :meth:`replace` makes a changed copy. The trainer resolves it once
+  (:func:`train.run.startup.resolve`) and changes nothing afterwards.
+  """
 
   # --- model
   preset: str = _f("tiny", "Model preset: tiny (CPU demo), 60m, 130m, 350m, 1b, 7b.", group="model")
@@ -281,6 +320,11 @@ class TrainConfig:
     return cls(**d)
 
   @property
+  def checkpoint_dir(self) -> str:
+    """``--ckpt-dir``, or ``checkpoints`` in the run directory."""
+    return self.ckpt_dir or os.path.join(self.run_dir or ".", "checkpoints")
+
+  @property
   def resolved_rank(self) -> int:
     """``rank``, or the preset's default rank (:data:`DEFAULT_RANKS`) when it is None."""
     if self.rank is not None:
@@ -321,6 +365,25 @@ class TrainConfig:
     if self.warmup_steps is not None:
       return self.warmup_steps
     return max(1, self.steps // 10)
+
+  @property
+  def optim(self) -> OptimizerConfig:
+    """The optimizer's options, grouped and resolved (flat flags, nested in code)."""
+    lion = self.optimizer in ("lion", "osd_lion")
+    return OptimizerConfig(
+        name=self.optimizer, lr=self.lr, warmup_steps=self.resolved_warmup,
+        min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay,
+        b1=0.9 if self.b1 is None else self.b1,
+        b2=(0.99 if lion else 0.999) if self.b2 is None else self.b2,
+        eps=self.eps if self.eps is not None or self.reference_code else 1e-8,
+        grad_clip=self.grad_clip, scale=self.scale, rank=self.resolved_rank,
+        project=self.project, reference_code=self.reference_code,
+        update_proj_gap=self.update_proj_gap, align_signs=self.align_signs,
+        state_dtype=self.state_dtype,
+        projector=ProjectorConfig(
+            lr_ratio=self.projector_lr_ratio, orthogonality_weight=self.orthogonality_weight,
+            weight_decay=self.projector_weight_decay, init=self.projector_init,
+            optimizer=self.projector_optimizer))
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

@@ -19,7 +19,7 @@ import optax
 import osd_jax
 from osd_jax.dimension_numbers import is_dimension_numbers_leaf
 from train import model as model_lib
-from train.config import SUBSPACE_OPTIMIZERS, ConfigError, TrainConfig
+from train.config import SUBSPACE_OPTIMIZERS, ConfigError, OptimizerConfig, TrainConfig
 
 # Path components that mark a matrix the paper projects (attention and MLP weights).
 PROJECTED_MODULES = ("attention", "attn", "mlp", "feed_forward", "ffn")
@@ -35,12 +35,13 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
   ``--reference-code`` it starts at 0, as the official code's does (step 0 then only fills the
   optimizer's moments).
   """
-  peak, warmup, total = cfg.lr, cfg.resolved_warmup, cfg.steps
-  floor = cfg.min_lr_ratio * peak
+  opt = cfg.optim
+  peak, warmup, total = opt.lr, opt.warmup_steps, cfg.steps
+  floor = opt.min_lr_ratio * peak
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
-    first = 0.0 if cfg.reference_code else 1.0
+    first = 0.0 if opt.reference_code else 1.0
     warm = peak * jnp.minimum(count + first, float(max(warmup, 1))) / max(warmup, 1)
     progress = jnp.clip((count - warmup) / max(total - warmup, 1), 0.0, 1.0)
     cosine = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
@@ -155,52 +156,51 @@ def decay_mask(params: Any) -> Any:
 
 def base_optimizer(cfg: TrainConfig, schedule: optax.Schedule, params: Any):
   """The optimizer named by ``cfg.optimizer``, without the gradient clipping in front of it."""
-  name = cfg.optimizer
-  ref = cfg.reference_code
+  opt = cfg.optim
+  ref = opt.reference_code
   mask = None if ref else decay_mask(params)  # the official code decays every parameter
-  adam = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.999 if cfg.b2 is None else cfg.b2,
-              eps=cfg.eps if cfg.eps is not None or ref else 1e-8)
-  lion = dict(b1=0.9 if cfg.b1 is None else cfg.b1, b2=0.99 if cfg.b2 is None else cfg.b2)
-  compact = dict(state_dtype=cfg.state_dtype, seed=cfg.seed)  # the moments' storage
+  adam = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  lion = dict(b1=opt.b1, b2=opt.b2)
+  compact = dict(state_dtype=opt.state_dtype, seed=cfg.seed)  # the moments' storage
   # P in 16 bits (with stochastic rounding) next to compact moments: the weights' 16-bit float
   # type (bfloat16 unless they are float16), else float32
   p_dtype = (cfg.param_dtype if cfg.param_dtype == "float16" else "bfloat16"
              ) if cfg.compact_state else None
-  if name == "adamw":
-    if cfg.scale is None:  # optax.adamw, whose moments keep themselves on a skipped step
+  if opt.name == "adamw":
+    if opt.scale is None:  # optax.adamw, whose moments keep themselves on a skipped step
       return osd_jax.skipping.chain(osd_jax.transforms.scale_by_adam(**adam, **compact),
-                                    optax.add_decayed_weights(cfg.weight_decay, mask),
+                                    optax.add_decayed_weights(opt.weight_decay, mask),
                                     optax.scale_by_learning_rate(schedule))
-    return _scaled_adamw(cfg, schedule, params, mask, adam)
-  if name == "lion":  # optax.lion, as adamw
+    return _scaled_adamw(opt, cfg.seed, schedule, params, mask, adam)
+  if opt.name == "lion":  # optax.lion, as adamw
     return osd_jax.skipping.chain(osd_jax.transforms.scale_by_lion(**lion, **compact),
-                                  optax.add_decayed_weights(cfg.weight_decay, mask),
+                                  optax.add_decayed_weights(opt.weight_decay, mask),
                                   optax.scale_by_learning_rate(schedule))
-  dims = projection_rule(params, cfg.project)
-  if name == "galore_adamw":
+  dims = projection_rule(params, opt.project)
+  if opt.name == "galore_adamw":
     return osd_jax.galore_adamw(
-        schedule, cfg.resolved_rank, update_proj_gap=cfg.update_proj_gap,
-        scale=osd_jax.DEFAULT_SCALE if cfg.scale is None else cfg.scale,
-        weight_decay=cfg.weight_decay, weight_dimension_numbers=dims, mask=mask, seed=cfg.seed,
-        align_signs=None if ref else cfg.align_signs, reference_code=ref,
-        state_dtype=cfg.state_dtype, projector_dtype=p_dtype, **adam)
+        schedule, opt.rank, update_proj_gap=opt.update_proj_gap,
+        scale=osd_jax.DEFAULT_SCALE if opt.scale is None else opt.scale,
+        weight_decay=opt.weight_decay, weight_dimension_numbers=dims, mask=mask,
+        align_signs=None if ref else opt.align_signs, reference_code=ref,
+        projector_dtype=p_dtype, **compact, **adam)
+  p = opt.projector
   projector = osd_jax.ProjectorOptions(
-      lr_ratio=cfg.projector_lr_ratio, orthogonality_weight=cfg.orthogonality_weight,
-      weight_decay=cfg.projector_weight_decay, init=cfg.projector_init, seed=cfg.seed,
-      update_proj_gap=cfg.update_proj_gap, peak_learning_rate=cfg.lr, dtype=p_dtype,
-      optimizer=cfg.projector_optimizer)
+      lr_ratio=p.lr_ratio, orthogonality_weight=p.orthogonality_weight,
+      weight_decay=p.weight_decay, init=p.init, optimizer=p.optimizer, seed=cfg.seed,
+      update_proj_gap=opt.update_proj_gap, peak_learning_rate=opt.lr, dtype=p_dtype)
   # scale: osd_jax.DEFAULT_SCALE (0.25) unless --scale is given
-  osd = dict(scale=cfg.scale, projector=projector, weight_dimension_numbers=dims, mask=mask,
-             weight_decay=cfg.weight_decay, reference_code=ref, state_dtype=cfg.state_dtype)
-  if name == "osd_adamw":
-    return osd_jax.osd_adamw(schedule, cfg.resolved_rank, **adam, **osd)
-  if name == "osd_lion":
-    return osd_jax.osd_lion(schedule, cfg.resolved_rank, **lion, **osd)
-  raise ConfigError(f"unknown --optimizer {name!r}")
+  osd = dict(scale=opt.scale, projector=projector, weight_dimension_numbers=dims, mask=mask,
+             weight_decay=opt.weight_decay, reference_code=ref, state_dtype=opt.state_dtype)
+  if opt.name == "osd_adamw":
+    return osd_jax.osd_adamw(schedule, opt.rank, **adam, **osd)
+  if opt.name == "osd_lion":
+    return osd_jax.osd_lion(schedule, opt.rank, **lion, **osd)
+  raise ConfigError(f"unknown --optimizer {opt.name!r}")
 
 
-def _scaled_adamw(cfg: TrainConfig, schedule: optax.Schedule, params: Any, mask: Any,
-                  adam: dict) -> optax.GradientTransformation:
+def _scaled_adamw(opt: OptimizerConfig, seed: int, schedule: optax.Schedule, params: Any,
+                  mask: Any, adam: dict) -> optax.GradientTransformation:
   """AdamW whose direction on the matrices ``--project`` selects is multiplied by ``--scale``:
 
       W ← W − lr(t)·(scale·m̂/(√v̂ + ε) + λ·W)   (other leaves: scale 1)
@@ -209,12 +209,12 @@ def _scaled_adamw(cfg: TrainConfig, schedule: optax.Schedule, params: Any, mask:
   limit). The control for the quality study: does a subspace method win by its subspace or by
   the smaller step on the block matrices (benchmarks/RESULTS.md §4c, §4d)?
   """
-  selected = jax.tree.map(lambda d: d is not None, projection_rule(params, cfg.project),
+  selected = jax.tree.map(lambda d: d is not None, projection_rule(params, opt.project),
                           is_leaf=is_dimension_numbers_leaf)
   return optax.chain(
-      osd_jax.transforms.scale_by_adam(**adam, state_dtype=cfg.state_dtype, seed=cfg.seed),
-      optax.masked(optax.scale(cfg.scale), selected),
-      optax.add_decayed_weights(cfg.weight_decay, mask),
+      osd_jax.transforms.scale_by_adam(**adam, state_dtype=opt.state_dtype, seed=seed),
+      optax.masked(optax.scale(opt.scale), selected),
+      optax.add_decayed_weights(opt.weight_decay, mask),
       optax.scale_by_learning_rate(schedule))
 
 
@@ -227,8 +227,8 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> tuple[optax.GradientTransfo
         logging.getLogger("train").warning("warning: %s", message)
   schedule = make_schedule(cfg)
   parts = []
-  if cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  if cfg.optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.optim.grad_clip))
   parts.append(base_optimizer(cfg, schedule, params))
   # a skipped step (train_step's apply_step) leaves the state of every part as it was
   return osd_jax.skipping.chain(*parts), schedule

@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
 
 import osd_jax
@@ -115,7 +114,7 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
     with warnings.catch_warnings():
       # the trainer names the matrices --rank leaves unprojected itself (optimizers.check_rank)
       warnings.simplefilter("ignore", osd_jax.FullRankWarning)
-      cfg, lock = startup.lock_run_dir(cfg)
+      cfg, lock = startup.resolve(cfg)
       return _train(cfg, preemption, devices=devices, stop_at=stop_at, tokenizer=tokenizer,
                     hooks=hooks or TrainHooks(), announce_stop=announce_stop)
   finally:
@@ -127,14 +126,12 @@ def train(cfg: TrainConfig, *, devices: Any = None, stop_at: int | None = None,
 def _train(cfg: TrainConfig, preemption: Preemption, *, devices: Any, stop_at: int | None,
            tokenizer: Any, hooks: TrainHooks, announce_stop: bool) -> TrainResult:
   t_start = time.time()
-  cfg = startup.resolve_config(cfg)
-  ckpt_dir = epath.Path(cfg.ckpt_dir or os.path.join(cfg.run_dir, "checkpoints"))
-  started = startup.start(cfg, str(ckpt_dir), tokenizer, devices)
+  started = startup.start(cfg, tokenizer, devices)
   if hooks.on_start:
     hooks.on_start()
-  cfg, setup, state, step = started.cfg, started.setup, started.state, started.step
+  setup, state, step = started.setup, started.state, started.step
   start_step = step
-  run = _Run(started, hooks)
+  run = _Run(cfg, started, hooks)
   try:
     # a resumed run does not re-evaluate at its first step (the original run logged that)
     initial_eval = final_eval = {} if cfg.resume else run.evaluate(step, state.params)
@@ -179,8 +176,8 @@ class _Run:
   """What the loop writes to and keeps between steps: run files, metrics writer, progress bar,
   checkpointer, divergence monitor and step timing. The train state is passed in by every call."""
 
-  def __init__(self, started: startup.Started, hooks: TrainHooks):
-    cfg, setup, run_dir = started.cfg, started.setup, started.cfg.run_dir
+  def __init__(self, cfg: TrainConfig, started: startup.Started, hooks: TrainHooks):
+    setup, run_dir = started.setup, cfg.run_dir
     self.cfg, self.setup, self.hooks = cfg, setup, hooks
     self.train_it, self.eval_ds, self.checkpointer = (started.train_it, started.eval_ds,
                                                       started.checkpointer)

@@ -27,7 +27,6 @@ log = logging.getLogger("train")
 class Started(NamedTuple):
   """What :func:`start` returns: everything the training loop begins from."""
 
-  cfg: TrainConfig  # ``resume`` decided (``--auto-resume``)
   setup: build_lib.Setup
   state: step_lib.TrainState  # fresh, or restored from the checkpoint at ``step``
   step: int  # the step the loop continues from (0 for a fresh run)
@@ -46,10 +45,18 @@ def default_run_dir(cfg: TrainConfig) -> str:
   return rundir_lib.default_run_dir(cfg)
 
 
-def lock_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
-  """Validates ``cfg``, resolves its run and checkpoint directories (absolute, so that its
-  ``config.json`` continues the run from any working directory) and locks the run directory on
-  process 0."""
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, rundir_lib.RunDirLock | None]:
+  """The run's configuration, resolved once, and the lock on its run directory.
+
+  In order: validates the flags; starts ``jax.distributed`` when the environment asks for it;
+  makes the run and checkpoint directories absolute (so that ``config.json`` continues the run
+  from any working directory) and locks the run directory on process 0; fills in
+  ``--init-from``'s architecture and tokenizer and the rank used (``config.json`` and the
+  checkpoints hold it); decides ``--auto-resume`` from the committed checkpoints and refuses
+  ``--resume`` without one, or a fresh start over one. Returns the config, which nothing changes
+  afterwards (a frozen dataclass), and the lock (``None`` on other processes), released again
+  when resolving fails.
+  """
   validate(cfg)
   maybe_initialize_distributed(cfg)
   run_dir = os.path.abspath(cfg.run_dir or default_run_dir(cfg))
@@ -57,14 +64,24 @@ def lock_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
   if ckpt_dir is not None and "://" not in ckpt_dir:
     ckpt_dir = os.path.abspath(ckpt_dir)
   cfg = cfg.replace(run_dir=run_dir, ckpt_dir=ckpt_dir)
-  return cfg, rundir_lib.RunDirLock(run_dir) if jax.process_index() == 0 else None
+  lock = rundir_lib.RunDirLock(run_dir) if jax.process_index() == 0 else None
+  try:
+    cfg = hf.resolve_init_from(cfg)  # the HF directory's architecture and tokenizer
+    cfg = cfg.replace(rank=cfg.resolved_rank)
+    return _decide_resume(cfg, committed_steps(cfg.checkpoint_dir)), lock
+  except BaseException:
+    if lock is not None:
+      lock.release(clean=True)
+    raise
 
 
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-  """``cfg`` from :func:`lock_run_dir` (validated, run directory set) with ``--init-from``'s
-  architecture and tokenizer and the rank used filled in."""
-  cfg = hf.resolve_init_from(cfg)  # the HF directory's architecture and tokenizer
-  return cfg.replace(rank=cfg.resolved_rank)  # config.json and checkpoints hold the rank used
+def committed_steps(ckpt_dir: str) -> list[int]:
+  """The steps of the committed checkpoints in ``ckpt_dir`` (none when it does not exist): a save
+  cut short (orbax's temporary directory, an uncommitted GCS step) is not one."""
+  if not epath.Path(ckpt_dir).exists():
+    return []
+  with ckpt_lib.Checkpointer(ckpt_dir) as checkpointer:
+    return checkpointer.all_steps()
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -93,19 +110,14 @@ def save_run_files(run_dir: str, cfg: TrainConfig, tokenizer) -> None:
 # ----------------------------------------------------------------------------- start or resume
 
 
-def start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any) -> Started:
+def start(cfg: TrainConfig, tokenizer: Any, devices: Any) -> Started:
   """Builds the model, optimizer and data and restores the latest checkpoint when resuming.
 
-  Bad flags or data raise before anything is written (a missing checkpoint directory is only
-  created once the run starts).
+  ``cfg`` is :func:`resolve`'s. Bad flags or data raise before anything is written (a missing
+  checkpoint directory is only created once the run starts).
   """
-  def open_checkpointer():
-    return ckpt_lib.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
-                                 async_save=cfg.async_checkpoint)
-
-  checkpointer = open_checkpointer() if epath.Path(ckpt_dir).exists() else None
+  checkpointer = None
   try:
-    cfg = _decide_resume(cfg, checkpointer, ckpt_dir)
     tokenizer = tokenizer or inputs.load_tokenizer(cfg)
     try:
       setup = build_lib.build(cfg, tokenizer.vocab_size, devices=devices)
@@ -115,10 +127,11 @@ def start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any) -> Star
     train_it: Iterator = iter(train_ds)
     if hasattr(train_ds, "windows_per_epoch"):  # embedded/text: for the epochs metric
       train_it.windows_per_epoch = train_ds.windows_per_epoch
-    checkpointer = checkpointer or open_checkpointer()
+    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint_dir, keep=cfg.keep_checkpoints,
+                                         async_save=cfg.async_checkpoint)
     if not cfg.resume:
       params = init_from(cfg, setup) if cfg.init_from else None
-      return Started(cfg, setup, setup.init_state(params), 0, train_it, eval_ds, tokenizer,
+      return Started(setup, setup.init_state(params), 0, train_it, eval_ds, tokenizer,
                      checkpointer)
     state, saved = _restore(cfg, setup, checkpointer, train_it)
   except BaseException:
@@ -129,21 +142,19 @@ def start(cfg: TrainConfig, ckpt_dir: str, tokenizer: Any, devices: Any) -> Star
   if changed and jax.process_index() == 0:
     log.warning("resuming with changed settings (the run continues under the new ones): %s",
                 "; ".join(changed))
-  return Started(cfg, setup, state, int(state.step), train_it, eval_ds, tokenizer, checkpointer)
+  return Started(setup, state, int(state.step), train_it, eval_ds, tokenizer, checkpointer)
 
 
-def _decide_resume(cfg: TrainConfig, checkpointer: Any, ckpt_dir: str) -> TrainConfig:
-  """``cfg`` with ``resume`` decided (``--auto-resume``); a mismatch with ``ckpt_dir`` raises."""
-  # committed steps only: a save cut short (orbax's temporary directory, an uncommitted GCS
-  # step) is not a checkpoint to resume from
-  has_checkpoints = checkpointer is not None and bool(checkpointer.all_steps())
+def _decide_resume(cfg: TrainConfig, steps: list[int]) -> TrainConfig:
+  """``cfg`` with ``resume`` decided (``--auto-resume``) from the committed ``steps``; a mismatch
+  raises."""
   if cfg.auto_resume:
-    cfg = cfg.replace(resume=has_checkpoints)
-  if cfg.resume and not has_checkpoints:
-    raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
-  if not cfg.resume and has_checkpoints:
-    raise ConfigError(f"{ckpt_dir} already holds checkpoints; add --resume (or --auto-resume) "
-                      f"to continue that run or choose a new --run-dir")
+    cfg = cfg.replace(resume=bool(steps))
+  if cfg.resume and not steps:
+    raise ConfigError(f"--resume: no checkpoints in {cfg.checkpoint_dir}")
+  if not cfg.resume and steps:
+    raise ConfigError(f"{cfg.checkpoint_dir} already holds checkpoints; add --resume (or "
+                      f"--auto-resume) to continue that run or choose a new --run-dir")
   return cfg
 
 
