@@ -62,6 +62,8 @@ def parse_args(argv):
                  help="auto: cudnn on a GPU, falling back to xla if cudnn fails; xla elsewhere.")
   p.add_argument("--projector-init", default="randomized", choices=("svd", "randomized", "random"),
                  help="OSD's P0 (only the untimed first step depends on it).")
+  p.add_argument("--projector-optimizer", default="adam", choices=("adam", "lion", "adafactor"),
+                 help="train --projector-optimizer (osd_*).")
   p.add_argument("--fused-update", action="store_true",
                  help="Each block's update inside the backward pass (train --fused-update).")
   p.add_argument("--grad-clip", type=float, default=1.0, help="train --grad-clip.")
@@ -107,7 +109,8 @@ def train_config(args, attention: str):
       rank=common.resolve_rank(args.preset, args.rank), steps=10_000, batch_size=args.batch_size,
       seq_len=args.seq_len, dtype=args.dtype, param_dtype=args.param_dtype,
       state_dtype=args.state_dtype, loss_chunk=args.loss_chunk,
-      projector_init=args.projector_init, seed=args.seed, progress=False, tensorboard=False,
+      projector_init=args.projector_init, projector_optimizer=args.projector_optimizer,
+      seed=args.seed, progress=False, tensorboard=False,
       model_overrides=overrides, **extra)
 
 
