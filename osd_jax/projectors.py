@@ -343,8 +343,11 @@ def projector_optimizer(name: str = "adam", *, state_dtype: Any = None,
 
   * ``"adam"``: D = m̂/(√v̂ + ε) (b1 0.9, b2 0.999, ε 1e-8), two s×r moments, in ``state_dtype``;
   * ``"lion"``: D = sign((1−b1)∇L + b1·m) (b1 0.9, b2 0.99), one s×r moment, in ``state_dtype``;
-  * ``"adafactor"``: D = ∇L / √V̂ with V̂ = (R Cᵀ)/mean(R), R and C the running row and column
-    means of (∇L)² (``optax.scale_by_factored_rms``, factored at every size, decay 1 − t^-0.8):
+  * ``"adafactor"``: D = clip(∇L / √V̂) with V̂ = (R Cᵀ)/mean(R), R and C the running row and
+    column means of (∇L)² (``optax.scale_by_factored_rms``, factored at every size, decay
+    1 − t^-0.8), and Adafactor's update clipping D ← D / max(1, RMS(D)) per projector
+    (``optax.clip_by_block_rms(1)``): without it a factored V̂ that underestimates (∇L)² lets
+    single entries of D grow far past 1, and P left orthonormality at 60M within 20 steps.
     s + r float32 numbers per projector, at any ``state_dtype``.
 
   All three are odd per coordinate of ∇L with steps of order one per element, so one η(t) = α·lr(t)
@@ -361,7 +364,8 @@ def projector_optimizer(name: str = "adam", *, state_dtype: Any = None,
   if name == "lion":
     return transforms.scale_by_lion(b1=0.9, b2=0.99, state_dtype=state_dtype, seed=seed)
   if name == "adafactor":
-    factored = optax.scale_by_factored_rms(min_dim_size_to_factor=1)
+    factored = optax.chain(optax.scale_by_factored_rms(min_dim_size_to_factor=1),
+                           optax.clip_by_block_rms(1.0))
     # its statistics stay float32 whatever P's dtype (a bf16 P would otherwise give bf16 ones)
     return skipping.honour_apply_step(optax.GradientTransformation(
         lambda p: factored.init(p.astype(jnp.float32)), factored.update))

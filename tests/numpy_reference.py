@@ -50,10 +50,11 @@ class Lion:
 
 
 class FactoredRMS:
-  """Adafactor's factored second moment, no momentum: g / √V̂, V̂ = R Cᵀ / mean(R).
+  """Adafactor's factored second moment, no momentum: u = g / √V̂, V̂ = R Cᵀ / mean(R), then
+  its update clipping u / max(1, RMS(u)).
 
   R, C: running means of g² over each row and each column, decay β_t = 1 − t^-0.8 (t = 1, 2, ...),
-  with ε = 1e-30 added to g² (optax.scale_by_factored_rms).
+  with ε = 1e-30 added to g² (optax.scale_by_factored_rms, optax.clip_by_block_rms(1)).
   """
 
   def __init__(self, shape):
@@ -65,7 +66,8 @@ class FactoredRMS:
     g2 = g * g + 1e-30
     self.row = beta * self.row + (1 - beta) * g2.mean(axis=1)
     self.col = beta * self.col + (1 - beta) * g2.mean(axis=0)
-    return g / np.sqrt(np.outer(self.row, self.col) / self.row.mean())
+    u = g / np.sqrt(np.outer(self.row, self.col) / self.row.mean())
+    return u / max(1.0, np.sqrt(np.mean(u * u)))
 
 
 def online_pca_grad(p, g, lam):
