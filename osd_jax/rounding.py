@@ -71,7 +71,7 @@ def uniform_bits(shape, seed, offset=0) -> jax.Array:
   element's row-major index + ``offset``)."""
   size = int(np.prod(shape, dtype=np.int64))
   # iota(size) alone is loop-invariant: XLA hoists it out of a layer loop and holds it, a uint32
-  # per element of the slice, for the whole loop (at 7B, 0.8 GiB through every block's backward
+  # per element of the slice, for the whole loop (at 7B, 0.47 GiB through every block's backward
   # pass and update). So the offset is added to it first, before the reshape, and passed through
   # a barrier with the seed, so that neither a constant offset (0) is folded away nor the sum is
   # loop-invariant. No value changes.

@@ -321,6 +321,7 @@ def test_projector_optimizer_flag_trains_and_is_structural(tmp_path, train_token
   from train import config as config_lib
   from train import trainer
 
+  assert config_lib.PROJECTOR_OPTIMIZERS == tuple(osd_jax.projectors.PROJECTOR_OPTIMIZERS)
   assert cli.parse_config(["--projector-optimizer", "lion"]).projector_optimizer == "lion"
   assert cli.parse_config([]).projector_optimizer == "adam"
   with pytest.raises(config_lib.ConfigError, match="--projector-optimizer 'sgd'"):
