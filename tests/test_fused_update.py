@@ -1,7 +1,8 @@
 """--fused-update: each scanned block updated inside the backward pass (train/fused_update.py).
 
 The issue's semantics, each pinned here: (a) the same optimizer (within 1e-5 of the unfused step,
-also on a 4-device fsdp mesh), (b) clipping by the previous step's global norm, (c) gradient
+also on a 4-device fsdp mesh), (b) clipping by the previous step's global norm, or with
+--fused-clip exact by this step's (then equal to the unfused clipped step), (c) gradient
 accumulation refused, (d) non-finite values (a non-finite loss skips the step before any update;
 a block with a non-finite gradient is left bitwise unchanged), (e) resume with and without the
 flag, and at most one block's gradient alive at a time (the compiled memory).
@@ -136,6 +137,22 @@ def test_clipping_uses_the_previous_steps_global_norm():
   assert_trees_equal(a.params, b.params)
 
 
+@pytest.mark.parametrize("optimizer", ["osd_adamw", "adamw"])
+def test_exact_clipping_is_the_unfused_steps(optimizer):
+  """--fused-clip exact: 6 float32 steps clipped at a norm every step exceeds end where the
+  unfused clipped run ends (1e-5 relative), with the same logged norms."""
+  cfg = _tiny(optimizer=optimizer, grad_clip=0.05)
+  _, plain, m_plain = _run(cfg, 6, vocab=512)
+  _, fused, m_fused = _run(cfg.replace(fused_update=True, fused_clip="exact"), 6, vocab=512)
+  assert min(float(m["grad_norm"]) for m in m_plain) > 0.05  # clipped at every step
+  assert _max_relative_error(plain.params, fused.params) < 1e-5
+  for a, b in zip(m_plain, m_fused):
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+  # the previous step's norm (the default) is another optimizer: it differs at step 1
+  _, stale, _ = _run(cfg.replace(fused_update=True), 6, vocab=512)
+  assert _max_relative_error(plain.params, stale.params) > 1e-4
+
+
 def test_gradient_accumulation_and_unrolled_layers_are_refused_in_one_line():
   with pytest.raises(config_lib.ConfigError, match=r"--fused-update .*\(--grad-accum 2\)"):
     config_lib.validate(_config(fused_update=True, grad_accum=2))
@@ -192,13 +209,17 @@ def _nan_gradient_for_the_marked_block(monkeypatch):
   monkeypatch.setattr(model_lib.Llama, "block_function", block_function)
 
 
-@pytest.mark.parametrize("optimizer", ["osd_adamw", "adamw"])
-def test_a_block_with_a_non_finite_gradient_is_left_bitwise_unchanged(optimizer, monkeypatch):
+@pytest.mark.parametrize("optimizer, exact", [("osd_adamw", False), ("adamw", False),
+                                               ("adamw", True)])
+def test_a_block_with_a_non_finite_gradient_is_left_bitwise_unchanged(optimizer, exact,
+                                                                       monkeypatch):
   """Block 1 of 3 gets a NaN gradient: it and its optimizer state stay bitwise as they were;
   block 2 (updated before it) and block 0 (after it, with a finite gradient) move; the
-  embedding, final norm and head and the step counts stay, and the step counts as skipped."""
+  embedding, final norm and head and the step counts stay, and the step counts as skipped.
+  With --fused-clip exact the norm pass sees it first and nothing moves."""
   _nan_gradient_for_the_marked_block(monkeypatch)
-  cfg = _config(optimizer=optimizer, fused_update=True)
+  cfg = _config(optimizer=optimizer, fused_update=True,
+                **({"fused_clip": "exact", "grad_clip": 1.0} if exact else {}))
   setup, state, _ = _run(cfg, 1)
   params = jax.tree.map(np.array, host(state.params))  # writable copies
   params["layers"]["attention_norm"]["scale"][1, 0] = MARK
@@ -208,13 +229,19 @@ def test_a_block_with_a_non_finite_gradient_is_left_bitwise_unchanged(optimizer,
            for k, v in random_batch(5, 8, 32, VOCAB).items()}
   state, m = setup.train_step(state, batch)
   after = host(state)
-  assert np.isfinite(m["loss"]) and int(m["skipped"]) == 1 and int(m["skipped_blocks"]) == 2
+  # (with --fused-clip exact the whole step is skipped before any update: no block counts)
+  assert np.isfinite(m["loss"]) and int(m["skipped"]) == 1
+  assert int(m["skipped_blocks"]) == (0 if exact else 2)
   assert int(after.skipped) == 1 and int(after.bad_streak) == 1
 
   def layer(tree, i):
     return jax.tree.map(lambda x: x[i], tree)
 
   assert_trees_equal(layer(after.params["layers"], 1), layer(before.params["layers"], 1))
+  if exact:  # the norm pass saw the NaN first: the whole step is skipped, as unfused
+    assert_trees_equal(after.params, before.params)
+    assert_trees_equal(after.opt_state, before.opt_state)
+    return
   for i in (0, 2):
     assert not np.array_equal(after.params["layers"]["mlp"]["w1"]["kernel"][i],
                               before.params["layers"]["mlp"]["w1"]["kernel"][i])

@@ -17,7 +17,8 @@ from typing import Any
 OPTIMIZERS = ("adamw", "lion", "osd_adamw", "osd_lion", "galore_adamw")
 SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
-PROJECTOR_OPTIMIZERS = ("adam", "lion", "adafactor")  # osd_jax.projectors.projector_optimizer
+PROJECTOR_OPTIMIZERS = ("adam", "lion", "adafactor")
+FUSED_CLIPS = ("previous", "exact")  # osd_jax.projectors.projector_optimizer
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
 STATE_DTYPES = ("float32", "bfloat16", "int8", "float8", "int8_dynamic")
@@ -241,8 +242,13 @@ class TrainConfig:
                           "its gradient exists, so the whole gradient tree is never held (7B: "
                           "about the size of the params less; train/README.md, 'The fused "
                           "update'). The same optimizer; needs --scan-layers and --grad-accum 1; "
-                          "with --grad-clip > 0 the gradients are clipped by the previous step's "
-                          "global norm (none at a run's first step).", group="training")
+                          "with --grad-clip > 0 see --fused-clip.", group="training")
+  fused_clip: str = _f("previous", "--fused-update with --grad-clip > 0: which global norm clips. "
+                       "previous: the previous step's (no extra work; none at a run's first step; "
+                       "+0.03 eval loss at 60M, benchmarks/RESULTS.md 8); exact: this step's, from "
+                       "a first backward pass that computes the norm only (the unfused step's "
+                       "clipping and skipping, at the cost of one more backward pass).",
+                       choices=FUSED_CLIPS, group="training")
 
   # --- data
   data: str = _f("embedded", "Training data: embedded (offline corpus: Python docs and stdlib), "
@@ -410,7 +416,7 @@ def validate(cfg: TrainConfig) -> None:
                       "keeps float32 optimizer state); drop one of them")
   for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                         ("projector_init", PROJECTOR_INITS),
-                        ("projector_optimizer", PROJECTOR_OPTIMIZERS),
+                        ("projector_optimizer", PROJECTOR_OPTIMIZERS), ("fused_clip", FUSED_CLIPS),
                         ("project", PROJECTION_RULES), ("remat", REMAT_CHOICES)):
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}; "

@@ -17,9 +17,13 @@ the step owns its backward pass:
 What it changes (train/README.md, "The fused update"):
 
 * **Same optimizer.** Without clipping the step equals the unfused one (to float rounding).
-* **Clipping** (``--grad-clip > 0``) needs the global norm before any update, so the gradients are
-  scaled by min(1, clip / ‖g‖) with ‖g‖ of the previous step (``TrainState.grad_norm``; no
-  clipping at a run's first step).
+* **Clipping** (``--grad-clip > 0``) needs the global norm before any update. By default
+  (``--fused-clip previous``) the gradients are scaled by min(1, clip / ‖g‖) with ‖g‖ of the
+  previous step (``TrainState.grad_norm``; no clipping at a run's first step). With
+  ``--fused-clip exact`` a first loop over the blocks computes this step's gradients only for
+  their norm (and drops each at once), then the fused loop clips by it: the unfused step's
+  clipping, and its skipping too (a non-finite gradient anywhere skips the whole step before any
+  update), for one more backward pass.
 * **Gradient accumulation** is refused (``--grad-accum 1`` only): the optimizer would have to see
   the sum of the micro-batches' gradients of a block before updating it.
 * **Non-finite values.** A non-finite or spiking loss skips the whole step before any update. A
@@ -108,7 +112,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                           energy_metrics: bool = True, metrics_every: int = 1,
                           last_step: int = -1, donate: bool = True,
                           stochastic_rounding: bool = False, seed: int = 0,
-                          loss_chunk: int = 0) -> Callable:
+                          loss_chunk: int = 0, exact_clip: bool = False) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
 
   ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
@@ -116,7 +120,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
   ``clip_by_global_norm``, stateless, is replaced by the previous step's norm). The metrics are
   the unfused step's plus ``skipped_blocks``. ``stochastic_rounding``, ``seed``: as the unfused
   step (the same bits: a block's slice draws what it draws in the whole stack); ``loss_chunk``:
-  :func:`train.train_step.cross_entropy_sum`.
+  :func:`train.train_step.cross_entropy_sum`; ``exact_clip``: clip by this step's global norm,
+  from a first, norm-only loop over the blocks (``--fused-clip exact``).
   """
   split = split_optimizer(base, abstract_params)
   n_layers = split.n_layers
@@ -161,6 +166,26 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         step_ok &= ~((state.loss_avg > 0) & (loss > loss_spike_factor * state.loss_avg))
       # 2. the head's and final norm's gradients, and the blocks' output's
       g_norm, g_head, dh = head_vjp(jnp.ones_like(loss))
+
+      if exact_clip and grad_clip > 0:
+        # 2b. --fused-clip exact: this step's global norm first, each gradient dropped at once
+        def norm_only(j, carry):
+          dh, sq = carry
+          i = n_layers - 1 - j
+          p_i = jax.tree.map(lambda x: x[i], params[LAYERS])
+          g_i, dh = _rebuild_vjp([s[i] for s in saved], structure["treedef"],
+                                 structure["slots"], p_i)(dh)
+          return dh, sq + _sum_squares(g_i)
+
+        dh0, blocks_sq = jax.lax.fori_loop(0, n_layers, norm_only,
+                                           (dh, jnp.zeros([], jnp.float32)))
+        (g_embed0,) = embed_vjp(dh0)
+        norm = jnp.sqrt(blocks_sq + _sum_squares(split.rest_view(
+            {**params, "embed": g_embed0, "norm": g_norm, "head": g_head})))
+        step_ok &= jnp.isfinite(norm)  # the unfused step's skip: before any update
+        # optax.clip_by_global_norm: g / ‖g‖ · clip when ‖g‖ > clip
+        clip_factor = jnp.where(norm > grad_clip, grad_clip / jnp.where(norm > 0, norm, 1.0),
+                                1.0).astype(jnp.float32)
 
       # 3. the blocks, last to first: VJP, update, write, drop the gradient
       def backward(j, carry):
