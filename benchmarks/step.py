@@ -41,8 +41,9 @@ def parse_args(argv):
   p = common.base_parser(__doc__.split("\n")[0], preset="tiny", repeats=10, warmup=2)
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                  help="Comma-separated optimizers (train --optimizer names), each optionally "
-                      "with variants: +fused (train --fused-update), +bf16, +float8, +int8 "
-                      "(bf16 weights; 8-bit state), e.g. osd_adamw+float8+fused.")
+                      "with variants: +fused (train --fused-update), +exactclip (fused, "
+                      "--fused-clip exact), +bf16, +float8, +int8 (bf16 weights; 8-bit state), "
+                      "+pada (--projector-optimizer adafactor), e.g. osd_adamw+int8+fused.")
   p.add_argument("--batch-size", type=int, default=16, help="Global batch in sequences.")
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--dtype", default=None,
@@ -70,6 +71,10 @@ def parse_args(argv):
 
 #: ``--optimizers`` variants: the TrainConfig fields each ``+suffix`` sets.
 VARIANTS = {"fused": {"fused_update": True},
+            # --fused-update --fused-clip exact: clipped by this step's norm (a norm-only pass)
+            "exactclip": {"fused_update": True, "fused_clip": "exact"},
+            # P moved by Adafactor (train --projector-optimizer adafactor)
+            "pada": {"projector_optimizer": "adafactor"},
             # compact precision (train --param-dtype bfloat16 --state-dtype ...)
             "bf16": {"param_dtype": "bfloat16"},
             "float8": {"param_dtype": "bfloat16", "state_dtype": "float8"},
