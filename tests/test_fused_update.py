@@ -137,11 +137,11 @@ def test_clipping_uses_the_previous_steps_global_norm():
   assert_trees_equal(a.params, b.params)
 
 
-@pytest.mark.parametrize("optimizer", ["osd_adamw", "adamw"])
-def test_exact_clipping_is_the_unfused_steps(optimizer):
+def test_exact_clipping_is_the_unfused_steps():
   """--fused-clip exact: 6 float32 steps clipped at a norm every step exceeds end where the
-  unfused clipped run ends (1e-5 relative), with the same logged norms."""
-  cfg = _tiny(optimizer=optimizer, grad_clip=0.05)
+  unfused clipped run ends (1e-5 relative), with the same logged norms (osd_adamw; adamw's
+  exact mode is exercised by the non-finite test below)."""
+  cfg = _tiny(optimizer="osd_adamw", grad_clip=0.05)
   _, plain, m_plain = _run(cfg, 6, vocab=512)
   _, fused, m_fused = _run(cfg.replace(fused_update=True, fused_clip="exact"), 6, vocab=512)
   assert min(float(m["grad_norm"]) for m in m_plain) > 0.05  # clipped at every step
