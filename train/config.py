@@ -196,7 +196,8 @@ class TrainConfig:
   projector_optimizer: str = _f("adam", "OSD: P's optimizer: adam (the paper's; two s x r "
                                 "moments per matrix), lion (one), adafactor (a factored second "
                                 "moment: s + r floats; 1.75 GiB less than adam at 7B r 1024 with "
-                                "int8 state). See benchmarks/RESULTS.md 9.",
+                                "int8 state, +0.056 eval loss at 60M). See benchmarks/RESULTS.md "
+                                "9.",
                                 choices=PROJECTOR_OPTIMIZERS, group="optimizer")
   update_proj_gap: int = _f(200, "GaLore: recompute P by SVD every this many steps.",
                             group="optimizer")
@@ -245,9 +246,10 @@ class TrainConfig:
                           "with --grad-clip > 0 see --fused-clip.", group="training")
   fused_clip: str = _f("previous", "--fused-update with --grad-clip > 0: which global norm clips. "
                        "previous: the previous step's (no extra work; none at a run's first step; "
-                       "+0.03 eval loss at 60M, benchmarks/RESULTS.md 8); exact: this step's, from "
+                       "+0.02 eval loss at 60M, benchmarks/RESULTS.md 8); exact: this step's, from "
                        "a first backward pass that computes the norm only (the unfused step's "
-                       "clipping and skipping, at the cost of one more backward pass).",
+                       "clipping and skipping, at the cost of one more backward pass: 1.5x the "
+                       "step at 60M on a CPU).",
                        choices=FUSED_CLIPS, group="training")
 
   # --- data
