@@ -73,8 +73,7 @@ def assert_trees_equal(a, b) -> None:
 
 
 def committed_steps(ckpt_dir) -> list[int]:
-  """The steps with a complete checkpoint in ``ckpt_dir`` (the checkpointer is closed again)."""
-  from train import checkpoint as ckpt_lib
+  """The steps with a complete checkpoint in ``ckpt_dir`` (the trainer's own listing)."""
+  from train.run import startup
 
-  with ckpt_lib.Checkpointer(str(ckpt_dir)) as ck:
-    return ck.all_steps()
+  return startup.committed_steps(str(ckpt_dir))
