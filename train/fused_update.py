@@ -167,6 +167,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       # 2. the head's and final norm's gradients, and the blocks' output's
       g_norm, g_head, dh = head_vjp(jnp.ones_like(loss))
 
+      g_embed = None
       if exact_clip and grad_clip > 0:
         # 2b. --fused-clip exact: this step's global norm first, each gradient dropped at once
         def norm_only(j, carry):
@@ -179,9 +180,11 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
 
         dh0, blocks_sq = jax.lax.fori_loop(0, n_layers, norm_only,
                                            (dh, jnp.zeros([], jnp.float32)))
-        (g_embed0,) = embed_vjp(dh0)
+        # the fused loop's VJPs read the same residuals and not-yet-updated blocks, so its dh at
+        # the bottom is this dh0: the embedding's gradient is computed here, once
+        (g_embed,) = embed_vjp(dh0)
         norm = jnp.sqrt(blocks_sq + _sum_squares(split.rest_view(
-            {**params, "embed": g_embed0, "norm": g_norm, "head": g_head})))
+            {**params, "embed": g_embed, "norm": g_norm, "head": g_head})))
         step_ok &= jnp.isfinite(norm)  # the unfused step's skip: before any update
         # optax.clip_by_global_norm: g / ‖g‖ · clip when ‖g‖ > clip
         clip_factor = jnp.where(norm > grad_clip, grad_clip / jnp.where(norm > 0, norm, 1.0),
@@ -231,8 +234,9 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
              "metrics": (zero, zero, zero, jnp.full([], jnp.inf, jnp.float32))}
       dh, layers, opt, acc = jax.lax.fori_loop(0, n_layers, backward,
                                                (dh, params[LAYERS], opt, acc))
-      # 4. the embedding's gradient; then the embedding, final norm and head
-      (g_embed,) = embed_vjp(dh)
+      # 4. the embedding's gradient (unless 2b has it); then the embedding, final norm and head
+      if g_embed is None:
+        (g_embed,) = embed_vjp(dh)
 
     g_rest = {**params, "embed": g_embed, "norm": g_norm, "head": g_head}
     g_rest = split.rest_view(g_rest)
