@@ -39,7 +39,7 @@ ATTENTION = ("auto", "xla", "jax", "cudnn")
 
 
 def parse_args(argv):
-  from train.config import OPTIMIZERS
+  from train.config import OPTIMIZERS, PROJECTOR_OPTIMIZERS
   from train.model import PRESETS
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -62,7 +62,7 @@ def parse_args(argv):
                  help="auto: cudnn on a GPU, falling back to xla if cudnn fails; xla elsewhere.")
   p.add_argument("--projector-init", default="randomized", choices=("svd", "randomized", "random"),
                  help="OSD's P0 (only the untimed first step depends on it).")
-  p.add_argument("--projector-optimizer", default="adam", choices=("adam", "lion", "adafactor"),
+  p.add_argument("--projector-optimizer", default="adam", choices=PROJECTOR_OPTIMIZERS,
                  help="train --projector-optimizer (osd_*).")
   p.add_argument("--fused-update", action="store_true",
                  help="Each block's update inside the backward pass (train --fused-update).")

@@ -17,8 +17,8 @@ from typing import Any
 OPTIMIZERS = ("adamw", "lion", "osd_adamw", "osd_lion", "galore_adamw")
 SUBSPACE_OPTIMIZERS = ("osd_adamw", "osd_lion", "galore_adamw")
 PROJECTOR_INITS = ("svd", "randomized", "random")
-PROJECTOR_OPTIMIZERS = ("adam", "lion", "adafactor")
-FUSED_CLIPS = ("previous", "exact")  # osd_jax.projectors.projector_optimizer
+PROJECTOR_OPTIMIZERS = ("adam", "lion", "adafactor")  # osd_jax.projectors.projector_optimizer
+FUSED_CLIPS = ("previous", "exact")
 PROJECTION_RULES = ("attn_mlp", "all")
 DTYPES = ("float32", "bfloat16", "float16")
 STATE_DTYPES = ("float32", "bfloat16", "int8", "float8", "int8_dynamic")
