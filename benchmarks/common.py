@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -196,15 +197,33 @@ def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, warmup: int =
     for _ in range(warmup):
       cases[name]()
   times: dict[str, list[float]] = {n: [] for n in names}
+  kernel: dict[str, list[tuple[float, int]]] = {n: [] for n in names}
   for i in range(repeats):
     order = names[i % len(names):] + names[:i % len(names)]
     for name in order:
       if len(times[name]) >= repeats_for.get(name, repeats):
         continue
+      r0 = resource.getrusage(resource.RUSAGE_SELF)
       t0 = time.perf_counter()
       cases[name]()
       times[name].append(time.perf_counter() - t0)
-  return {n: stats(t) for n, t in times.items()}
+      r1 = resource.getrusage(resource.RUSAGE_SELF)
+      kernel[name].append((r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
+  return {n: {**stats(t), **kernel_stats(kernel[n])} for n, t in times.items()}
+
+
+def kernel_stats(samples: Sequence[tuple[float, int]]) -> dict[str, Any]:
+  """Medians of the process's kernel (system) CPU seconds and minor page faults per call.
+
+  On a CPU backend a step page-faults its temporaries in on every call (≈ their size in 4 KiB
+  pages). The same program's same faults can cost 3× the kernel time in one process as in
+  another (benchmarks/RESULTS.md §8): where two cases' step times differ by about their kernel
+  times, the process's memory explains it, not the programs.
+  """
+  if not samples:
+    return {}
+  return {"system_s_median": statistics.median(s for s, _ in samples),
+          "minor_faults_median": statistics.median(f for _, f in samples)}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -10,7 +10,10 @@ Reported per optimizer: median step time and its ratio to adamw, tokens/s, MFU (
 peak is known; n/a on CPU), optimizer-state bytes, XLA's memory analysis of the compiled step
 (arguments + outputs − aliased + temporaries, a compile-time peak estimate) and the runtime's peak
 device memory where the backend reports it (process-wide; ``--isolate`` runs each optimizer in its
-own process so that the figure is per optimizer).
+own process so that the figure is per optimizer). "kernel time" is the median system CPU time of a
+step (on a CPU backend mostly page faults of the step's temporaries): a case slower by about its
+excess kernel time is slowed by the process's memory, not by its program (benchmarks/RESULTS.md
+§8); time such a case beside its baseline alone (e.g. ``--optimizers adamw,adamw+fused``).
 
 Example::
 
@@ -248,13 +251,13 @@ def run(args, argv) -> dict:
         common.fmt_ratio(r["vs_adamw"]), common.fmt_ratio(r["vs_plain"]),
         f"{r['tokens_per_s']:,.0f}",
         "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+        common.fmt_seconds(r.get("system_s_median")),
         common.fmt_seconds(r["first_step_s"]), common.fmt_bytes(r["state_bytes"]),
         common.fmt_bytes(mem.get("peak_estimate_bytes")),
         common.fmt_bytes(rt.get("peak_bytes_in_use")) if rt else "–",
     ])
   header = ["optimizer", "median step", "min", "vs adamw", "vs no variant", "tokens/s", "MFU",
-            "first step",
-            "opt state", "XLA peak est.", "runtime peak"]
+            "kernel time", "first step", "opt state", "XLA peak est.", "runtime peak"]
   return {
       "benchmark": "step",
       "preset": args.preset,

@@ -141,7 +141,24 @@ def test_step_smoke_without_grain_or_tfds(tmp_path):
   for r in opts.values():
     assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0
     assert r["mfu"] is None  # CPU: no known peak
+    assert r["system_s_median"] >= 0 and r["minor_faults_median"] >= 0
   assert opts["osd_adamw"]["state_bytes"] < opts["adamw"]["state_bytes"]
+  assert "kernel time" in data["table"]
+
+
+def test_interleaved_counts_each_calls_page_faults():
+  """A call that touches 64 MiB of fresh memory page-faults it in: ≈ 16k faults of 4 KiB."""
+  from benchmarks import common
+
+  def touch():  # (not numpy: it asks for huge pages, 2 MiB per fault)
+    a = bytearray(64 << 20)
+    a[::4096] = b"\1" * (len(a) // 4096)  # one write per page
+    return a
+
+  res = common.interleaved({"touch": touch, "nothing": lambda: None}, repeats=3, warmup=0)
+  assert res["touch"]["minor_faults_median"] >= 8192
+  assert res["nothing"]["minor_faults_median"] < 1024
+  assert res["touch"]["system_s_median"] >= res["nothing"]["system_s_median"]
 
 
 def test_quality_smoke(tmp_path, train_tokenizer):
