@@ -16,8 +16,10 @@ nothing is allocated: a 7B step compiles on a laptop CPU. Reported (bytes, per d
 
 Plus the compile time (lowering and XLA compilation, separately), the number of ``conditional``
 ops in the compiled program and the host's peak RSS. On a CPU backend the figures describe the
-CPU program; a GPU compiles a different (fused differently) program, so its figure differs by a
-few percent.
+CPU program, which differs from a GPU's: XLA:CPU computes 16-bit dots in float32, and its layouts
+and fusions are its own. ``--target h100`` (or ``h200``) compiles the same step for that GPU
+without one (:mod:`benchmarks.gpu_targets`: XLA:GPU's program and buffer assignment; needs the
+CUDA PJRT plugin installed): the figure to read for a GPU (benchmarks/RESULTS.md §9).
 
 With comma-separated ``--preset``, ``--rank`` and ``--shape`` (``BATCHxSEQ``) and
 ``--fused-update both`` it compiles every combination (adamw once per preset and shape: it has
@@ -91,6 +93,10 @@ def parse_args(argv):
                       "bfloat16 would: XLA:CPU widens bfloat16 slices, updates and dot operands "
                       "to float32 and hoists whole widened stacks out of the layer loop. "
                       "bfloat16: the CPU program's own figure.")
+  p.add_argument("--target", default="local", choices=("local", "h100", "h200"),
+                 help="Compile for this backend: 'local' (the default backend here) or a GPU "
+                      "that need not be present (benchmarks/gpu_targets.py: XLA:GPU's program "
+                      "and buffer assignment; needs jax-cuda12-plugin).")
   p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="train --mesh.")
   p.add_argument("--num-devices", type=int, default=1,
                  help="Devices in the mesh (default 1: the single-device figure).")
@@ -163,7 +169,17 @@ def stand_in(args) -> str:
   materialises) and writes a layer's new weights by rewriting a float32 copy of the stack. A GPU
   runs all three in bfloat16. float16 has bfloat16's width and XLA:CPU's native support, so
   its program allocates what the GPU's would (benchmarks/RESULTS.md §9)."""
-  return args.cpu_bf16_as if jax.default_backend() == "cpu" else "bfloat16"
+  on_cpu = getattr(args, "target", "local") == "local" and jax.default_backend() == "cpu"
+  return args.cpu_bf16_as if on_cpu else "bfloat16"
+
+
+def target_devices(args) -> list | None:
+  """The mesh's devices: the local ones, or compile-only devices of ``--target``'s GPU."""
+  if getattr(args, "target", "local") != "local":
+    from benchmarks import gpu_targets
+
+    return gpu_targets.devices(args.target, args.num_devices or 1)
+  return jax.devices()[: args.num_devices] if args.num_devices else None
 
 
 def abstract_batch(setup, batch_size: int, seq_len: int) -> dict:
@@ -189,7 +205,7 @@ def measure(args, optimizer: str) -> dict[str, Any]:
   cfg = train_config(args, optimizer)
   validate(cfg)
   vocab = int(dict(cfg.model_overrides).get("vocab_size", PRESETS[args.preset].vocab_size))
-  devices = jax.devices()[: args.num_devices] if args.num_devices else None
+  devices = target_devices(args)
   t0 = time.perf_counter()
   setup = trainer.build(cfg, vocab, devices=devices)
   build_s = time.perf_counter() - t0
@@ -213,6 +229,8 @@ def measure(args, optimizer: str) -> dict[str, Any]:
                           "batch_size", "seq_len", "grad_accum", "mesh", "remat", "scan_layers",
                           "model_overrides", "fused_update")},
       "devices": n_dev,
+      "target": getattr(args, "target", "local"),
+      "device_kind": setup.mesh.devices.flat[0].device_kind,
       "bfloat16_compiled_as": stand_in(args),
       "param_bytes": osd_jax.state_bytes(state.params),
       "opt_state_bytes": osd_jax.state_bytes(state.opt_state),

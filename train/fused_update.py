@@ -190,11 +190,21 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         clip_factor = jnp.where(norm > grad_clip, grad_clip / jnp.where(norm > 0, norm, 1.0),
                                 1.0).astype(jnp.float32)
 
-      # 3. the blocks, last to first: VJP, update, write, drop the gradient
+      # 3. the blocks, last to first: VJP, update, write, drop the gradient. The loop carries
+      # each weight stack with a layer's axes flattened ([L, d_in·d_out], a bitcast of the
+      # stack): XLA:GPU's layout assignment otherwise gives a carried stack the layout its
+      # backward dot prefers for one layer (w2 transposed) and transposes the whole stack in and
+      # out of the loop (2.7 GiB at 7B); a flat row has one layout, so only a layer's slice is
+      # relaid.
+      layer_shapes = jax.tree.map(lambda x: x.shape[1:], params[LAYERS])
+
+      def flat(stack):
+        return stack.reshape(stack.shape[0], -1)
+
       def backward(j, carry):
-        dh, layers, opt, acc = carry
+        dh, flat_layers, opt, acc = carry
         i = n_layers - 1 - j
-        p_i = jax.tree.map(lambda x: x[i], layers)
+        p_i = jax.tree.map(lambda x, shape: x[i].reshape(shape), flat_layers, layer_shapes)
         vjp_fn = _rebuild_vjp([s[i] for s in saved], structure["treedef"], structure["slots"],
                               p_i)
         g_i, dh = vjp_fn(dh)
@@ -218,22 +228,24 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
               lambda: tuple(a + b if k < 3 else jnp.fmin(a, b) for k, (a, b) in enumerate(zip(
                   metrics, _projector_sums(old_state, new_state, g_view, energy_metrics)))),
               lambda: metrics)
-        layers = jax.tree.map(lambda x, y: x.at[i].set(y), layers, new_p)
+        flat_layers = jax.tree.map(lambda x, y: x.at[i].set(y.reshape(-1)), flat_layers, new_p)
         # The state writes come after the params' and after the metrics, each reading back what
         # was written before it (osd_jax.layerwise.write_after): every read of an old slice then
         # precedes the write over it, so XLA keeps no copy of a whole stack.
-        token = sum(x[i].reshape(-1)[0].astype(jnp.float32) for x in jax.tree.leaves(layers))
+        token = sum(x[i, 0].astype(jnp.float32) for x in jax.tree.leaves(flat_layers))
         token = token + sum(jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
         opt = split.set_layer(opt, new_state, i, token=token)
         acc = {"sq": acc["sq"] + jnp.where(finite, sq, jnp.inf),
                "bad": acc["bad"] + (~finite).astype(jnp.int32), "metrics": metrics}
-        return dh, layers, opt, acc
+        return dh, flat_layers, opt, acc
 
       zero = jnp.zeros([], jnp.float32)
       acc = {"sq": zero, "bad": jnp.zeros([], jnp.int32),
              "metrics": (zero, zero, zero, jnp.full([], jnp.inf, jnp.float32))}
-      dh, layers, opt, acc = jax.lax.fori_loop(0, n_layers, backward,
-                                               (dh, params[LAYERS], opt, acc))
+      dh, flat_layers, opt, acc = jax.lax.fori_loop(
+          0, n_layers, backward, (dh, jax.tree.map(flat, params[LAYERS]), opt, acc))
+      layers = jax.tree.map(lambda x, shape: x.reshape(x.shape[:1] + shape), flat_layers,
+                            layer_shapes)
       # 4. the embedding's gradient (unless 2b has it); then the embedding, final norm and head
       if g_embed is None:
         (g_embed,) = embed_vjp(dh)

@@ -1,0 +1,67 @@
+"""Compiling the train step for a GPU that is not there (benchmarks/gpu_targets.py).
+
+The compile-only tests need the CUDA PJRT plugin (``pip install "jax-cuda12-plugin[with-cuda]"``
+of this jax's version, 5 GB with the CUDA libraries); without it they are skipped, and the error
+the benchmark gives is checked instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+
+import pytest
+
+from benchmarks import gpu_targets
+
+HAVE_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+def test_target_config_describes_a_hopper_gpu():
+  text = gpu_targets.target_config("h100")
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+  assert "device_memory_size: 84929347584" in text
+  assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+  with pytest.raises(ValueError, match="--target 'a100'"):
+    gpu_targets.target_config("a100")
+
+
+@pytest.mark.skipif(HAVE_PLUGIN, reason="the CUDA plugin is installed")
+def test_without_the_plugin_the_error_says_what_to_install():
+  with pytest.raises(RuntimeError, match="pip install \"jax-cuda12-plugin"):
+    gpu_targets.devices("h100")
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax-cuda12-plugin")
+def test_fused_loop_never_relays_a_whole_weight_stack_on_a_gpu():
+  """XLA:GPU's layout assignment gave the carried w2 stack [L, ffn, dim] the layout of its
+  backward dot's operand and transposed the whole stack in and out of the fused loop (2.7 GiB
+  at 7B); the loop now carries each stack flattened per layer. No instruction of the compiled
+  step may have a weight stack's dims in another order."""
+  from benchmarks import memory
+  from train import trainer
+  from train.config import validate
+  from train.model import PRESETS
+
+  args = memory.parse_args(["--preset", "60m", "--optimizer", "osd_adamw", "--rank", "64",
+                            "--shape", "4x128", "--remat", "full", "--param-dtype", "bfloat16",
+                            "--state-dtype", "int8", "--fused-update", "on", "--target", "h100",
+                            "--model-override", "n_layers=2"])
+  cell = argparse.Namespace(**{**vars(args), "rank": 64, "batch_size": 4, "seq_len": 128,
+                               "fused": True})
+  cfg = memory.train_config(cell, "osd_adamw")
+  validate(cfg)
+  setup = trainer.build(cfg, PRESETS["60m"].vocab_size, devices=memory.target_devices(cell))
+  assert "H100" in setup.mesh.devices.flat[0].device_kind
+  compiled = setup.train_step.lower(setup.abstract_state,
+                                    memory.abstract_batch(setup, 4, 128)).compile()
+  stacks = {tuple(x.shape) for x in __import__("jax").tree.leaves(setup.abstract_state.params)
+            if x.ndim == 3}
+  assert (2, 1376, 512) in stacks  # w2, the stack that was relaid
+  arrays = {(tuple(int(d) for d in dims.split(",")), layout)
+            for dims, layout in re.findall(r"bf16\[(\d+,\d+,\d+)\](\{[\d,]+\})",
+                                           compiled.as_text())}
+  relaid = {(s, layout) for s, layout in arrays for w in stacks
+            if sorted(s) == sorted(w) and (s not in stacks or layout != "{2,1,0}")}
+  assert not relaid, f"weight stacks relaid in the compiled step: {relaid}"
