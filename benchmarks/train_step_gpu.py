@@ -66,6 +66,8 @@ def parse_args(argv):
                  help="train --projector-optimizer (osd_*).")
   p.add_argument("--fused-update", action="store_true",
                  help="Each block's update inside the backward pass (train --fused-update).")
+  p.add_argument("--offload-residuals", action="store_true",
+                 help="train --offload-residuals (with --fused-update).")
   p.add_argument("--grad-clip", type=float, default=1.0, help="train --grad-clip.")
   p.add_argument("--warmup", type=int, default=1, help="Untimed steps after the first.")
   p.add_argument("--repeats", type=int, default=3, help="Timed steps.")
@@ -103,6 +105,8 @@ def train_config(args, attention: str):
   extra = {} if args.remat is None else {"remat": args.remat}
   if args.fused_update:
     extra["fused_update"] = True
+  if args.offload_residuals:
+    extra["offload_residuals"] = True
   return TrainConfig(
       grad_clip=args.grad_clip,
       preset=args.preset, optimizer=args.optimizer,

@@ -103,6 +103,20 @@ def test_fused_on_a_four_device_fsdp_mesh_matches_the_unfused_one_device_run():
   assert _max_relative_error(plain.params, fused.params) < 1e-5
 
 
+def test_offloaded_residuals_give_the_same_steps_on_a_sharded_mesh():
+  """--offload-residuals keeps the saved block inputs in host memory: the same program otherwise,
+  so the same numbers (bitwise on a CPU, where host and device memory are one), here on a
+  2-device fsdp mesh; and it is refused without --fused-update."""
+  cfg = _config(fused_update=True, mesh="data=1,fsdp=2,tensor=1")
+  _, kept, m_kept = _run(cfg, 3, devices=jax.devices()[:2])
+  _, offloaded, m_off = _run(cfg.replace(offload_residuals=True), 3, devices=jax.devices()[:2])
+  assert_trees_equal(kept.params, offloaded.params)
+  assert_trees_equal(kept.opt_state, offloaded.opt_state)
+  assert [m["loss"] for m in m_kept] == [m["loss"] for m in m_off]
+  with pytest.raises(config_lib.ConfigError, match="--offload-residuals .* add --fused-update"):
+    config_lib.validate(_config(offload_residuals=True))
+
+
 def test_clipping_uses_the_previous_steps_global_norm():
   """Step 2 with --grad-clip c scales the gradients by min(1, c/‖g₁‖), ‖g₁‖ the first step's
   norm (TrainState.grad_norm); read off AdamW's first moment m₂ = b1·m₁ + (1 − b1)·f·g₂."""

@@ -33,12 +33,8 @@ def test_without_the_plugin_the_error_says_what_to_install():
     gpu_targets.devices("h100")
 
 
-@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax-cuda12-plugin")
-def test_fused_loop_never_relays_a_whole_weight_stack_on_a_gpu():
-  """XLA:GPU's layout assignment gave the carried w2 stack [L, ffn, dim] the layout of its
-  backward dot's operand and transposed the whole stack in and out of the fused loop (2.7 GiB
-  at 7B); the loop now carries each stack flattened per layer. No instruction of the compiled
-  step may have a weight stack's dims in another order."""
+def _compile_for_h100(*config):
+  """The compact fused 60M step (2 blocks, 4 × 128 tokens) compiled for an H100."""
   from benchmarks import memory
   from train import trainer
   from train.config import validate
@@ -47,15 +43,39 @@ def test_fused_loop_never_relays_a_whole_weight_stack_on_a_gpu():
   args = memory.parse_args(["--preset", "60m", "--optimizer", "osd_adamw", "--rank", "64",
                             "--shape", "4x128", "--remat", "full", "--param-dtype", "bfloat16",
                             "--state-dtype", "int8", "--fused-update", "on", "--target", "h100",
-                            "--model-override", "n_layers=2"])
+                            "--model-override", "n_layers=2", *config])
   cell = argparse.Namespace(**{**vars(args), "rank": 64, "batch_size": 4, "seq_len": 128,
                                "fused": True})
   cfg = memory.train_config(cell, "osd_adamw")
   validate(cfg)
   setup = trainer.build(cfg, PRESETS["60m"].vocab_size, devices=memory.target_devices(cell))
   assert "H100" in setup.mesh.devices.flat[0].device_kind
-  compiled = setup.train_step.lower(setup.abstract_state,
-                                    memory.abstract_batch(setup, 4, 128)).compile()
+  return setup, setup.train_step.lower(setup.abstract_state,
+                                       memory.abstract_batch(setup, 4, 128)).compile()
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax-cuda12-plugin")
+def test_offloaded_residuals_live_in_host_memory_on_a_gpu():
+  """--offload-residuals: the stacked block inputs (2 × 4 × 128 × 512 bf16 = 1 MiB) move from the
+  device's temporaries to the host's."""
+  from benchmarks import common
+
+  _, kept = _compile_for_h100()
+  _, offloaded = _compile_for_h100("--config", "offload_residuals=true")
+  residuals = 2 * 4 * 128 * 512 * 2
+  m_kept, m_off = common.memory_analysis(kept), common.memory_analysis(offloaded)
+  assert m_kept["host_temp_size_in_bytes"] == 0
+  assert m_off["host_temp_size_in_bytes"] >= residuals
+  assert m_off["temp_size_in_bytes"] <= m_kept["temp_size_in_bytes"] - residuals // 2
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax-cuda12-plugin")
+def test_fused_loop_never_relays_a_whole_weight_stack_on_a_gpu():
+  """XLA:GPU's layout assignment gave the carried w2 stack [L, ffn, dim] the layout of its
+  backward dot's operand and transposed the whole stack in and out of the fused loop (2.7 GiB
+  at 7B); the loop now carries each stack flattened per layer. No instruction of the compiled
+  step may have a weight stack's dims in another order."""
+  setup, compiled = _compile_for_h100()
   stacks = {tuple(x.shape) for x in __import__("jax").tree.leaves(setup.abstract_state.params)
             if x.ndim == 3}
   assert (2, 1376, 512) in stacks  # w2, the stack that was relaid

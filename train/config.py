@@ -251,6 +251,12 @@ class TrainConfig:
                        "clipping and skipping, at the cost of one more backward pass: 1.5x the "
                        "step at 60M on a CPU).",
                        choices=FUSED_CLIPS, group="training")
+  offload_residuals: bool = _f(False, "--fused-update: keep the blocks' saved inputs (remat's "
+                               "residuals, 1 GiB at 7B for 16x256 tokens) in pinned host memory "
+                               "and bring one block's back for its backward step. The same "
+                               "numbers; on a GPU it trades device memory for host transfers "
+                               "(benchmarks/RESULTS.md 9); on a CPU host and device are one.",
+                               group="training")
 
   # --- data
   data: str = _f("embedded", "Training data: embedded (offline corpus: Python docs and stdlib), "
@@ -446,6 +452,9 @@ def validate(cfg: TrainConfig) -> None:
   if cfg.fused_update and not cfg.scan_layers:
     raise ConfigError("--fused-update runs the update in the backward pass over the scanned "
                       "blocks; drop --no-scan-layers")
+  if cfg.offload_residuals and not cfg.fused_update:
+    raise ConfigError("--offload-residuals moves the fused update's saved block inputs to host "
+                      "memory; add --fused-update (the unfused step's backward is JAX's own)")
   if cfg.fused_update and cfg.grad_accum > 1:
     raise ConfigError(f"--fused-update updates each block once per step from its whole "
                       f"gradient, so it cannot accumulate micro-batches (--grad-accum "

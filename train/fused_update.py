@@ -112,7 +112,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                           energy_metrics: bool = True, metrics_every: int = 1,
                           last_step: int = -1, donate: bool = True,
                           stochastic_rounding: bool = False, seed: int = 0,
-                          loss_chunk: int = 0, exact_clip: bool = False) -> Callable:
+                          loss_chunk: int = 0, exact_clip: bool = False,
+                          offload_residuals: bool = False) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
 
   ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
@@ -121,7 +122,9 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
   the unfused step's plus ``skipped_blocks``. ``stochastic_rounding``, ``seed``: as the unfused
   step (the same bits: a block's slice draws what it draws in the whole stack); ``loss_chunk``:
   :func:`train.train_step.cross_entropy_sum`; ``exact_clip``: clip by this step's global norm,
-  from a first, norm-only loop over the blocks (``--fused-clip exact``).
+  from a first, norm-only loop over the blocks (``--fused-clip exact``); ``offload_residuals``:
+  the blocks' residuals stacked in host memory (``jax.memory.Space.Host``) and one block's
+  brought back to the device for its backward step (``--offload-residuals``).
   """
   split = split_optimizer(base, abstract_params)
   n_layers = split.n_layers
@@ -157,7 +160,13 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       def forward(h, layer_params):
         y, vjp_fn = jax.vjp(block, layer_params, h)
         saved, structure["treedef"], structure["slots"] = _split_residuals(vjp_fn, layer_params)
+        if offload_residuals:  # stacked in host memory, a block's brought back in the backward
+          saved = [jax.device_put(r, jax.memory.Space.Host) for r in saved]
         return y, saved
+
+      def residuals_of(i):
+        rs = [s[i] for s in saved]
+        return [jax.device_put(r, jax.memory.Space.Device) for r in rs] if offload_residuals else rs
 
       h, saved = jax.lax.scan(forward, x0, params[LAYERS])
       loss, head_vjp = jax.vjp(head_loss, params["norm"], params["head"], h)
@@ -174,7 +183,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
           dh, sq = carry
           i = n_layers - 1 - j
           p_i = jax.tree.map(lambda x: x[i], params[LAYERS])
-          g_i, dh = _rebuild_vjp([s[i] for s in saved], structure["treedef"],
+          g_i, dh = _rebuild_vjp(residuals_of(i), structure["treedef"],
                                  structure["slots"], p_i)(dh)
           return dh, sq + _sum_squares(g_i)
 
@@ -205,8 +214,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         dh, flat_layers, opt, acc = carry
         i = n_layers - 1 - j
         p_i = jax.tree.map(lambda x, shape: x[i].reshape(shape), flat_layers, layer_shapes)
-        vjp_fn = _rebuild_vjp([s[i] for s in saved], structure["treedef"], structure["slots"],
-                              p_i)
+        vjp_fn = _rebuild_vjp(residuals_of(i), structure["treedef"], structure["slots"], p_i)
         g_i, dh = vjp_fn(dh)
         sq = _sum_squares(g_i)
         finite = jnp.isfinite(sq)

@@ -98,7 +98,8 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
       train_step = fused_update.make_fused_train_step(
           graphdef, optimizers.base_optimizer(cfg, schedule, abs_params), schedule, mesh,
           state_shardings, abs_params, grad_clip=cfg.grad_clip,
-          exact_clip=cfg.fused_clip == "exact", **step_options)
+          exact_clip=cfg.fused_clip == "exact", offload_residuals=cfg.offload_residuals,
+          **step_options)
     except osd_jax.separability.NotSeparableError as e:
       raise ConfigError(f"--fused-update: {e}") from None
   else:
