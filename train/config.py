@@ -194,10 +194,10 @@ class TrainConfig:
   projector_init: str = _f("svd", "OSD: how P is initialised at step 0.", choices=PROJECTOR_INITS,
                            group="optimizer")
   projector_optimizer: str = _f("adam", "OSD: P's optimizer: adam (the paper's; two s x r "
-                                "moments per matrix), lion (one), adafactor (a factored second "
-                                "moment: s + r floats; 1.75 GiB less than adam at 7B r 1024 with "
-                                "int8 state, +0.056 eval loss at 60M). See benchmarks/RESULTS.md "
-                                "9.",
+                                "moments per matrix), lion (one; +0.139 eval loss at 60M), "
+                                "adafactor (a factored second moment: s + r floats; 1.75 GiB less "
+                                "than adam at 7B r 1024 with int8 state, +0.056 eval loss at "
+                                "60M). See benchmarks/RESULTS.md 9.",
                                 choices=PROJECTOR_OPTIMIZERS, group="optimizer")
   update_proj_gap: int = _f(200, "GaLore: recompute P by SVD every this many steps.",
                             group="optimizer")
