@@ -117,6 +117,24 @@ def test_offloaded_residuals_give_the_same_steps_on_a_sharded_mesh():
     config_lib.validate(_config(offload_residuals=True))
 
 
+def test_stacks_are_carried_flat_only_where_that_keeps_their_sharding():
+  """The fused loop carries [L, a, b] as [L, a·b] (one layout per layer row, so XLA:GPU cannot
+  relay a whole stack) only when b is not split over the mesh: a split a stays a contiguous split
+  of the row, a split b would need a collective every step."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  stack, norm = jax.ShapeDtypeStruct((4, 8, 16), jnp.float32), jax.ShapeDtypeStruct((4, 8),
+                                                                                     jnp.float32)
+
+  def flattens(x, *spec):
+    return fused_update.flattens_in_place(x, jax.sharding.NamedSharding(mesh, P(*spec)))
+
+  assert flattens(stack) and flattens(stack, None, "fsdp")
+  assert not flattens(stack, None, None, "fsdp")
+  assert not flattens(norm)
+
+
 def test_clipping_uses_the_previous_steps_global_norm():
   """Step 2 with --grad-clip c scales the gradients by min(1, c/‖g₁‖), ‖g₁‖ the first step's
   norm (TrainState.grad_norm); read off AdamW's first moment m₂ = b1·m₁ + (1 − b1)·f·g₂."""

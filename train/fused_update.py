@@ -72,6 +72,13 @@ def _sum_squares(tree) -> jax.Array:
              jnp.zeros([], jnp.float32))
 
 
+def flattens_in_place(stack, sharding) -> bool:
+  """Whether ``[L, a, b, ...] -> [L, a·b·...]`` keeps this stack's sharding as it is: only the
+  layer axis and a matrix's first axis may be split over the mesh."""
+  spec = tuple(getattr(sharding, "spec", ())) + (None,) * stack.ndim
+  return stack.ndim >= 3 and all(axis is None for axis in spec[2:stack.ndim])
+
+
 def _split_residuals(vjp_fn, layer_params):
   """A block's VJP as (residual leaves to stack, treedef, slots): a residual that IS one of the
   block's param leaves is not stacked (it is read from the params stack in the backward loop)."""
@@ -205,10 +212,13 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       # backward dot prefers for one layer (w2 transposed) and transposes the whole stack in and
       # out of the loop (2.7 GiB at 7B); a flat row has one layout, so only a layer's slice is
       # relaid.
+      # Only where that keeps the stack's sharding: no mesh axis on a matrix's second axis (a
+      # split first axis stays a contiguous split of the flat row); others are carried as stored.
       layer_shapes = jax.tree.map(lambda x: x.shape[1:], params[LAYERS])
+      flattened = jax.tree.map(flattens_in_place, params[LAYERS], shardings.params[LAYERS])
 
-      def flat(stack):
-        return stack.reshape(stack.shape[0], -1)
+      def flat(stack, ok):
+        return stack.reshape(stack.shape[0], -1) if ok else stack
 
       def backward(j, carry):
         dh, flat_layers, opt, acc = carry
@@ -236,11 +246,12 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
               lambda: tuple(a + b if k < 3 else jnp.fmin(a, b) for k, (a, b) in enumerate(zip(
                   metrics, _projector_sums(old_state, new_state, g_view, energy_metrics)))),
               lambda: metrics)
-        flat_layers = jax.tree.map(lambda x, y: x.at[i].set(y.reshape(-1)), flat_layers, new_p)
+        flat_layers = jax.tree.map(lambda x, y: x.at[i].set(y.reshape(x.shape[1:])), flat_layers,
+                                   new_p)
         # The state writes come after the params' and after the metrics, each reading back what
         # was written before it (osd_jax.layerwise.write_after): every read of an old slice then
         # precedes the write over it, so XLA keeps no copy of a whole stack.
-        token = sum(x[i, 0].astype(jnp.float32) for x in jax.tree.leaves(flat_layers))
+        token = sum(x[i].reshape(-1)[0].astype(jnp.float32) for x in jax.tree.leaves(flat_layers))
         token = token + sum(jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
         opt = split.set_layer(opt, new_state, i, token=token)
         acc = {"sq": acc["sq"] + jnp.where(finite, sq, jnp.inf),
@@ -251,7 +262,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       acc = {"sq": zero, "bad": jnp.zeros([], jnp.int32),
              "metrics": (zero, zero, zero, jnp.full([], jnp.inf, jnp.float32))}
       dh, flat_layers, opt, acc = jax.lax.fori_loop(
-          0, n_layers, backward, (dh, jax.tree.map(flat, params[LAYERS]), opt, acc))
+          0, n_layers, backward, (dh, jax.tree.map(flat, params[LAYERS], flattened), opt, acc))
       layers = jax.tree.map(lambda x, shape: x.reshape(x.shape[:1] + shape), flat_layers,
                             layer_shapes)
       # 4. the embedding's gradient (unless 2b has it); then the embedding, final norm and head
