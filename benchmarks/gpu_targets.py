@@ -40,7 +40,7 @@ TARGETS: dict[str, dict[str, Any]] = {
 def target_config(name: str) -> str:
   """The ``GpuTargetConfigProto`` text of a Hopper GPU in :data:`TARGETS`."""
   if name not in TARGETS:
-    raise ValueError(f"--target {name!r}: choose one of {', '.join(TARGETS)} (or cpu)")
+    raise ValueError(f"--target {name!r}: choose one of {', '.join(TARGETS)} (or local)")
   t = TARGETS[name]
   return f"""
 gpu_device_info {{

@@ -169,13 +169,13 @@ def stand_in(args) -> str:
   materialises) and writes a layer's new weights by rewriting a float32 copy of the stack. A GPU
   runs all three in bfloat16. float16 has bfloat16's width and XLA:CPU's native support, so
   its program allocates what the GPU's would (benchmarks/RESULTS.md §9)."""
-  on_cpu = getattr(args, "target", "local") == "local" and jax.default_backend() == "cpu"
+  on_cpu = args.target == "local" and jax.default_backend() == "cpu"
   return args.cpu_bf16_as if on_cpu else "bfloat16"
 
 
 def target_devices(args) -> list | None:
   """The mesh's devices: the local ones, or compile-only devices of ``--target``'s GPU."""
-  if getattr(args, "target", "local") != "local":
+  if args.target != "local":
     from benchmarks import gpu_targets
 
     return gpu_targets.devices(args.target, args.num_devices or 1)
@@ -229,7 +229,7 @@ def measure(args, optimizer: str) -> dict[str, Any]:
                           "batch_size", "seq_len", "grad_accum", "mesh", "remat", "scan_layers",
                           "model_overrides", "fused_update")},
       "devices": n_dev,
-      "target": getattr(args, "target", "local"),
+      "target": args.target,
       "device_kind": setup.mesh.devices.flat[0].device_kind,
       "bfloat16_compiled_as": stand_in(args),
       "param_bytes": osd_jax.state_bytes(state.params),

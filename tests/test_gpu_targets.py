@@ -7,7 +7,6 @@ the benchmark gives is checked instead.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import re
 
@@ -44,9 +43,8 @@ def _compile_for_h100(*config):
                             "--shape", "4x128", "--remat", "full", "--param-dtype", "bfloat16",
                             "--state-dtype", "int8", "--fused-update", "on", "--target", "h100",
                             "--model-override", "n_layers=2", *config])
-  cell = argparse.Namespace(**{**vars(args), "rank": 64, "batch_size": 4, "seq_len": 128,
-                               "fused": True})
-  cfg = memory.train_config(cell, "osd_adamw")
+  cell, name = next(memory.cells(args))
+  cfg = memory.train_config(cell, name)
   validate(cfg)
   setup = trainer.build(cfg, PRESETS["60m"].vocab_size, devices=memory.target_devices(cell))
   assert "H100" in setup.mesh.devices.flat[0].device_kind
