@@ -38,6 +38,7 @@ layer than on the whole tree; the default SVD init is the same.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -221,6 +222,114 @@ class LayerSplit:
     u_rest, new_rest = self.update_rest(self.rest_view(grads), state, self.rest_view(params),
                                         **extra_args)
     return self.merge_views(stacked_updates, u_rest), self.set_rest(new_state, new_rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowChunks:
+  """A transformation run on ``n`` row chunks of some leaves, one chunk at a time.
+
+  A chunked leaf ``[rows, ...]`` is viewed as ``[n, rows/n, ...]`` (a reshape of its contiguous
+  rows) and becomes a stacked leaf of :attr:`split`, whose "layers" are the chunks; the state's
+  leaves are reshaped alike. The other leaves are :attr:`split`'s rest. Built by
+  :func:`chunk_rows`.
+  """
+
+  n: int
+  split: LayerSplit  # of the chunked view
+  params_treedef: Any
+  param_shapes: tuple[tuple[int, ...], ...]
+  chunk_param_shapes: tuple[tuple[int, ...], ...]
+  state_treedef: Any
+  state_shapes: tuple[tuple[int, ...], ...]
+  chunk_state_shapes: tuple[tuple[int, ...], ...]
+
+  @staticmethod
+  def _reshape(treedef, tree, shapes):
+    def reshape(x, shape):  # arrays, or their shapes
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, x.dtype)
+      return x.reshape(shape)
+
+    return treedef.unflatten([reshape(x, s) for x, s in zip(treedef.flatten_up_to(tree), shapes)])
+
+  def to_chunks(self, tree: Any) -> Any:
+    """A params-shaped tree in the chunked view."""
+    return self._reshape(self.params_treedef, tree, self.chunk_param_shapes)
+
+  def from_chunks(self, tree: Any) -> Any:
+    return self._reshape(self.params_treedef, tree, self.param_shapes)
+
+  def state_to_chunks(self, state: Any) -> Any:
+    """The transformation's state in the chunked view (:attr:`split`'s state)."""
+    return self._reshape(self.state_treedef, state, self.chunk_state_shapes)
+
+  def state_from_chunks(self, state: Any) -> Any:
+    return self._reshape(self.state_treedef, state, self.state_shapes)
+
+
+def chunk_rows(tx: optax.GradientTransformation, params: Any, n: int,
+               chunked: Callable[[Any, Any], bool] | None = None, *, check: bool = True,
+               **extra_args) -> RowChunks:
+  """Splits ``tx`` for updates ``n`` row chunks at a time (e.g. an embedding's rows).
+
+  The update of a big leaf holds several float32 temporaries of its size (Adam's new moments
+  before they are quantized, the update before it is applied): 0.5 GiB each for a 32000 × 4096
+  embedding. Run one chunk at a time (a loop over :attr:`RowChunks.split`'s layers, as for
+  stacked blocks) it holds one chunk's. For an elementwise transformation whose state is shaped
+  like the params (or blocked along their last axis, as 8-bit moments are) the result is the
+  whole update's, bit for bit: a chunk draws the random bits it draws in the whole leaf.
+
+  Args:
+    tx: the transformation (its update may take extra args, e.g. ``apply_step``).
+    params: the params or their shapes; ``optax.MaskedNode`` leaves are left out.
+    n: the number of chunks.
+    chunked: ``(path, leaf) -> bool``, the leaves to cut (default: every leaf of 2 or more axes
+      whose first axis ``n`` divides).
+    check: verify on the jaxpr that ``tx`` treats chunks separately (:func:`split_layers`).
+    extra_args: example extra args for the check.
+
+  Raises:
+    ValueError: no leaf is chunked.
+    osd_jax.separability.NotSeparableError: ``tx`` mixes rows of a leaf, or its state is not
+      shaped so that a chunk of rows owns a chunk of it.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, osd_jax
+    >>> params = {"embed": jnp.ones((8, 4)), "norm": jnp.ones(4)}
+    >>> rows = osd_jax.layerwise.chunk_rows(optax.adamw(1e-3), params, 4)
+    >>> rows.to_chunks(params)["embed"].shape
+    (4, 2, 4)
+  """
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  if chunked is None:
+    chunked = lambda _, x: len(x.shape) >= 2 and x.shape[0] % n == 0  # noqa: E731
+  flags = [bool(chunked(p, x)) for p, x in flat]
+  for (p, x), f in zip(flat, flags):
+    if f and (len(x.shape) < 1 or x.shape[0] % n):
+      raise ValueError(f"chunk_rows: leaf {jax.tree_util.keystr(p)} {x.shape} cannot be cut "
+                       f"into {n} chunks of rows.")
+  if not any(flags):
+    raise ValueError(f"chunk_rows: no leaf is cut into {n} chunks of rows.")
+  leaves = [x for _, x in flat]
+  chunk_leaves = [jax.ShapeDtypeStruct((n, x.shape[0] // n) + tuple(x.shape[1:]), x.dtype)
+                  if f else x for x, f in zip(leaves, flags)]
+  chunk_tree = treedef.unflatten(chunk_leaves)
+  split = split_layers(tx, chunk_tree, treedef.unflatten(flags), check=check, **extra_args)
+  state = jax.eval_shape(optax.with_extra_args_support(tx).init, shapes)
+  chunk_state = jax.eval_shape(split.tx.init, chunk_tree)
+  s_leaves, s_treedef = jax.tree.flatten(state)
+  c_leaves, c_treedef = jax.tree.flatten(chunk_state)
+  if s_treedef != c_treedef or any(
+      math.prod(a.shape) != math.prod(b.shape) or a.dtype != b.dtype
+      for a, b in zip(s_leaves, c_leaves)):
+    raise NotSeparableError("chunk_rows: the state of the chunked params is not the state of "
+                            "the params reshaped; this transformation cannot run by rows.")
+  return RowChunks(n=n, split=split, params_treedef=treedef,
+                   param_shapes=tuple(tuple(x.shape) for x in leaves),
+                   chunk_param_shapes=tuple(tuple(x.shape) for x in chunk_leaves),
+                   state_treedef=s_treedef, state_shapes=tuple(tuple(x.shape) for x in s_leaves),
+                   chunk_state_shapes=tuple(tuple(x.shape) for x in c_leaves))
 
 
 def write_after(token: jax.Array) -> Callable[[jax.Array], jax.Array]:

@@ -135,6 +135,54 @@ def test_stacks_are_carried_flat_only_where_that_keeps_their_sharding():
   assert not flattens(norm)
 
 
+@pytest.mark.parametrize("optimizer,state_dtype", [("osd_adamw", "int8"),
+                                                    ("galore_adamw", "bfloat16")])
+def test_the_embedding_and_head_updated_by_rows_are_the_whole_update(monkeypatch, optimizer,
+                                                                      state_dtype):
+  """The embedding's, final norm's and head's update runs a chunk of rows at a time
+  (fused_update.rest_by_rows): bitwise the whole update, here with bf16 weights rounded
+  stochastically and compact moments (whose random bits a chunk must draw as the whole leaf
+  does), 3 steps."""
+  cfg = _config(optimizer=optimizer, fused_update=True, param_dtype="bfloat16",
+                state_dtype=state_dtype)
+  _, by_rows, m_rows = _run(cfg, 3)
+  rows, rest = _rows(cfg, one_device())
+  assert rows is not None and rows.n == fused_update.REST_CHUNKS
+  assert rows.to_chunks(rest)["embed"]["embedding"].shape == (rows.n, VOCAB // rows.n,
+                                                              FUSED_MODEL["dim"])
+  monkeypatch.setattr(fused_update, "rest_by_rows", lambda *a, **k: None)
+  _, whole, m_whole = _run(cfg, 3)
+  assert_trees_equal(by_rows.params, whole.params)
+  assert_trees_equal(by_rows.opt_state, whole.opt_state)
+  assert [m["loss"] for m in m_rows] == [m["loss"] for m in m_whole]
+
+
+def test_rows_are_chunked_only_where_the_mesh_keeps_them_whole():
+  """A leaf whose rows the mesh splits (or that REST_CHUNKS does not divide) is updated whole."""
+  seen = set()
+  for mesh, devices in (("data=1,fsdp=1,tensor=2", 2), ("data=1,fsdp=2,tensor=1", 2)):
+    cfg = _config(fused_update=True, mesh=mesh)
+    rows, rest = _rows(cfg, jax.devices()[:devices])
+    setup = trainer.build(cfg, VOCAB, devices=jax.devices()[:devices])
+    for name, leaf in (("embed", "embedding"), ("head", "kernel")):
+      shape = rest[name][leaf].shape
+      whole = setup.state_shardings.params[name][leaf].shard_shape(shape)[0] == shape[0]
+      in_chunks = rows is not None and len(rows.to_chunks(rest)[name][leaf].shape) == 3
+      assert in_chunks == whole, (mesh, name, shape)
+      seen.add(whole)
+  assert seen == {True, False}  # both cases met
+
+
+def _rows(cfg, devices):
+  """(fused_update.rest_by_rows of cfg's trainer, the abstract rest params)."""
+  setup = trainer.build(cfg, VOCAB, devices=devices)
+  abstract = setup.abstract_state.params
+  split = fused_update.split_optimizer(optimizers.base_optimizer(cfg, setup.schedule, abstract),
+                                       abstract)
+  rows = fused_update.rest_by_rows(split, abstract, setup.state_shardings.params)
+  return rows, split.rest_view(abstract)
+
+
 def test_clipping_uses_the_previous_steps_global_norm():
   """Step 2 with --grad-clip c scales the gradients by min(1, c/‖g₁‖), ‖g₁‖ the first step's
   norm (TrainState.grad_norm); read off AdamW's first moment m₂ = b1·m₁ + (1 − b1)·f·g₂."""

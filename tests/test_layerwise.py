@@ -152,3 +152,62 @@ def test_separable_programs_pass(fn):
 def test_programs_that_mix_layers_are_refused(fn, message):
   with pytest.raises(NotSeparableError, match=message):
     _check(fn, X, R)
+
+
+def _by_rows(rows: layerwise.RowChunks, grads, state, params):
+  """The whole update run a chunk of rows at a time (a loop), then the leaves left whole."""
+  cs = rows.split
+  g, p, s = rows.to_chunks(grads), rows.to_chunks(params), rows.state_to_chunks(state)
+
+  def body(c, carry):
+    s, stacked = carry
+    u, new = cs.update_layer(cs.layer_view(g, c), s, cs.layer_view(p, c), c)
+    return cs.set_layer(s, new, c), [x.at[c].set(y) for x, y in zip(stacked, cs.stacked_leaves(u))]
+
+  zeros = [jnp.zeros_like(x) for x in cs.stacked_leaves(g)]
+  s, stacked = jax.lax.fori_loop(0, rows.n, body, (s, zeros))
+  u_rest, new_rest = cs.update_rest(cs.rest_view(g), s, cs.rest_view(p))
+  return (rows.from_chunks(cs.merge_views(stacked, u_rest)),
+          rows.state_from_chunks(cs.set_rest(s, new_rest)))
+
+
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_an_update_by_chunks_of_rows_is_the_whole_update(state_dtype):
+  """chunk_rows: an embedding [40, 512] and a head [16, 256] in 4 chunks of rows (8-bit moments
+  blocked along the rows, stochastically rounded) and a bias left whole: two steps of the cut
+  leaves equal the whole update bit for bit (the bias's to an ulp: the same update, in another
+  program)."""
+  from osd_jax import transforms
+
+  k = jax.random.split(jax.random.key(1), 3)
+  params = {"embed": jax.random.normal(k[0], (40, 512)), "head": jax.random.normal(k[1], (16, 256)),
+            "bias": jnp.zeros(7)}
+  tx = optax.chain(transforms.scale_by_adam(state_dtype=state_dtype, seed=3),
+                   optax.add_decayed_weights(0.1), optax.scale(-1e-2))
+  rows = layerwise.chunk_rows(tx, params, 4)
+  assert rows.to_chunks(params)["embed"].shape == (4, 10, 512)
+  assert rows.to_chunks(params)["bias"].shape == (7,)  # one axis: left whole
+  state = tx.init(params)
+  for t in range(2):
+    grads = jax.tree.map(lambda x, t=t: jnp.cos(x * (t + 2)) * 10.0 ** -(t + 1), params)
+    want_u, want_s = jax.jit(tx.update)(grads, state, params)
+    got_u, got_s = jax.jit(lambda g, s, p: _by_rows(rows, g, s, p))(grads, state, params)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path((want_u, want_s))[0],
+                            jax.tree.leaves((got_u, got_s))):
+      if "bias" in jax.tree_util.keystr(path):  # not cut: the same update in another program,
+        np.testing.assert_allclose(b, a, rtol=1e-6)  # which XLA may round apart by an ulp
+      else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state = want_s
+    params = optax.apply_updates(params, want_u)
+
+
+def test_chunks_of_rows_are_refused_where_rows_mix_or_nothing_is_cut():
+  params = {"embed": jnp.ones((8, 6)), "bias": jnp.ones(3)}
+  # Adafactor's factored second moment keeps one statistic per column over all rows
+  with pytest.raises(NotSeparableError):
+    layerwise.chunk_rows(optax.adafactor(1e-2, min_dim_size_to_factor=2), params, 2)
+  with pytest.raises(ValueError, match="no leaf is cut into 3 chunks"):
+    layerwise.chunk_rows(optax.adam(1e-2), params, 3)
+  with pytest.raises(ValueError, match=r"\['bias'\] \(3,\) cannot be cut"):
+    layerwise.chunk_rows(optax.adam(1e-2), params, 2, lambda path, x: True)

@@ -253,8 +253,11 @@ class TrainConfig:
                        choices=FUSED_CLIPS, group="training")
   offload_residuals: bool = _f(False, "--fused-update: keep the blocks' saved inputs (remat's "
                                "residuals, 1 GiB at 7B for 16x256 tokens) in pinned host memory "
-                               "and bring one block's back for its backward step. The same "
-                               "numbers; on a GPU it trades device memory for host transfers "
+                               "and bring one block's back for its backward step; and recompute "
+                               "the head's gradient after the blocks' loop instead of holding "
+                               "it through the loop (250 MiB at 7B, for one more pass of the "
+                               "head's matrix product). The same numbers; on a GPU it trades "
+                               "device memory for host transfers and a little compute "
                                "(benchmarks/RESULTS.md 9); on a CPU host and device are one.",
                                group="training")
 

@@ -12,12 +12,15 @@ the step owns its backward pass:
    remat policy did not save), hands that block's gradient and its slice of the optimizer state to
    the optimizer (:mod:`osd_jax.layerwise`), writes the block's new params and state into the
    stacks in place and drops the gradient: at most one block's gradient is alive at a time;
-4. the embedding's VJP, then the embedding, final norm and head are updated together.
+4. the embedding's VJP, then the embedding, final norm and head are updated together, their big
+   leaves a chunk of rows at a time (:func:`rest_by_rows`: one chunk's float32 temporaries, not
+   the whole embedding's and head's).
 
 What it changes (train/README.md, "The fused update"):
 
 * **Same optimizer.** Without clipping the step equals the unfused one (to float rounding).
-* **Clipping** (``--grad-clip > 0``) needs the global norm before any update. By default
+* **Clipping** (``--grad-clip > 0``) needs the global norm before any update; it scales the
+  cotangent that enters the blocks (their VJPs are linear in it), not each gradient. By default
   (``--fused-clip previous``) the gradients are scaled by min(1, clip / ‖g‖) with ‖g‖ of the
   previous step (``TrainState.grad_norm``; no clipping at a run's first step). With
   ``--fused-clip exact`` a first loop over the blocks computes this step's gradients only for
@@ -54,6 +57,7 @@ from train import train_step as step_lib
 
 LAYERS = "layers"
 NS = "newton_schulz"
+REST_CHUNKS = 8  # the embedding's and head's update in this many chunks of rows
 
 
 def _is_stacked(path, _) -> bool:
@@ -65,6 +69,58 @@ def split_optimizer(base: optax.GradientTransformation,
   """The base optimizer split by layer of the scanned blocks (refused when not separable)."""
   return layerwise.split_layers(osd_jax.skipping.honour_apply_step(base), abstract_params,
                                 _is_stacked, apply_step=jnp.bool_(True))
+
+
+def rest_by_rows(split: layerwise.LayerSplit, abstract_params: Any, param_shardings: Any,
+                 n: int | None = None) -> layerwise.RowChunks | None:
+  """The update of the embedding, final norm and head with their big leaves cut into ``n`` chunks
+  of rows (:func:`osd_jax.layerwise.chunk_rows`), or None where that cannot be done: a leaf whose
+  first axis ``n`` does not divide or the mesh splits is left whole; an optimizer that mixes rows
+  (a projected embedding, a factored moment) keeps the whole update. ``n``: :data:`REST_CHUNKS`
+  by default."""
+  n = n or REST_CHUNKS
+  rest = split.rest_view(abstract_params)
+  shardings = dict(
+      (jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
+          split.rest_view(param_shardings))[0])
+
+  def chunked(path, x):
+    sharding = shardings.get(jax.tree_util.keystr(path))
+    rows_whole = sharding is None or sharding.shard_shape(x.shape)[0] == x.shape[0]
+    return len(x.shape) >= 2 and x.shape[0] % n == 0 and rows_whole
+
+  try:
+    return layerwise.chunk_rows(split.tx, rest, n, chunked, apply_step=jnp.bool_(True))
+  except (ValueError, osd_jax.separability.NotSeparableError):
+    return None
+
+
+def _update_by_rows(rows: layerwise.RowChunks, grads, state, params, ok, step,
+                    stochastic_rounding: bool, seed: int):
+  """(new params, new state) of the rest's update, a chunk of rows at a time: the same numbers as
+  the whole update (bit for bit), holding one chunk's float32 temporaries instead of the whole
+  embedding's and head's (2 GiB at 7B)."""
+  cs = rows.split
+  g_c, s_c = rows.to_chunks(grads), rows.state_to_chunks(state)
+  p_c = rows.to_chunks(params)
+
+  def body(c, carry):
+    stacked, s_c = carry
+    p_view = cs.layer_view_of([x[c] for x in stacked])
+    u, new = cs.update_layer(cs.layer_view(g_c, c), s_c, p_view, c, apply_step=ok)
+    new_view = step_lib.apply_updates(p_view, u, step, stochastic_rounding, seed, layer_index=c)
+    new_view = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_view, p_view)
+    stacked = [x.at[c].set(y) for x, y in zip(stacked, cs.stacked_leaves(new_view))]
+    token = sum(x[c].reshape(-1)[0].astype(jnp.float32) for x in stacked)
+    return stacked, cs.set_layer(s_c, new, c, token=token)
+
+  stacked, s_c = jax.lax.fori_loop(0, rows.n, body, (cs.stacked_leaves(p_c), s_c))
+  p_small = cs.rest_view(p_c)
+  u, new_small = cs.update_rest(cs.rest_view(g_c), s_c, p_small, apply_step=ok)
+  new_small_p = step_lib.apply_updates(p_small, u, step, stochastic_rounding, seed)
+  new_small_p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_small_p, p_small)
+  new_p = cs.merge_views(stacked, new_small_p)
+  return rows.from_chunks(new_p), rows.state_from_chunks(cs.set_rest(s_c, new_small))
 
 
 def _sum_squares(tree) -> jax.Array:
@@ -120,7 +176,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                           last_step: int = -1, donate: bool = True,
                           stochastic_rounding: bool = False, seed: int = 0,
                           loss_chunk: int = 0, exact_clip: bool = False,
-                          offload_residuals: bool = False) -> Callable:
+                          offload_residuals: bool = False,
+                          rest_chunks: bool = True) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
 
   ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
@@ -131,9 +188,12 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
   :func:`train.train_step.cross_entropy_sum`; ``exact_clip``: clip by this step's global norm,
   from a first, norm-only loop over the blocks (``--fused-clip exact``); ``offload_residuals``:
   the blocks' residuals stacked in host memory (``jax.memory.Space.Host``) and one block's
-  brought back to the device for its backward step (``--offload-residuals``).
+  brought back to the device for its backward step (``--offload-residuals``); ``rest_chunks``:
+  the embedding's and head's update a chunk of rows at a time (:func:`rest_by_rows`; the same
+  numbers, bit for bit).
   """
   split = split_optimizer(base, abstract_params)
+  rows = rest_by_rows(split, abstract_params, shardings.params) if rest_chunks else None
   n_layers = split.n_layers
   pin_activations = shd.activation_constraint(mesh)
 
@@ -225,11 +285,10 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         i = n_layers - 1 - j
         p_i = jax.tree.map(lambda x, shape: x[i].reshape(shape), flat_layers, layer_shapes)
         vjp_fn = _rebuild_vjp(residuals_of(i), structure["treedef"], structure["slots"], p_i)
-        g_i, dh = vjp_fn(dh)
+        g_i, dh = vjp_fn(dh)  # clipped already: dh carries the clip factor
         sq = _sum_squares(g_i)
         finite = jnp.isfinite(sq)
         ok = step_ok & finite
-        g_i = jax.tree.map(lambda g: (g * clip_factor).astype(g.dtype), g_i)
         g_view = split.layer_view_of(jax.tree.leaves(g_i))
         p_view = split.layer_view_of(jax.tree.leaves(p_i))
         old_state = split.layer_state(opt, i)
@@ -258,6 +317,16 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                "bad": acc["bad"] + (~finite).astype(jnp.int32), "metrics": metrics}
         return dh, flat_layers, opt, acc
 
+      # Clipping scales the cotangent entering the blocks: a VJP is linear in it, so every
+      # block's gradient and the embedding's come out multiplied by the clip factor. (Scaling
+      # each block's gradient instead made XLA keep a clipped copy beside the raw one: 0.38 GiB
+      # at 7B.) The norms below divide it out again.
+      dh = (dh * clip_factor).astype(dh.dtype)
+      if offload_residuals and g_embed is None:
+        g_norm = g_head = None  # recomputed after the loop, not held through it
+      def clipped(g):
+        return (g * clip_factor).astype(g.dtype)
+
       zero = jnp.zeros([], jnp.float32)
       acc = {"sq": zero, "bad": jnp.zeros([], jnp.int32),
              "metrics": (zero, zero, zero, jnp.full([], jnp.inf, jnp.float32))}
@@ -265,22 +334,30 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
           0, n_layers, backward, (dh, jax.tree.map(flat, params[LAYERS], flattened), opt, acc))
       layers = jax.tree.map(lambda x, shape: x.reshape(x.shape[:1] + shape), flat_layers,
                             layer_shapes)
-      # 4. the embedding's gradient (unless 2b has it); then the embedding, final norm and head
+      if g_head is None:  # XLA computes only what is used of each of the two head VJPs
+        g_norm, g_head, _ = head_vjp(jnp.ones_like(loss))
+      # 4. the embedding's gradient, clipped (2b's is raw); then the embedding, norm and head
       if g_embed is None:
         (g_embed,) = embed_vjp(dh)
+      else:
+        g_embed = jax.tree.map(clipped, g_embed)
 
-    g_rest = {**params, "embed": g_embed, "norm": g_norm, "head": g_head}
-    g_rest = split.rest_view(g_rest)
-    rest_sq = _sum_squares(g_rest)
+    unclip = 1.0 / jnp.square(clip_factor)  # exactly 1 when nothing is clipped
+    rest_sq = _sum_squares(g_embed) * unclip + _sum_squares((g_norm, g_head))
     rest_finite = jnp.isfinite(rest_sq)
-    grad_norm = jnp.sqrt(acc["sq"] + rest_sq)  # inf when a block's gradient was not finite
+    grad_norm = jnp.sqrt(acc["sq"] * unclip + rest_sq)  # inf when a block's was not finite
     ok = step_ok & (acc["bad"] == 0) & rest_finite  # every gradient finite: the step applies
-    g_rest = jax.tree.map(lambda g: (g * clip_factor).astype(g.dtype), g_rest)
+    g_rest = split.rest_view({**params, "embed": g_embed, "norm": jax.tree.map(clipped, g_norm),
+                              "head": jax.tree.map(clipped, g_head)})
     p_rest = split.rest_view(params)
     old_rest = split.rest_state(opt)
-    u_rest, new_rest = split.tx.update(g_rest, old_rest, p_rest, apply_step=ok)
-    new_p_rest = step_lib.apply_updates(p_rest, u_rest, state.step, stochastic_rounding, seed)
-    new_p_rest = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p_rest, p_rest)
+    if rows is not None:  # the embedding's and head's rows a chunk at a time
+      new_p_rest, new_rest = _update_by_rows(rows, g_rest, old_rest, p_rest, ok, state.step,
+                                             stochastic_rounding, seed)
+    else:
+      u_rest, new_rest = split.tx.update(g_rest, old_rest, p_rest, apply_step=ok)
+      new_p_rest = step_lib.apply_updates(p_rest, u_rest, state.step, stochastic_rounding, seed)
+      new_p_rest = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p_rest, p_rest)
     new_params = split.merge_views(jax.tree.leaves(layers), new_p_rest)
     opt = split.set_rest(opt, new_rest)
     new_opt = (*state.opt_state[:-1], opt)
