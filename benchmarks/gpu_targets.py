@@ -25,8 +25,11 @@ from typing import Any
 
 #: XLA's description of each GPU (``GpuTargetConfigProto`` text): the SXM parts' published
 #: figures (SMs, HBM bytes as the CUDA runtime reports them, bandwidth, L2, clock). XLA:GPU reads
-#: the compute capability, the shared-memory and register limits (fusion and tiling choices) and
-#: the cuDNN/CUDA versions (which kernels exist); the memory size caps nothing at compile time.
+#: the compute capability, the shared-memory and register limits (fusion and tiling choices),
+#: the cuDNN/CUDA versions (which kernels exist) and the memory size: its latency-hiding
+#: scheduler orders the program to stay within the device's memory, trading overlap for memory
+#: when the limit is near (7B osd_adamw r = 1024 compact and offloaded: 21.01 GiB told 80 GB,
+#: 20.93 told 24 GB; ``memory_bytes`` below, ``benchmarks.memory --target-memory``).
 TARGETS: dict[str, dict[str, Any]] = {
     "h100": {"description": "NVIDIA H100 80GB HBM3", "core_count": 132,
              "device_memory_size": 84_929_347_584, "memory_bandwidth": 3_352_320_000_000,
@@ -37,11 +40,14 @@ TARGETS: dict[str, dict[str, Any]] = {
 }
 
 
-def target_config(name: str) -> str:
-  """The ``GpuTargetConfigProto`` text of a Hopper GPU in :data:`TARGETS`."""
+def target_config(name: str, memory_bytes: int | None = None) -> str:
+  """The ``GpuTargetConfigProto`` text of a Hopper GPU in :data:`TARGETS`, with
+  ``memory_bytes`` of memory instead of its own (e.g. the 24 GB of a smaller card)."""
   if name not in TARGETS:
     raise ValueError(f"--target {name!r}: choose one of {', '.join(TARGETS)} (or local)")
-  t = TARGETS[name]
+  t = dict(TARGETS[name])
+  if memory_bytes:
+    t["device_memory_size"] = int(memory_bytes)
   return f"""
 gpu_device_info {{
   threads_per_block_limit: 1024
@@ -70,12 +76,13 @@ device_description_str: "{t['description']}"
 """
 
 
-def devices(name: str, count: int = 1) -> list:
-  """``count`` compile-only devices of GPU ``name`` (one host), for a ``jax.sharding.Mesh``."""
+def devices(name: str, count: int = 1, memory_bytes: int | None = None) -> list:
+  """``count`` compile-only devices of GPU ``name`` (one host), for a ``jax.sharding.Mesh``;
+  ``memory_bytes``: :func:`target_config`'s."""
   import jax
   from jax.experimental import topologies
 
-  config = target_config(name)
+  config = target_config(name, memory_bytes)
   try:
     topology = topologies.get_topology_desc(platform="cuda", target_config=config,
                                             topology=f"1x1x{count}")

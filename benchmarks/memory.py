@@ -97,6 +97,10 @@ def parse_args(argv):
                  help="Compile for this backend: 'local' (the default backend here) or a GPU "
                       "that need not be present (benchmarks/gpu_targets.py: XLA:GPU's program "
                       "and buffer assignment; needs jax-cuda12-plugin).")
+  p.add_argument("--target-memory", type=float, default=None, metavar="GIB",
+                 help="With a GPU --target: tell XLA the device has this much memory (GiB, "
+                      "e.g. 22.35 for a 24 GB card); its scheduler keeps the program within "
+                      "it (default: the card's own).")
   p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="train --mesh.")
   p.add_argument("--num-devices", type=int, default=1,
                  help="Devices in the mesh (default 1: the single-device figure).")
@@ -123,6 +127,8 @@ def parse_args(argv):
   except ValueError:
     p.error(f"--shape {shapes}: give BATCHxSEQ, e.g. 16x256")
   args.fused = {"off": [False], "on": [True], "both": [False, True]}[args.fused_update]
+  if args.target_memory is not None and (args.target == "local" or args.target_memory <= 0):
+    p.error("--target-memory: give a positive size in GiB, with a GPU --target (h100, h200)")
   return args
 
 
@@ -178,7 +184,8 @@ def target_devices(args) -> list | None:
   if args.target != "local":
     from benchmarks import gpu_targets
 
-    return gpu_targets.devices(args.target, args.num_devices or 1)
+    memory = int(args.target_memory * 2**30) if args.target_memory else None
+    return gpu_targets.devices(args.target, args.num_devices or 1, memory)
   return jax.devices()[: args.num_devices] if args.num_devices else None
 
 
@@ -230,6 +237,7 @@ def measure(args, optimizer: str) -> dict[str, Any]:
                           "model_overrides", "fused_update")},
       "devices": n_dev,
       "target": args.target,
+      "target_memory_gib": args.target_memory,
       "device_kind": setup.mesh.devices.flat[0].device_kind,
       "bfloat16_compiled_as": stand_in(args),
       "param_bytes": osd_jax.state_bytes(state.params),

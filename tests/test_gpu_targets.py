@@ -24,6 +24,20 @@ def test_target_config_describes_a_hopper_gpu():
   assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
   with pytest.raises(ValueError, match="--target 'a100'"):
     gpu_targets.target_config("a100")
+  # --target-memory: the same GPU told it has 24 GB (XLA:GPU's scheduler keeps within it)
+  small = gpu_targets.target_config("h100", memory_bytes=24 * 10**9)
+  assert "device_memory_size: 24000000000" in small and "major: 9 minor: 0" in small
+  assert gpu_targets.TARGETS["h100"]["device_memory_size"] == 84929347584  # left as it was
+
+
+def test_target_memory_needs_a_gpu_target():
+  from benchmarks import memory
+
+  args = memory.parse_args(["--target", "h100", "--target-memory", "22.35"])
+  assert args.target_memory == 22.35
+  for bad in (["--target-memory", "22"], ["--target", "h100", "--target-memory", "0"]):
+    with pytest.raises(SystemExit):
+      memory.parse_args(bad)
 
 
 @pytest.mark.skipif(HAVE_PLUGIN, reason="the CUDA plugin is installed")
