@@ -30,6 +30,10 @@ layer — a global-norm clip, ``optax.apply_if_finite``, a norm over the whole s
 :class:`osd_jax.separability.NotSeparableError` from :func:`split_layers`, found by a check of its
 jaxpr (:mod:`osd_jax.separability`); it is never silently wrong.
 
+:func:`chunk_rows` does the same for one big leaf's rows (an embedding, a head): the leaf viewed
+as ``[n, rows/n, ...]`` is a stack of ``n`` chunks, updated one at a time so that one chunk's
+float32 temporaries are alive instead of the whole leaf's.
+
 Which random draws a projector init makes depends on the leaf's position and batch shape, so
 ``projector_init="random"``/``"randomized"`` draw different (equally distributed) P₀ layer by
 layer than on the whole tree; the default SVD init is the same.

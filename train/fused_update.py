@@ -176,8 +176,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                           last_step: int = -1, donate: bool = True,
                           stochastic_rounding: bool = False, seed: int = 0,
                           loss_chunk: int = 0, exact_clip: bool = False,
-                          offload_residuals: bool = False,
-                          rest_chunks: bool = True) -> Callable:
+                          offload_residuals: bool = False) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
 
   ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
@@ -188,12 +187,12 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
   :func:`train.train_step.cross_entropy_sum`; ``exact_clip``: clip by this step's global norm,
   from a first, norm-only loop over the blocks (``--fused-clip exact``); ``offload_residuals``:
   the blocks' residuals stacked in host memory (``jax.memory.Space.Host``) and one block's
-  brought back to the device for its backward step (``--offload-residuals``); ``rest_chunks``:
-  the embedding's and head's update a chunk of rows at a time (:func:`rest_by_rows`; the same
-  numbers, bit for bit).
+  brought back to the device for its backward step, and the head's gradient recomputed after
+  the blocks' loop instead of held through it (``--offload-residuals``). The embedding's and
+  head's update runs a chunk of rows at a time where it can (:func:`rest_by_rows`).
   """
   split = split_optimizer(base, abstract_params)
-  rows = rest_by_rows(split, abstract_params, shardings.params) if rest_chunks else None
+  rows = rest_by_rows(split, abstract_params, shardings.params)
   n_layers = split.n_layers
   pin_activations = shd.activation_constraint(mesh)
 
@@ -322,8 +321,9 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       # each block's gradient instead made XLA keep a clipped copy beside the raw one: 0.38 GiB
       # at 7B.) The norms below divide it out again.
       dh = (dh * clip_factor).astype(dh.dtype)
-      if offload_residuals and g_embed is None:
+      if offload_residuals and g_embed is None:  # (--fused-clip exact has used them already)
         g_norm = g_head = None  # recomputed after the loop, not held through it
+
       def clipped(g):
         return (g * clip_factor).astype(g.dtype)
 
