@@ -320,7 +320,7 @@ def chunk_rows(tx: optax.GradientTransformation, params: Any, n: int,
                   if f else x for x, f in zip(leaves, flags)]
   chunk_tree = treedef.unflatten(chunk_leaves)
   split = split_layers(tx, chunk_tree, treedef.unflatten(flags), check=check, **extra_args)
-  state = jax.eval_shape(optax.with_extra_args_support(tx).init, shapes)
+  state = jax.eval_shape(split.tx.init, shapes)
   chunk_state = jax.eval_shape(split.tx.init, chunk_tree)
   s_leaves, s_treedef = jax.tree.flatten(state)
   c_leaves, c_treedef = jax.tree.flatten(chunk_state)

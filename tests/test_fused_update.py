@@ -146,7 +146,7 @@ def test_the_embedding_and_head_updated_by_rows_are_the_whole_update(monkeypatch
   cfg = _config(optimizer=optimizer, fused_update=True, param_dtype="bfloat16",
                 state_dtype=state_dtype)
   _, by_rows, m_rows = _run(cfg, 3)
-  rows, rest = _rows(cfg, one_device())
+  rows, rest, _ = _rows(cfg, one_device())
   assert rows is not None and rows.n == fused_update.REST_CHUNKS
   assert rows.to_chunks(rest)["embed"]["embedding"].shape == (rows.n, VOCAB // rows.n,
                                                               FUSED_MODEL["dim"])
@@ -162,8 +162,7 @@ def test_rows_are_chunked_only_where_the_mesh_keeps_them_whole():
   seen = set()
   for mesh, devices in (("data=1,fsdp=1,tensor=2", 2), ("data=1,fsdp=2,tensor=1", 2)):
     cfg = _config(fused_update=True, mesh=mesh)
-    rows, rest = _rows(cfg, jax.devices()[:devices])
-    setup = trainer.build(cfg, VOCAB, devices=jax.devices()[:devices])
+    rows, rest, setup = _rows(cfg, jax.devices()[:devices])
     for name, leaf in (("embed", "embedding"), ("head", "kernel")):
       shape = rest[name][leaf].shape
       whole = setup.state_shardings.params[name][leaf].shard_shape(shape)[0] == shape[0]
@@ -174,13 +173,13 @@ def test_rows_are_chunked_only_where_the_mesh_keeps_them_whole():
 
 
 def _rows(cfg, devices):
-  """(fused_update.rest_by_rows of cfg's trainer, the abstract rest params)."""
+  """(fused_update.rest_by_rows of cfg's trainer, the abstract rest params, the trainer)."""
   setup = trainer.build(cfg, VOCAB, devices=devices)
   abstract = setup.abstract_state.params
   split = fused_update.split_optimizer(optimizers.base_optimizer(cfg, setup.schedule, abstract),
                                        abstract)
   rows = fused_update.rest_by_rows(split, abstract, setup.state_shardings.params)
-  return rows, split.rest_view(abstract)
+  return rows, split.rest_view(abstract), setup
 
 
 def test_clipping_uses_the_previous_steps_global_norm():

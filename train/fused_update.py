@@ -71,14 +71,27 @@ def split_optimizer(base: optax.GradientTransformation,
                                 _is_stacked, apply_step=jnp.bool_(True))
 
 
+def _updated_where(ok, params, updates, step, stochastic_rounding: bool, seed: int,
+                   layer_index=None):
+  """The params with ``updates`` applied (:func:`train.train_step.apply_updates`) where ``ok``,
+  and bitwise as they were where not (a skipped step, or a block with a non-finite gradient)."""
+  new = step_lib.apply_updates(params, updates, step, stochastic_rounding, seed,
+                               layer_index=layer_index)
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, params)
+
+
+def _read_back(stacks, i) -> jax.Array:
+  """A scalar read from layer ``i`` of every stack just written: the token after which the state
+  writes are ordered (:func:`osd_jax.layerwise.write_after`)."""
+  return sum(x[i].reshape(-1)[0].astype(jnp.float32) for x in stacks)
+
+
 def rest_by_rows(split: layerwise.LayerSplit, abstract_params: Any, param_shardings: Any,
-                 n: int | None = None) -> layerwise.RowChunks | None:
+                 n: int = REST_CHUNKS) -> layerwise.RowChunks | None:
   """The update of the embedding, final norm and head with their big leaves cut into ``n`` chunks
   of rows (:func:`osd_jax.layerwise.chunk_rows`), or None where that cannot be done: a leaf whose
   first axis ``n`` does not divide or the mesh splits is left whole; an optimizer that mixes rows
-  (a projected embedding, a factored moment) keeps the whole update. ``n``: :data:`REST_CHUNKS`
-  by default."""
-  n = n or REST_CHUNKS
+  (a projected embedding, a factored moment) keeps the whole update."""
   rest = split.rest_view(abstract_params)
   shardings = dict(
       (jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
@@ -89,9 +102,11 @@ def rest_by_rows(split: layerwise.LayerSplit, abstract_params: Any, param_shardi
     rows_whole = sharding is None or sharding.shard_shape(x.shape)[0] == x.shape[0]
     return len(x.shape) >= 2 and x.shape[0] % n == 0 and rows_whole
 
+  if not any(chunked(p, x) for p, x in jax.tree_util.tree_flatten_with_path(rest)[0]):
+    return None
   try:
     return layerwise.chunk_rows(split.tx, rest, n, chunked, apply_step=jnp.bool_(True))
-  except (ValueError, osd_jax.separability.NotSeparableError):
+  except osd_jax.separability.NotSeparableError:
     return None
 
 
@@ -108,17 +123,14 @@ def _update_by_rows(rows: layerwise.RowChunks, grads, state, params, ok, step,
     stacked, s_c = carry
     p_view = cs.layer_view_of([x[c] for x in stacked])
     u, new = cs.update_layer(cs.layer_view(g_c, c), s_c, p_view, c, apply_step=ok)
-    new_view = step_lib.apply_updates(p_view, u, step, stochastic_rounding, seed, layer_index=c)
-    new_view = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_view, p_view)
+    new_view = _updated_where(ok, p_view, u, step, stochastic_rounding, seed, layer_index=c)
     stacked = [x.at[c].set(y) for x, y in zip(stacked, cs.stacked_leaves(new_view))]
-    token = sum(x[c].reshape(-1)[0].astype(jnp.float32) for x in stacked)
-    return stacked, cs.set_layer(s_c, new, c, token=token)
+    return stacked, cs.set_layer(s_c, new, c, token=_read_back(stacked, c))
 
   stacked, s_c = jax.lax.fori_loop(0, rows.n, body, (cs.stacked_leaves(p_c), s_c))
   p_small = cs.rest_view(p_c)
   u, new_small = cs.update_rest(cs.rest_view(g_c), s_c, p_small, apply_step=ok)
-  new_small_p = step_lib.apply_updates(p_small, u, step, stochastic_rounding, seed)
-  new_small_p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_small_p, p_small)
+  new_small_p = _updated_where(ok, p_small, u, step, stochastic_rounding, seed)
   new_p = cs.merge_views(stacked, new_small_p)
   return rows.from_chunks(new_p), rows.state_from_chunks(cs.set_rest(s_c, new_small))
 
@@ -293,10 +305,9 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         old_state = split.layer_state(opt, i)
         u_view, new_state = split.tx.update(g_view, old_state, p_view, apply_step=ok,
                                             layer_index=i)
-        new_view = step_lib.apply_updates(p_view, u_view, state.step, stochastic_rounding, seed,
-                                          layer_index=i)
+        new_view = _updated_where(ok, p_view, u_view, state.step, stochastic_rounding, seed,
+                                  layer_index=i)
         new_p = jax.tree.unflatten(jax.tree.structure(p_i), split.stacked_leaves(new_view))
-        new_p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p, p_i)
         metrics = acc["metrics"]
         if subspace_metrics:
           metrics = jax.lax.cond(
@@ -309,8 +320,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         # The state writes come after the params' and after the metrics, each reading back what
         # was written before it (osd_jax.layerwise.write_after): every read of an old slice then
         # precedes the write over it, so XLA keeps no copy of a whole stack.
-        token = sum(x[i].reshape(-1)[0].astype(jnp.float32) for x in jax.tree.leaves(flat_layers))
-        token = token + sum(jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
+        token = _read_back(jax.tree.leaves(flat_layers), i) + sum(
+            jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
         opt = split.set_layer(opt, new_state, i, token=token)
         acc = {"sq": acc["sq"] + jnp.where(finite, sq, jnp.inf),
                "bad": acc["bad"] + (~finite).astype(jnp.int32), "metrics": metrics}
@@ -356,8 +367,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                                              stochastic_rounding, seed)
     else:
       u_rest, new_rest = split.tx.update(g_rest, old_rest, p_rest, apply_step=ok)
-      new_p_rest = step_lib.apply_updates(p_rest, u_rest, state.step, stochastic_rounding, seed)
-      new_p_rest = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_p_rest, p_rest)
+      new_p_rest = _updated_where(ok, p_rest, u_rest, state.step, stochastic_rounding, seed)
     new_params = split.merge_views(jax.tree.leaves(layers), new_p_rest)
     opt = split.set_rest(opt, new_rest)
     new_opt = (*state.opt_state[:-1], opt)
