@@ -93,6 +93,35 @@ def test_a_fused_step_is_the_same_optimizer(optimizer):
     assert int(b["skipped_blocks"]) == 0 and int(b["skipped"]) == 0
 
 
+@pytest.mark.parametrize("optimizer, precisions", [
+    ("osd_adamw", ({}, {"param_dtype": "bfloat16", "state_dtype": "int8"})),
+    ("galore_adamw", ({},))])
+def test_a_block_by_halves_is_the_same_optimizer(optimizer, precisions, monkeypatch):
+  """Remat full: each block's backward step in two halves (the feed-forward's VJP and update,
+  then the attention's): the same params as the unfused step to 1e-5 after 6 steps; with bf16
+  weights and int8 state, against the unfused compact step, within a bf16 step (stochastic
+  rounding with the same bits: a weight lands a step apart only where the two steps' float32
+  rounding crosses a rounding threshold, test_compact's criterion)."""
+  calls = []
+  halves = model_lib.Llama.block_halves
+  monkeypatch.setattr(model_lib.Llama, "block_halves",
+                      lambda self, positions: calls.append(1) or halves(self, positions))
+  for compact in precisions:
+    cfg = _tiny(optimizer=optimizer, update_proj_gap=3, remat="full", **compact)
+    _, plain, m_plain = _run(cfg, 6, vocab=512)
+    _, fused, m_fused = _run(cfg.replace(fused_update=True), 6, vocab=512)
+    if compact:
+      for a, b in zip(jax.tree.leaves(host(plain.params)), jax.tree.leaves(host(fused.params))):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.mean(np.abs(a - b) > np.abs(b) * 2.0 ** -7 + 1e-30) < 0.01
+    else:
+      assert _max_relative_error(plain.params, fused.params) < 1e-5
+      for a, b in zip(m_plain, m_fused):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    assert all(int(m["skipped_blocks"]) == 0 and int(m["skipped"]) == 0 for m in m_fused)
+  assert calls  # the fused step took the halves
+
+
 def test_fused_on_a_four_device_fsdp_mesh_matches_the_unfused_one_device_run():
   """(The sharded run differs from the one-device run by its reductions' order, 3.5e-6 here;
   fused and unfused on the same mesh agree to 1e-8.)"""
@@ -260,44 +289,50 @@ def test_a_non_finite_loss_skips_the_whole_step_before_any_update():
 MARK = 1.2345  # a block whose attention_norm scale starts with this gets a NaN gradient
 
 
+def _poisoned(fn):
+  """``fn(p, h)`` whose gradient for the marked block's params is NaN (its value and the
+  gradient it passes on to ``h`` are untouched)."""
+
+  @jax.custom_vjp
+  def poisoned(p, h):
+    return fn(p, h)
+
+  def fwd(p, h):
+    return fn(p, h), (p, h)
+
+  def bwd(res, dy):
+    p, h = res
+    _, vjp = jax.vjp(fn, p, h)
+    dp, dh = vjp(dy)
+    marked = p["attention_norm"]["scale"][0] == MARK
+    return jax.tree.map(lambda g: jnp.where(marked, jnp.nan, g), dp), dh
+
+  poisoned.defvjp(fwd, bwd)
+  return poisoned
+
+
 def _nan_gradient_for_the_marked_block(monkeypatch):
-  """Patches the block function so that the marked block's params get a NaN gradient (its
-  forward pass and the gradient it passes on are untouched)."""
-  original = model_lib.Llama.block_function
-
-  def block_function(self, positions):
-    block = original(self, positions)
-
-    @jax.custom_vjp
-    def poisoned(p, h):
-      return block(p, h)
-
-    def fwd(p, h):
-      return block(p, h), (p, h)
-
-    def bwd(res, dy):
-      p, h = res
-      _, vjp = jax.vjp(block, p, h)
-      dp, dh = vjp(dy)
-      marked = p["attention_norm"]["scale"][0] == MARK
-      return jax.tree.map(lambda g: jnp.where(marked, jnp.nan, g), dp), dh
-
-    poisoned.defvjp(fwd, bwd)
-    return poisoned
-
-  monkeypatch.setattr(model_lib.Llama, "block_function", block_function)
+  """Patches the block function, and its halves (remat full), so that the marked block's params
+  get a NaN gradient (its forward pass and the gradient it passes on are untouched)."""
+  block_function, block_halves = model_lib.Llama.block_function, model_lib.Llama.block_halves
+  monkeypatch.setattr(model_lib.Llama, "block_function",
+                      lambda self, positions: _poisoned(block_function(self, positions)))
+  monkeypatch.setattr(model_lib.Llama, "block_halves", lambda self, positions: tuple(
+      _poisoned(f) for f in block_halves(self, positions)))
 
 
-@pytest.mark.parametrize("optimizer, exact", [("osd_adamw", False), ("adamw", False),
-                                               ("adamw", True)])
-def test_a_block_with_a_non_finite_gradient_is_left_bitwise_unchanged(optimizer, exact,
+@pytest.mark.parametrize("optimizer, exact, remat", [
+    ("osd_adamw", False, "none"), ("adamw", False, "none"), ("adamw", True, "none"),
+    ("osd_adamw", False, "full"), ("adamw", True, "full")])
+def test_a_block_with_a_non_finite_gradient_is_left_bitwise_unchanged(optimizer, exact, remat,
                                                                        monkeypatch):
   """Block 1 of 3 gets a NaN gradient: it and its optimizer state stay bitwise as they were;
   block 2 (updated before it) and block 0 (after it, with a finite gradient) move; the
   embedding, final norm and head and the step counts stay, and the step counts as skipped.
-  With --fused-clip exact the norm pass sees it first and nothing moves."""
+  With --fused-clip exact the norm pass sees it first and nothing moves. (Remat full: the
+  block's two halves, both NaN.)"""
   _nan_gradient_for_the_marked_block(monkeypatch)
-  cfg = _config(optimizer=optimizer, fused_update=True,
+  cfg = _config(optimizer=optimizer, fused_update=True, remat=remat,
                 **({"fused_clip": "exact", "grad_clip": 1.0} if exact else {}))
   setup, state, _ = _run(cfg, 1)
   params = jax.tree.map(np.array, host(state.params))  # writable copies

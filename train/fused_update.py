@@ -11,7 +11,10 @@ the step owns its backward pass:
 3. a loop over the blocks from the last to the first takes one block's VJP (recomputing what its
    remat policy did not save), hands that block's gradient and its slice of the optimizer state to
    the optimizer (:mod:`osd_jax.layerwise`), writes the block's new params and state into the
-   stacks in place and drops the gradient: at most one block's gradient is alive at a time;
+   stacks in place and drops the gradient: at most one block's gradient is alive at a time.
+   Under remat ``full`` (``by_halves``) a block is taken in two halves (``Block.attend``,
+   ``Block.feed_forward``): the feed-forward's VJP and update, then the attention's, so that the
+   MLP's weight gradients are gone before the attention's backward step;
 4. the embedding's VJP, then the embedding, final norm and head are updated together, their big
    leaves a chunk of rows at a time (:func:`rest_by_rows`: one chunk's float32 temporaries, not
    the whole embedding's and head's).
@@ -32,7 +35,9 @@ What it changes (train/README.md, "The fused update"):
 * **Non-finite values.** A non-finite or spiking loss skips the whole step before any update. A
   block whose gradient is not finite is left bitwise unchanged, params and optimizer state (the
   blocks after it in the backward pass — below it — get non-finite gradients too and are left as
-  well; those above it were already updated); the embedding, final norm and head, updated last,
+  well; those above it were already updated; by halves, a block whose attention's gradient alone
+  is not finite keeps its attention's params and state, its feed-forward's were updated first);
+  the embedding, final norm and head, updated last,
   and the step counts move only when every gradient was finite. Such a step counts as skipped;
   ``skipped_blocks`` says how many groups were left.
 * **Resume.** The state is the unfused step's, so a checkpoint resumes with or without the flag.
@@ -69,6 +74,31 @@ def split_optimizer(base: optax.GradientTransformation,
   """The base optimizer split by layer of the scanned blocks (refused when not separable)."""
   return layerwise.split_layers(osd_jax.skipping.honour_apply_step(base), abstract_params,
                                 _is_stacked, apply_step=jnp.bool_(True))
+
+
+#: what the attention half's VJP keeps through the feed-forward half's backward step and update:
+#: q, k and v (its backward step recomputes the norm and the scores, ≈ 0.3 % of a block's FLOPs
+#: at 7B; recomputing the whole half would cost ≈ 8 %, keeping the scores 0.2 GiB at 7B)
+ATTENTION_SAVES = jax.checkpoint_policies.save_only_these_names(
+    *model_lib.ATTENTION_INPUTS)
+
+#: Block.attend's params (the first half of a block); the others are Block.feed_forward's
+FIRST_HALF = ("attention_norm", "attention")
+
+
+def _in_half(first: bool) -> Callable:
+  def in_half(path, x) -> bool:
+    return _is_stacked(path, x) and (getattr(path[1], "key", None) in FIRST_HALF) == first
+  return in_half
+
+
+def split_halves(base: optax.GradientTransformation,
+                 abstract_params: Any) -> tuple[layerwise.LayerSplit, layerwise.LayerSplit]:
+  """The base optimizer split by layer of each half of the scanned blocks: (feed-forward's,
+  attention's), each updating its half's slices of the params and the state."""
+  tx = osd_jax.skipping.honour_apply_step(base)
+  return tuple(layerwise.split_layers(tx, abstract_params, _in_half(first),
+                                      apply_step=jnp.bool_(True)) for first in (False, True))
 
 
 def _updated_where(ok, params, updates, step, stochastic_rounding: bool, seed: int,
@@ -188,7 +218,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
                           last_step: int = -1, donate: bool = True,
                           stochastic_rounding: bool = False, seed: int = 0,
                           loss_chunk: int = 0, exact_clip: bool = False,
-                          offload_residuals: bool = False) -> Callable:
+                          offload_residuals: bool = False, by_halves: bool = False) -> Callable:
   """Builds ``step(state, batch) -> (state, metrics)`` with the update inside the backward pass.
 
   ``base`` is the trainer's optimizer without its clip (:func:`train.optimizers.base_optimizer`):
@@ -200,10 +230,14 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
   from a first, norm-only loop over the blocks (``--fused-clip exact``); ``offload_residuals``:
   the blocks' residuals stacked in host memory (``jax.memory.Space.Host``) and one block's
   brought back to the device for its backward step, and the head's gradient recomputed after
-  the blocks' loop instead of held through it (``--offload-residuals``). The embedding's and
-  head's update runs a chunk of rows at a time where it can (:func:`rest_by_rows`).
+  the blocks' loop instead of held through it (``--offload-residuals``); ``by_halves`` (remat
+  ``full`` only: the blocks save nothing but their input): each block's backward step in two
+  halves, the feed-forward's VJP and update before the attention's VJP, so that the MLP's
+  weight gradients are gone before the attention's backward step. The embedding's and head's
+  update runs a chunk of rows at a time where it can (:func:`rest_by_rows`).
   """
   split = split_optimizer(base, abstract_params)
+  halves = split_halves(base, abstract_params) if by_halves else None
   rows = rest_by_rows(split, abstract_params, shardings.params)
   n_layers = split.n_layers
   pin_activations = shd.activation_constraint(mesh)
@@ -223,6 +257,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
     with model_lib.activation_sharding(pin_activations):
       model = nnx.merge(graphdef, params)
       block = model.block_function(model_lib.positions_of(tokens))
+      block_halves = model.block_halves(model_lib.positions_of(tokens)) if halves else None
 
       def embed(e):
         return nnx.merge(graphdef, {**params, "embed": e}).embed_tokens(tokens)
@@ -236,8 +271,11 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       structure = {}
 
       def forward(h, layer_params):
-        y, vjp_fn = jax.vjp(block, layer_params, h)
-        saved, structure["treedef"], structure["slots"] = _split_residuals(vjp_fn, layer_params)
+        if halves:  # remat full: a block's input is all its backward step needs
+          y, saved = block(layer_params, h), [h]
+        else:
+          y, vjp_fn = jax.vjp(block, layer_params, h)
+          saved, structure["treedef"], structure["slots"] = _split_residuals(vjp_fn, layer_params)
         if offload_residuals:  # stacked in host memory, a block's brought back in the backward
           saved = [jax.device_put(r, jax.memory.Space.Host) for r in saved]
         return y, saved
@@ -245,6 +283,12 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       def residuals_of(i):
         rs = [s[i] for s in saved]
         return [jax.device_put(r, jax.memory.Space.Device) for r in rs] if offload_residuals else rs
+
+      def block_vjp(i, p_i):
+        """Block i's VJP, ``dy -> (its params' gradient, dx)``, from its residuals."""
+        if halves:
+          return jax.vjp(block, p_i, *residuals_of(i))[1]
+        return _rebuild_vjp(residuals_of(i), structure["treedef"], structure["slots"], p_i)
 
       h, saved = jax.lax.scan(forward, x0, params[LAYERS])
       loss, head_vjp = jax.vjp(head_loss, params["norm"], params["head"], h)
@@ -261,8 +305,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
           dh, sq = carry
           i = n_layers - 1 - j
           p_i = jax.tree.map(lambda x: x[i], params[LAYERS])
-          g_i, dh = _rebuild_vjp(residuals_of(i), structure["treedef"],
-                                 structure["slots"], p_i)(dh)
+          g_i, dh = block_vjp(i, p_i)(dh)
           return dh, sq + _sum_squares(g_i)
 
         dh0, blocks_sq = jax.lax.fori_loop(0, n_layers, norm_only,
@@ -291,38 +334,75 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       def flat(stack, ok):
         return stack.reshape(stack.shape[0], -1) if ok else stack
 
-      def backward(j, carry):
-        dh, flat_layers, opt, acc = carry
-        i = n_layers - 1 - j
-        p_i = jax.tree.map(lambda x, shape: x[i].reshape(shape), flat_layers, layer_shapes)
-        vjp_fn = _rebuild_vjp(residuals_of(i), structure["treedef"], structure["slots"], p_i)
-        g_i, dh = vjp_fn(dh)  # clipped already: dh carries the clip factor
-        sq = _sum_squares(g_i)
-        finite = jnp.isfinite(sq)
-        ok = step_ok & finite
-        g_view = split.layer_view_of(jax.tree.leaves(g_i))
-        p_view = split.layer_view_of(jax.tree.leaves(p_i))
-        old_state = split.layer_state(opt, i)
-        u_view, new_state = split.tx.update(g_view, old_state, p_view, apply_step=ok,
-                                            layer_index=i)
+      def update_group(sp, g_part, p_i, ok, i, flat_layers, opt, metrics):
+        """Update the leaves of layer i in ``g_part`` (a block's, or a half's) with their part
+        ``sp`` of the optimizer; write the params and the state slices in place."""
+        p_part = {k: p_i[k] for k in g_part}
+        g_view = sp.layer_view_of(jax.tree.leaves(g_part))
+        p_view = sp.layer_view_of(jax.tree.leaves(p_part))
+        old_state = sp.layer_state(opt, i)
+        u_view, new_state = sp.tx.update(g_view, old_state, p_view, apply_step=ok, layer_index=i)
         new_view = _updated_where(ok, p_view, u_view, state.step, stochastic_rounding, seed,
                                   layer_index=i)
-        new_p = jax.tree.unflatten(jax.tree.structure(p_i), split.stacked_leaves(new_view))
-        metrics = acc["metrics"]
+        new_p = jax.tree.unflatten(jax.tree.structure(p_part), sp.stacked_leaves(new_view))
         if subspace_metrics:
           metrics = jax.lax.cond(
               at_log_step,
               lambda: tuple(a + b if k < 3 else jnp.fmin(a, b) for k, (a, b) in enumerate(zip(
                   metrics, _projector_sums(old_state, new_state, g_view, energy_metrics)))),
               lambda: metrics)
-        flat_layers = jax.tree.map(lambda x, y: x.at[i].set(y.reshape(x.shape[1:])), flat_layers,
-                                   new_p)
+        flat_layers = {**flat_layers, **{k: jax.tree.map(
+            lambda x, y: x.at[i].set(y.reshape(x.shape[1:])), flat_layers[k], new_p[k])
+            for k in g_part}}
         # The state writes come after the params' and after the metrics, each reading back what
         # was written before it (osd_jax.layerwise.write_after): every read of an old slice then
         # precedes the write over it, so XLA keeps no copy of a whole stack.
-        token = _read_back(jax.tree.leaves(flat_layers), i) + sum(
+        token = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_part}), i) + sum(
             jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
-        opt = split.set_layer(opt, new_state, i, token=token)
+        opt = sp.set_layer(opt, new_state, i, token=token)
+        return flat_layers, opt, metrics
+
+      def backward(j, carry):
+        dh, flat_layers, opt, acc = carry
+        i = n_layers - 1 - j
+        p_i = jax.tree.map(lambda x, shape: x[i].reshape(shape), flat_layers, layer_shapes)
+        metrics = acc["metrics"]
+        if halves:
+          # the feed-forward half first: its VJP, its update, then the attention half's VJP,
+          # whose cotangent reads back what the update wrote (XLA would otherwise keep the
+          # MLP's weight gradients alive through the attention's backward step; an optimization
+          # barrier does not order them: XLA:GPU removes it before scheduling)
+          ff_split, attend_split = halves
+          attend, feed_forward = block_halves
+          p_att = {k: v for k, v in p_i.items() if k in FIRST_HALF}
+          p_ff = {k: v for k, v in p_i.items() if k not in FIRST_HALF}
+          h_mid, attend_vjp = jax.vjp(jax.checkpoint(lambda p, x: attend({**p_i, **p}, x),
+                                                     policy=ATTENTION_SAVES),
+                                      p_att, *residuals_of(i))
+          _, ff_vjp = jax.vjp(lambda p, h: feed_forward({**p_i, **p}, h), p_ff, h_mid)
+          g_ff, dh_mid = ff_vjp(dh)  # clipped already: dh carries the clip factor
+          sq_ff = _sum_squares(g_ff)
+          ok_ff = step_ok & jnp.isfinite(sq_ff)
+          flat_layers, opt, metrics = update_group(ff_split, g_ff, p_i, ok_ff, i, flat_layers,
+                                                   opt, metrics)
+          written = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_ff}), i) + sum(
+              x.reshape(-1)[0].astype(jnp.float32)
+              for x in jax.tree.leaves(ff_split.layer_state(opt, i)) if x.size)
+          dh_mid = layerwise.write_after(written)(dh_mid)
+          g_att, dh = attend_vjp(dh_mid)
+          sq_att = _sum_squares(g_att)
+          # an attention half is left when either half's gradient is not finite (the block,
+          # whole, when the feed-forward's is not)
+          flat_layers, opt, metrics = update_group(attend_split, g_att, p_i,
+                                                   ok_ff & jnp.isfinite(sq_att), i,
+                                                   flat_layers, opt, metrics)
+          sq = sq_ff + sq_att
+        else:
+          g_i, dh = block_vjp(i, p_i)(dh)  # clipped already: dh carries the clip factor
+          sq = _sum_squares(g_i)
+          flat_layers, opt, metrics = update_group(split, g_i, p_i, step_ok & jnp.isfinite(sq),
+                                                   i, flat_layers, opt, metrics)
+        finite = jnp.isfinite(sq)
         acc = {"sq": acc["sq"] + jnp.where(finite, sq, jnp.inf),
                "bad": acc["bad"] + (~finite).astype(jnp.int32), "metrics": metrics}
         return dh, flat_layers, opt, acc
@@ -332,7 +412,7 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
       # each block's gradient instead made XLA keep a clipped copy beside the raw one: 0.38 GiB
       # at 7B.) The norms below divide it out again.
       dh = (dh * clip_factor).astype(dh.dtype)
-      if offload_residuals and g_embed is None:  # (--fused-clip exact has used them already)
+      if (offload_residuals or halves) and g_embed is None:  # (--fused-clip exact used them)
         g_norm = g_head = None  # recomputed after the loop, not held through it
 
       def clipped(g):

@@ -50,6 +50,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 __all__ = [
   "LOGICAL_AXIS_NAMES",
@@ -84,6 +85,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 _ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+#: ``jax.ad_checkpoint.checkpoint_name``\ s of the attention's q, k, v (after RoPE) and output
+#: (before wo): a policy that saves only these recomputes just the norm and the scores
+ATTENTION_INPUTS = ("attention_q", "attention_k", "attention_v")
+ATTENTION_OUTPUT = "attention_out"
 
 # The function that pins a named activation to the mesh while a step is traced (None: no
 # constraints).
@@ -408,12 +414,13 @@ class Attention(nnx.Module):
     k = _named(apply_rope(self.wk(x).reshape(b, t, nkv, h), positions, c.rope_theta),
                "batch", "length", kv_axis, None)
     v = _named(self.wv(x).reshape(b, t, nkv, h), "batch", "length", kv_axis, None)
+    q, k, v = (checkpoint_name(y, name) for y, name in zip((q, k, v), ATTENTION_INPUTS))
     if c.attention_impl == "xla":
       out = _causal_attention(q, k, v)
     else:
       impl = "cudnn" if c.attention_impl == "cudnn" else None
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    out = _named(out, "batch", "length", "heads", None)
+    out = checkpoint_name(_named(out, "batch", "length", "heads", None), ATTENTION_OUTPUT)
     return self.wo(out.reshape(b, t, nq * h))
 
 
@@ -457,8 +464,15 @@ class Block(nnx.Module):
     self.mlp = MLP(c, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    h = _named(x + self.attention(self.attention_norm(x), positions),
-               "batch", "length", "activation_embed")
+    return self.feed_forward(self.attend(x, positions))
+
+  def attend(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The block's first half: h = x + attn(norm(x))."""
+    return _named(x + self.attention(self.attention_norm(x), positions),
+                  "batch", "length", "activation_embed")
+
+  def feed_forward(self, h: jax.Array) -> jax.Array:
+    """The block's second half: h + mlp(norm(h))."""
     return _named(h + self.mlp(self.mlp_norm(h)), "batch", "length", "activation_embed")
 
 
@@ -516,6 +530,25 @@ class Llama(nnx.Module):
       raise ValueError("block_function needs scanned layers (LlamaConfig.scan_layers=True)")
     graphdef, _ = nnx.split(self.layers)
     return _block_apply(graphdef, positions, self.config.remat)
+
+  def block_halves(self, positions: jax.Array) -> tuple[Callable, Callable]:
+    """``(attend, feed_forward)``: the two halves of :meth:`block_function`, each
+    ``(block params, x) -> x`` and without remat; their composition is the block.
+
+    The fused update under remat ``full`` takes their VJPs one after the other, to update the
+    MLP's weights before the attention's backward step (train/fused_update.py).
+    """
+    if not self.config.scan_layers:
+      raise ValueError("block_halves needs scanned layers (LlamaConfig.scan_layers=True)")
+    graphdef, _ = nnx.split(self.layers)
+
+    def attend(layer_state, x):
+      return nnx.merge(graphdef, layer_state).attend(x, positions)
+
+    def feed_forward(layer_state, h):
+      return nnx.merge(graphdef, layer_state).feed_forward(h)
+
+    return attend, feed_forward
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """The token embeddings, looked up in the table gathered along its model width.

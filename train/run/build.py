@@ -99,6 +99,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
           graphdef, optimizers.base_optimizer(cfg, schedule, abs_params), schedule, mesh,
           state_shardings, abs_params, grad_clip=cfg.grad_clip,
           exact_clip=cfg.fused_clip == "exact", offload_residuals=cfg.offload_residuals,
+          by_halves=mcfg.remat == "full",
           **step_options)
     except osd_jax.separability.NotSeparableError as e:
       raise ConfigError(f"--fused-update: {e}") from None
