@@ -77,8 +77,8 @@ if [[ "$TOTAL_MIB" =~ ^[0-9]+$ ]] && (( TOTAL_MIB > SMALL_CAP_MIB )); then
 else
   SMALL_FRACTION=""
 fi
-#     XLA:GPU's own estimate (benchmarks.memory --target h100, RESULTS §9): 19.01 / 20.61 / 22.41
-#     GiB, and 21.84 for r 1024 Adam with --offload-residuals (the last case).
+#     XLA:GPU's own estimate (benchmarks.memory --target h100, RESULTS §9, a block by halves):
+#     18.44 / 20.26 / 21.87 GiB, and 20.87 for r 1024 Adam with --offload-residuals (the last case).
 for CASE in 512:adam:keep 1024:adafactor:keep 1024:adam:keep 1024:adam:offload; do
   R=${CASE%%:*}; REST=${CASE#*:}; POPT=${REST%%:*}; RES=${REST##*:}
   section fit24-$BIG-osd_adamw-compact-r$R-$POPT-$RES 150 \

@@ -28,8 +28,8 @@ from typing import Any
 #: the compute capability, the shared-memory and register limits (fusion and tiling choices),
 #: the cuDNN/CUDA versions (which kernels exist) and the memory size: its latency-hiding
 #: scheduler orders the program to stay within the device's memory, trading overlap for memory
-#: when the limit is near (7B osd_adamw r = 1024 compact and offloaded: 21.01 GiB told 80 GB,
-#: 20.93 told 24 GB; ``memory_bytes`` below, ``benchmarks.memory --target-memory``).
+#: when the limit is near (7B osd_adamw r = 1024 compact and offloaded: 20.87 GiB told 80 GB,
+#: 20.77 told 24 GB; ``memory_bytes`` below, ``benchmarks.memory --target-memory``).
 TARGETS: dict[str, dict[str, Any]] = {
     "h100": {"description": "NVIDIA H100 80GB HBM3", "core_count": 132,
              "device_memory_size": 84_929_347_584, "memory_bandwidth": 3_352_320_000_000,

@@ -46,7 +46,8 @@ def parse_args(argv):
                  help="Comma-separated optimizers (train --optimizer names), each optionally "
                       "with variants: +fused (train --fused-update), +exactclip (fused, "
                       "--fused-clip exact), +bf16, +float8, +int8 (bf16 weights; 8-bit state), "
-                      "+pada (--projector-optimizer adafactor), e.g. osd_adamw+int8+fused.")
+                      "+pada (--projector-optimizer adafactor), +rematfull (--remat full), e.g. "
+                      "osd_adamw+int8+fused.")
   p.add_argument("--batch-size", type=int, default=16, help="Global batch in sequences.")
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--dtype", default=None,
@@ -81,7 +82,9 @@ VARIANTS = {"fused": {"fused_update": True},
             # compact precision (train --param-dtype bfloat16 --state-dtype ...)
             "bf16": {"param_dtype": "bfloat16"},
             "float8": {"param_dtype": "bfloat16", "state_dtype": "float8"},
-            "int8": {"param_dtype": "bfloat16", "state_dtype": "int8"}}
+            "int8": {"param_dtype": "bfloat16", "state_dtype": "int8"},
+            # every block rematerialised (train --remat full; with +fused: a block by halves)
+            "rematfull": {"remat": "full"}}
 
 
 def _variant(name: str) -> tuple[str, dict]:

@@ -256,7 +256,8 @@ class TrainConfig:
                                "and bring one block's back for its backward step; and recompute "
                                "the head's gradient after the blocks' loop instead of holding "
                                "it through the loop (250 MiB at 7B, for one more pass of the "
-                               "head's matrix product). The same numbers; on a GPU it trades "
+                               "head's matrix product; remat full does that too). The same "
+                               "numbers; on a GPU it trades "
                                "device memory for host transfers and a little compute "
                                "(benchmarks/RESULTS.md 9); on a CPU host and device are one.",
                                group="training")
