@@ -130,11 +130,12 @@ def test_fused_on_a_four_device_fsdp_mesh_matches_the_unfused_one_device_run():
   assert _max_relative_error(plain.params, fused.params) < 1e-5
 
 
-def test_offloaded_residuals_give_the_same_steps_on_a_sharded_mesh():
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_offloaded_residuals_give_the_same_steps_on_a_sharded_mesh(remat):
   """--offload-residuals keeps the saved block inputs in host memory: the same program otherwise,
   so the same numbers (bitwise on a CPU, where host and device memory are one), here on a
-  2-device fsdp mesh; and it is refused without --fused-update."""
-  cfg = _config(fused_update=True, mesh="data=1,fsdp=2,tensor=1")
+  2-device fsdp mesh (remat full: a block by halves); and it is refused without --fused-update."""
+  cfg = _config(fused_update=True, mesh="data=1,fsdp=2,tensor=1", remat=remat)
   _, kept, m_kept = _run(cfg, 3, devices=jax.devices()[:2])
   _, offloaded, m_off = _run(cfg.replace(offload_residuals=True), 3, devices=jax.devices()[:2])
   assert_trees_equal(kept.params, offloaded.params)
