@@ -86,10 +86,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 _ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 
-#: ``jax.ad_checkpoint.checkpoint_name``\ s of the attention's q, k, v (after RoPE) and output
-#: (before wo): a policy that saves only these recomputes just the norm and the scores
+#: ``jax.ad_checkpoint.checkpoint_name``\ s of the attention's q, k, v (after RoPE): a policy
+#: that saves only these recomputes just the norm, the scores and the attention's output
 ATTENTION_INPUTS = ("attention_q", "attention_k", "attention_v")
-ATTENTION_OUTPUT = "attention_out"
 
 # The function that pins a named activation to the mesh while a step is traced (None: no
 # constraints).
@@ -420,7 +419,7 @@ class Attention(nnx.Module):
     else:
       impl = "cudnn" if c.attention_impl == "cudnn" else None
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    out = checkpoint_name(_named(out, "batch", "length", "heads", None), ATTENTION_OUTPUT)
+    out = _named(out, "batch", "length", "heads", None)
     return self.wo(out.reshape(b, t, nq * h))
 
 
