@@ -64,13 +64,20 @@ def base_parser(description: str, *, preset: str = "60m", repeats: int = 10,
   return p
 
 
+_WORDS = {"true": True, "false": False, "none": None}
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-  """``["n_layers=2", "dim=64"]`` -> ``{"n_layers": 2, "dim": 64}`` (ints, floats, else strings)."""
+  """``["n_layers=2", "dim=64", "scan_layers=false"]`` -> ``{"n_layers": 2, "dim": 64,
+  "scan_layers": False}`` (true/false and none in any case, ints, floats, else strings)."""
   out: dict[str, Any] = {}
   for item in items:
     key, sep, value = item.partition("=")
     if not sep or not key:
       raise ValueError(f"bad --model-override {item!r}; use KEY=VALUE, e.g. n_layers=2")
+    if value.lower() in _WORDS:  # "false" must not reach a flag as a (truthy) string
+      out[key] = _WORDS[value.lower()]
+      continue
     for cast in (int, float):
       try:
         out[key] = cast(value)

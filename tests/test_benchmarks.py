@@ -116,6 +116,19 @@ def test_projector_shapes_parsing():
     projector.parse_shapes("64x32", None)
 
 
+def test_overrides_read_true_and_false_as_booleans():
+  """``--config offload_residuals=false`` once reached the trainer as the string "false",
+  which is truthy: the flag turned the offload on."""
+  from benchmarks import common, memory
+
+  assert common.parse_overrides(["a=false", "b=True", "c=none", "d=2", "e=0.5", "f=full"]) == {
+      "a": False, "b": True, "c": None, "d": 2, "e": 0.5, "f": "full"}
+  args = memory.parse_args(["--preset", "tiny", "--config", "offload_residuals=false",
+                            "--config", "fused_update=true"])
+  cfg = memory.train_config(args, "adamw")
+  assert cfg.offload_residuals is False and cfg.fused_update is True
+
+
 def test_step_smoke_without_grain_or_tfds(tmp_path):
   """The GPU machine has neither grain nor tensorflow-datasets: step.py must not need them."""
   out = tmp_path / "step.json"
