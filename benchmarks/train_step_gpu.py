@@ -66,8 +66,9 @@ def parse_args(argv):
                  help="train --projector-optimizer (osd_*).")
   p.add_argument("--fused-update", action="store_true",
                  help="Each block's update inside the backward pass (train --fused-update).")
-  p.add_argument("--offload-residuals", action="store_true",
-                 help="train --offload-residuals (with --fused-update).")
+  p.add_argument("--offload-residuals", action=argparse.BooleanOptionalAction, default=None,
+                 help="train --offload-residuals (with --fused-update; default: the trainer's, "
+                      "on with remat full on a GPU).")
   p.add_argument("--grad-clip", type=float, default=1.0, help="train --grad-clip.")
   p.add_argument("--warmup", type=int, default=1, help="Untimed steps after the first.")
   p.add_argument("--repeats", type=int, default=3, help="Timed steps.")
@@ -105,8 +106,8 @@ def train_config(args, attention: str):
   extra = {} if args.remat is None else {"remat": args.remat}
   if args.fused_update:
     extra["fused_update"] = True
-  if args.offload_residuals:
-    extra["offload_residuals"] = True
+  if args.offload_residuals is not None:
+    extra["offload_residuals"] = args.offload_residuals
   return TrainConfig(
       grad_clip=args.grad_clip,
       preset=args.preset, optimizer=args.optimizer,
@@ -160,6 +161,8 @@ def run(args, rec: Recorder, attention: str) -> None:
   setup = trainer.build(cfg, vocab, devices=jax.devices()[:1])
   rec.data.update(remat=setup.model_config.remat, scan_layers=setup.model_config.scan_layers,
                   attention_impl=attention, rank=cfg.rank,
+                  offload_residuals=cfg.fused_update and cfg.resolved_offload_residuals(
+                      setup.mesh.devices.flat[0].platform, setup.model_config.remat),
                   flops_per_token=setup.flops_per_token)
   rec.data["stage"] = "init"
   t0 = time.perf_counter()

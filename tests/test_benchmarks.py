@@ -426,6 +426,7 @@ def test_train_step_gpu_smoke_without_grain_or_tfds(tmp_path):
   assert data["stages"] == ["init", "compile", "first_step", "timed"]
   assert data["tokens_per_s"] > 0 and data["n"] == 2 and data["mfu"] is None  # CPU: no peak
   assert data["attention_impl"] == "xla" and data["skipped_total"] == 0
+  assert data["offload_residuals"] is False  # a CPU: host and device memory are one
   m = data["memory_analysis"]
   assert m["alias_size_in_bytes"] >= data["param_bytes"] + data["opt_state_bytes"]
   failed = _load(bad)

@@ -145,6 +145,25 @@ def test_offloaded_residuals_give_the_same_steps_on_a_sharded_mesh(remat):
     config_lib.validate(_config(offload_residuals=True))
 
 
+def test_residuals_are_offloaded_by_default_with_remat_full_off_the_cpu():
+  """--offload-residuals unset: on for the fused step with remat full on a GPU or TPU (the 7B
+  recipe's device memory), off on a CPU (host and device memory are one) and without remat full
+  (no residual stack to move); a flag given either way wins."""
+  from train import __main__ as cli
+
+  default = _config(fused_update=True)
+  assert default.offload_residuals is None
+  assert default.resolved_offload_residuals("gpu", "full")
+  assert default.resolved_offload_residuals("tpu", "full")
+  assert not default.resolved_offload_residuals("cpu", "full")
+  assert not default.resolved_offload_residuals("gpu", "none")
+  assert not _config().resolved_offload_residuals("gpu", "full")  # not fused
+  assert not default.replace(offload_residuals=False).resolved_offload_residuals("gpu", "full")
+  assert default.replace(offload_residuals=True).resolved_offload_residuals("cpu", "none")
+  assert cli.parse_config(["--fused-update"]).offload_residuals is None
+  assert cli.parse_config(["--fused-update", "--no-offload-residuals"]).offload_residuals is False
+
+
 def test_stacks_are_carried_flat_only_where_that_keeps_their_sharding():
   """The fused loop carries [L, a, b] as [L, a·b] (one layout per layer row, so XLA:GPU cannot
   relay a whole stack) only when b is not split over the mesh: a split a stays a contiguous split

@@ -69,16 +69,18 @@ def _compile_for_h100(*config):
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax-cuda12-plugin")
 def test_offloaded_residuals_live_in_host_memory_on_a_gpu():
   """--offload-residuals: the stacked block inputs (2 × 4 × 128 × 512 bf16 = 1 MiB) move from the
-  device's temporaries to the host's."""
+  device's temporaries to the host's; unset, a GPU's fused step with remat full offloads them."""
   from benchmarks import common
 
-  _, kept = _compile_for_h100()
+  _, kept = _compile_for_h100("--config", "offload_residuals=false")
   _, offloaded = _compile_for_h100("--config", "offload_residuals=true")
+  _, default = _compile_for_h100()
   residuals = 2 * 4 * 128 * 512 * 2
   m_kept, m_off = common.memory_analysis(kept), common.memory_analysis(offloaded)
   assert m_kept["host_temp_size_in_bytes"] == 0
   assert m_off["host_temp_size_in_bytes"] >= residuals
   assert m_off["temp_size_in_bytes"] <= m_kept["temp_size_in_bytes"] - residuals // 2
+  assert common.memory_analysis(default) == m_off
 
 
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax-cuda12-plugin")

@@ -251,16 +251,18 @@ class TrainConfig:
                        "clipping and skipping, at the cost of one more backward pass: 1.5x the "
                        "step at 60M on a CPU).",
                        choices=FUSED_CLIPS, group="training")
-  offload_residuals: bool = _f(False, "--fused-update: keep the blocks' saved inputs (remat's "
-                               "residuals, 1 GiB at 7B for 16x256 tokens) in pinned host memory "
-                               "and bring one block's back for its backward step; and recompute "
-                               "the head's gradient after the blocks' loop instead of holding "
-                               "it through the loop (250 MiB at 7B, for one more pass of the "
-                               "head's matrix product; remat full does that too). The same "
-                               "numbers; on a GPU it trades "
-                               "device memory for host transfers and a little compute "
-                               "(benchmarks/RESULTS.md 9); on a CPU host and device are one.",
-                               group="training")
+  offload_residuals: bool | None = _f(None, "--fused-update: keep the blocks' saved inputs "
+                                      "(remat's residuals, 1 GiB at 7B for 16x256 tokens) in "
+                                      "pinned host memory and bring one block's back for its "
+                                      "backward step; and recompute the head's gradient after "
+                                      "the blocks' loop instead of holding it through the loop "
+                                      "(250 MiB at 7B, for one more pass of the head's matrix "
+                                      "product; remat full does that too). The same numbers; "
+                                      "it trades device memory for a host copy of each block's "
+                                      "input each way per step (benchmarks/RESULTS.md 9). "
+                                      "Default: on with --fused-update and remat full on a GPU "
+                                      "or TPU; off on a CPU, where host and device are one.",
+                                      group="training")
 
   # --- data
   data: str = _f("embedded", "Training data: embedded (offline corpus: Python docs and stdlib), "
@@ -372,6 +374,14 @@ class TrainConfig:
     if self.preset.lower() not in CHUNKED_LOSS_PRESETS:
       return 0
     return math.gcd(DEFAULT_LOSS_CHUNK, self.seq_len)
+
+  def resolved_offload_residuals(self, platform: str, remat: str) -> bool:
+    """Whether the fused update keeps the remat residuals in host memory (``--offload-residuals``;
+    default: with ``--fused-update`` and ``remat`` (the resolved policy) ``full``, on every
+    platform but the CPU, whose host memory is its device memory)."""
+    if self.offload_residuals is not None:
+      return bool(self.offload_residuals)
+    return self.fused_update and remat == "full" and platform != "cpu"
 
   @property
   def compact_state(self) -> bool:

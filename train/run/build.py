@@ -98,7 +98,9 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
       train_step = fused_update.make_fused_train_step(
           graphdef, optimizers.base_optimizer(cfg, schedule, abs_params), schedule, mesh,
           state_shardings, abs_params, grad_clip=cfg.grad_clip,
-          exact_clip=cfg.fused_clip == "exact", offload_residuals=cfg.offload_residuals,
+          exact_clip=cfg.fused_clip == "exact",
+          offload_residuals=cfg.resolved_offload_residuals(mesh.devices.flat[0].platform,
+                                                           mcfg.remat),
           by_halves=mcfg.remat == "full",
           **step_options)
     except osd_jax.separability.NotSeparableError as e:
