@@ -240,8 +240,7 @@ def measure(args, optimizer: str) -> dict[str, Any]:
       "target_memory_gib": args.target_memory,
       "device_kind": setup.mesh.devices.flat[0].device_kind,
       # host memory is not in the peak: say when the residuals are there (--offload-residuals)
-      "offload_residuals": cfg.fused_update and cfg.resolved_offload_residuals(
-          setup.mesh.devices.flat[0].platform, setup.model_config.remat),
+      "offload_residuals": setup.offload_residuals,
       "bfloat16_compiled_as": stand_in(args),
       "param_bytes": osd_jax.state_bytes(state.params),
       "opt_state_bytes": osd_jax.state_bytes(state.opt_state),

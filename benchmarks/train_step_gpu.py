@@ -161,8 +161,7 @@ def run(args, rec: Recorder, attention: str) -> None:
   setup = trainer.build(cfg, vocab, devices=jax.devices()[:1])
   rec.data.update(remat=setup.model_config.remat, scan_layers=setup.model_config.scan_layers,
                   attention_impl=attention, rank=cfg.rank,
-                  offload_residuals=cfg.fused_update and cfg.resolved_offload_residuals(
-                      setup.mesh.devices.flat[0].platform, setup.model_config.remat),
+                  offload_residuals=setup.offload_residuals,
                   flops_per_token=setup.flops_per_token)
   rec.data["stage"] = "init"
   t0 = time.perf_counter()

@@ -162,6 +162,10 @@ def test_residuals_are_offloaded_by_default_with_remat_full_off_the_cpu():
   assert default.replace(offload_residuals=True).resolved_offload_residuals("cpu", "none")
   assert cli.parse_config(["--fused-update"]).offload_residuals is None
   assert cli.parse_config(["--fused-update", "--no-offload-residuals"]).offload_residuals is False
+  cfg = default.replace(remat="full")
+  assert not trainer.build(cfg, VOCAB, devices=one_device()).offload_residuals  # this CPU
+  assert trainer.build(cfg.replace(offload_residuals=True), VOCAB,
+                       devices=one_device()).offload_residuals
 
 
 def test_stacks_are_carried_flat_only_where_that_keeps_their_sharding():

@@ -194,6 +194,9 @@ class _Run:
     if primary:
       log.info("%s: %.2fM params, optimizer %s, mesh %s, %d devices, run dir %s", cfg.preset,
                n_params / 1e6, cfg.optimizer, dict(setup.mesh.shape), setup.mesh.size, run_dir)
+      if setup.offload_residuals:
+        log.info("--fused-update: the blocks' saved inputs are kept in host memory "
+                 "(--offload-residuals; --no-offload-residuals keeps them on the device)")
     from tqdm.auto import tqdm  # here, when a run starts: tqdm.auto looks for a notebook front end
 
     self.bar = tqdm(total=cfg.steps, initial=started.step,

@@ -34,6 +34,8 @@ class Setup:
   train_step: Any
   eval_step: Any
   flops_per_token: float
+  #: whether the fused step keeps the remat residuals in host memory (--offload-residuals, resolved)
+  offload_residuals: bool = False
 
   def init_state(self, params: Any = None) -> step_lib.TrainState:
     """Fresh params (seeded by ``cfg.seed``) and optimizer state, created directly sharded; with
@@ -91,6 +93,8 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
                       last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric,
                       stochastic_rounding=cfg.resolved_stochastic_rounding, seed=cfg.seed,
                       loss_chunk=cfg.resolved_loss_chunk)
+  offload = cfg.fused_update and cfg.resolved_offload_residuals(mesh.devices.flat[0].platform,
+                                                                mcfg.remat)
   if cfg.fused_update:
     from train import fused_update
 
@@ -99,8 +103,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
           graphdef, optimizers.base_optimizer(cfg, schedule, abs_params), schedule, mesh,
           state_shardings, abs_params, grad_clip=cfg.grad_clip,
           exact_clip=cfg.fused_clip == "exact",
-          offload_residuals=cfg.resolved_offload_residuals(mesh.devices.flat[0].platform,
-                                                           mcfg.remat),
+          offload_residuals=offload,
           by_halves=mcfg.remat == "full",
           **step_options)
     except osd_jax.separability.NotSeparableError as e:
@@ -112,4 +115,4 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
                                       loss_chunk=cfg.resolved_loss_chunk)
   return Setup(cfg, mesh, mcfg, graphdef, tx, schedule, param_shardings, state_shardings,
                abstract, train_step, eval_step,
-               float(model_lib.flops_per_token(mcfg, cfg.seq_len)))
+               float(model_lib.flops_per_token(mcfg, cfg.seq_len)), offload)
