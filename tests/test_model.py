@@ -303,3 +303,24 @@ def test_every_activation_is_named_for_sharding(n_kv, scan):
   np.testing.assert_array_equal(model(tokens), logits)
   with model_lib.activation_sharding(lambda x, names: x * 0):
     assert not np.any(np.asarray(model(tokens)))
+
+
+def test_block_halves_compose_to_the_block_and_split_its_params():
+  """``Llama.block_halves``: attend then feed_forward is the block; ATTENTION_HALF names exactly
+  the params the attention half reads (the fused update splits a block's optimizer by it)."""
+  cfg = SMALL.replace(dtype="float32", param_dtype="float32")
+  model = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  p0 = jax.tree.map(lambda x: x[1], nnx.to_pure_dict(nnx.state(model.layers, nnx.Param)))
+  positions = model_lib.positions_of(_tokens(cfg, batch=2, seq=8))
+  x = jax.random.normal(jax.random.key(1), (2, 8, cfg.dim), jnp.float32)
+  attend, feed_forward = model.block_halves(positions)
+  np.testing.assert_allclose(feed_forward(p0, attend(p0, x)),
+                             model.block_function(positions)(p0, x), rtol=1e-6, atol=1e-6)
+  g_att = jax.grad(lambda p: jnp.sum(attend(p, x) ** 2))(p0)
+  g_ff = jax.grad(lambda p: jnp.sum(feed_forward(p, x) ** 2))(p0)
+
+  def touched(g):
+    return {k for k, v in g.items() if any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(v))}
+
+  assert touched(g_att) == set(model_lib.ATTENTION_HALF)
+  assert touched(g_ff) == set(p0) - set(model_lib.ATTENTION_HALF)

@@ -82,13 +82,10 @@ def split_optimizer(base: optax.GradientTransformation,
 ATTENTION_SAVES = jax.checkpoint_policies.save_only_these_names(
     *model_lib.ATTENTION_INPUTS)
 
-#: Block.attend's params (the first half of a block); the others are Block.feed_forward's
-FIRST_HALF = ("attention_norm", "attention")
-
-
 def _in_half(first: bool) -> Callable:
   def in_half(path, x) -> bool:
-    return _is_stacked(path, x) and (getattr(path[1], "key", None) in FIRST_HALF) == first
+    in_attention = getattr(path[1], "key", None) in model_lib.ATTENTION_HALF
+    return _is_stacked(path, x) and in_attention == first
   return in_half
 
 
@@ -336,7 +333,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
 
       def update_group(sp, g_part, p_i, ok, i, flat_layers, opt, metrics):
         """Update the leaves of layer i in ``g_part`` (a block's, or a half's) with their part
-        ``sp`` of the optimizer; write the params and the state slices in place."""
+        ``sp`` of the optimizer; write the params and the state slices in place. Returns the
+        carry's three and a scalar read back from every slice written."""
         p_part = {k: p_i[k] for k in g_part}
         g_view = sp.layer_view_of(jax.tree.leaves(g_part))
         p_view = sp.layer_view_of(jax.tree.leaves(p_part))
@@ -360,7 +358,11 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         token = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_part}), i) + sum(
             jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
         opt = sp.set_layer(opt, new_state, i, token=token)
-        return flat_layers, opt, metrics
+        # what was written, read back: a later step that must follow these writes depends on it
+        written = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_part}), i) + sum(
+            x.reshape(-1)[0].astype(jnp.float32)
+            for x in jax.tree.leaves(sp.layer_state(opt, i)) if x.size)
+        return flat_layers, opt, metrics, written
 
       def backward(j, carry):
         dh, flat_layers, opt, acc = carry
@@ -374,8 +376,8 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
           # barrier does not order them: XLA:GPU removes it before scheduling)
           ff_split, attend_split = halves
           attend, feed_forward = block_halves
-          p_att = {k: v for k, v in p_i.items() if k in FIRST_HALF}
-          p_ff = {k: v for k, v in p_i.items() if k not in FIRST_HALF}
+          p_att = {k: v for k, v in p_i.items() if k in model_lib.ATTENTION_HALF}
+          p_ff = {k: v for k, v in p_i.items() if k not in model_lib.ATTENTION_HALF}
           h_mid, attend_vjp = jax.vjp(jax.checkpoint(lambda p, x: attend({**p_i, **p}, x),
                                                      policy=ATTENTION_SAVES),
                                       p_att, *residuals_of(i))
@@ -383,25 +385,23 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
           g_ff, dh_mid = ff_vjp(dh)  # clipped already: dh carries the clip factor
           sq_ff = _sum_squares(g_ff)
           ok_ff = step_ok & jnp.isfinite(sq_ff)
-          flat_layers, opt, metrics = update_group(ff_split, g_ff, p_i, ok_ff, i, flat_layers,
-                                                   opt, metrics)
-          written = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_ff}), i) + sum(
-              x.reshape(-1)[0].astype(jnp.float32)
-              for x in jax.tree.leaves(ff_split.layer_state(opt, i)) if x.size)
+          flat_layers, opt, metrics, written = update_group(ff_split, g_ff, p_i, ok_ff, i,
+                                                            flat_layers, opt, metrics)
           dh_mid = layerwise.write_after(written)(dh_mid)
           g_att, dh = attend_vjp(dh_mid)
           sq_att = _sum_squares(g_att)
           # an attention half is left when either half's gradient is not finite (the block,
           # whole, when the feed-forward's is not)
-          flat_layers, opt, metrics = update_group(attend_split, g_att, p_i,
-                                                   ok_ff & jnp.isfinite(sq_att), i,
-                                                   flat_layers, opt, metrics)
+          flat_layers, opt, metrics, _ = update_group(attend_split, g_att, p_i,
+                                                      ok_ff & jnp.isfinite(sq_att), i,
+                                                      flat_layers, opt, metrics)
           sq = sq_ff + sq_att
         else:
           g_i, dh = block_vjp(i, p_i)(dh)  # clipped already: dh carries the clip factor
           sq = _sum_squares(g_i)
-          flat_layers, opt, metrics = update_group(split, g_i, p_i, step_ok & jnp.isfinite(sq),
-                                                   i, flat_layers, opt, metrics)
+          flat_layers, opt, metrics, _ = update_group(split, g_i, p_i,
+                                                      step_ok & jnp.isfinite(sq), i,
+                                                      flat_layers, opt, metrics)
         finite = jnp.isfinite(sq)
         acc = {"sq": acc["sq"] + jnp.where(finite, sq, jnp.inf),
                "bad": acc["bad"] + (~finite).astype(jnp.int32), "metrics": metrics}

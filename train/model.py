@@ -90,6 +90,10 @@ _ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 #: that saves only these recomputes just the norm, the scores and the attention's output
 ATTENTION_INPUTS = ("attention_q", "attention_k", "attention_v")
 
+#: The params of a block's first half (:meth:`Block.attend`); the others are
+#: :meth:`Block.feed_forward`'s. The fused update splits a block's optimizer by them.
+ATTENTION_HALF = ("attention_norm", "attention")
+
 # The function that pins a named activation to the mesh while a step is traced (None: no
 # constraints).
 _ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
