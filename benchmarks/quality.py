@@ -61,8 +61,9 @@ VARIANTS = {
 #: the 8-bit runs with the fused update (--fused-update: the configuration that fits 7B in 21 GiB).
 #: Short names: osd_adamw_bf16rtn, osd_adamw_bf16, osd_adamw_bf16s, osd_adamw_int8,
 #: osd_adamw_int8dyn, osd_adamw_float8 (= int8) (and galore_adamw_...); osd_adamw_fused,
-#: galore_adamw_fused: float32, fused; osd_adamw_int8_pada, osd_adamw_int8_plion: int8 with P
-#: moved by Adafactor or Lion.
+#: galore_adamw_fused: float32, fused; osd_adamw_int8exact: int8, fused, clipped by this step's
+#: norm (--fused-clip exact); osd_adamw_int8_pada, osd_adamw_int8_plion: int8 with P moved by
+#: Adafactor or Lion.
 COMPACT = {
     "bf16 weights, round to nearest": ("bf16rtn", {"param_dtype": "bfloat16",
                                                    "stochastic_rounding": False,
@@ -77,6 +78,9 @@ COMPACT = {
     "bf16 weights, float8 state, fused": ("float8", {"param_dtype": "bfloat16",
                                                      "state_dtype": "float8",
                                                      "fused_update": True}),
+    "bf16 weights, int8 state, fused, exact clipping": ("int8exact", {
+        "param_dtype": "bfloat16", "state_dtype": "int8", "fused_update": True,
+        "fused_clip": "exact"}),
     "fused": ("fused", {"fused_update": True}),
     # P moved by a lighter optimizer than Adam (--projector-optimizer; osd_adamw only)
     "bf16 weights, int8 state, fused, P by adafactor": (
