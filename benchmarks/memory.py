@@ -19,7 +19,10 @@ ops in the compiled program and the host's peak RSS. On a CPU backend the figure
 CPU program, which differs from a GPU's: XLA:CPU computes 16-bit dots in float32, and its layouts
 and fusions are its own. ``--target h100`` (or ``h200``) compiles the same step for that GPU
 without one (:mod:`benchmarks.gpu_targets`: XLA:GPU's program and buffer assignment; needs the
-CUDA PJRT plugin installed): the figure to read for a GPU (benchmarks/RESULTS.md §9).
+CUDA PJRT plugin installed): the figure to read for a GPU (benchmarks/RESULTS.md §9). There the
+fused step with remat full keeps its saved block inputs in host memory by default
+(``--offload-residuals``; ``--config offload_residuals=false`` keeps them on the device), which
+the peak does not count: its "fused" column then reads ``offloaded``.
 
 With comma-separated ``--preset``, ``--rank`` and ``--shape`` (``BATCHxSEQ``) and
 ``--fused-update both`` it compiles every combination (adamw once per preset and shape: it has
