@@ -82,6 +82,7 @@ def split_optimizer(base: optax.GradientTransformation,
 ATTENTION_SAVES = jax.checkpoint_policies.save_only_these_names(
     *model_lib.ATTENTION_INPUTS)
 
+
 def _in_half(first: bool) -> Callable:
   def in_half(path, x) -> bool:
     in_attention = getattr(path[1], "key", None) in model_lib.ATTENTION_HALF
