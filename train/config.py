@@ -376,12 +376,14 @@ class TrainConfig:
     return math.gcd(DEFAULT_LOSS_CHUNK, self.seq_len)
 
   def resolved_offload_residuals(self, platform: str, remat: str) -> bool:
-    """Whether the fused update keeps the remat residuals in host memory (``--offload-residuals``;
-    default: with ``--fused-update`` and ``remat`` (the resolved policy) ``full``, on every
-    platform but the CPU, whose host memory is its device memory)."""
+    """Whether the fused update keeps the remat residuals in host memory (``--offload-residuals``,
+    never without ``--fused-update``; default: with ``remat`` (the resolved policy) ``full``, on
+    every platform but the CPU, whose host memory is its device memory)."""
+    if not self.fused_update:
+      return False
     if self.offload_residuals is not None:
       return bool(self.offload_residuals)
-    return self.fused_update and remat == "full" and platform != "cpu"
+    return remat == "full" and platform != "cpu"
 
   @property
   def compact_state(self) -> bool:

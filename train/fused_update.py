@@ -108,10 +108,15 @@ def _updated_where(ok, params, updates, step, stochastic_rounding: bool, seed: i
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, params)
 
 
+def _first_elements(arrays) -> jax.Array:
+  """A scalar read from every non-empty array just written: the token after which later work is
+  ordered (:func:`osd_jax.layerwise.write_after`)."""
+  return sum(x.reshape(-1)[0].astype(jnp.float32) for x in arrays if x.size)
+
+
 def _read_back(stacks, i) -> jax.Array:
-  """A scalar read from layer ``i`` of every stack just written: the token after which the state
-  writes are ordered (:func:`osd_jax.layerwise.write_after`)."""
-  return sum(x[i].reshape(-1)[0].astype(jnp.float32) for x in stacks)
+  """:func:`_first_elements` of layer ``i`` of every stack."""
+  return _first_elements(x[i] for x in stacks)
 
 
 def rest_by_rows(split: layerwise.LayerSplit, abstract_params: Any, param_shardings: Any,
@@ -356,13 +361,11 @@ def make_fused_train_step(graphdef: nnx.GraphDef, base: optax.GradientTransforma
         # The state writes come after the params' and after the metrics, each reading back what
         # was written before it (osd_jax.layerwise.write_after): every read of an old slice then
         # precedes the write over it, so XLA keeps no copy of a whole stack.
-        token = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_part}), i) + sum(
-            jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
+        params_written = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_part}), i)
+        token = params_written + sum(jnp.where(jnp.isfinite(m), m, 0.0) for m in metrics)
         opt = sp.set_layer(opt, new_state, i, token=token)
         # what was written, read back: a later step that must follow these writes depends on it
-        written = _read_back(jax.tree.leaves({k: flat_layers[k] for k in g_part}), i) + sum(
-            x.reshape(-1)[0].astype(jnp.float32)
-            for x in jax.tree.leaves(sp.layer_state(opt, i)) if x.size)
+        written = params_written + _first_elements(jax.tree.leaves(sp.layer_state(opt, i)))
         return flat_layers, opt, metrics, written
 
       def backward(j, carry):

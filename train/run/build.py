@@ -93,8 +93,7 @@ def build(cfg: TrainConfig, vocab_size: int, *, mesh: jax.sharding.Mesh | None =
                       last_step=cfg.steps, energy_metrics=cfg.resolved_energy_metric,
                       stochastic_rounding=cfg.resolved_stochastic_rounding, seed=cfg.seed,
                       loss_chunk=cfg.resolved_loss_chunk)
-  offload = cfg.fused_update and cfg.resolved_offload_residuals(mesh.devices.flat[0].platform,
-                                                                mcfg.remat)
+  offload = cfg.resolved_offload_residuals(mesh.devices.flat[0].platform, mcfg.remat)
   if cfg.fused_update:
     from train import fused_update
 
